@@ -23,53 +23,19 @@ the result is bit-identical run to run. 4 GEMM-equivalents in all (forward, reco
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@triton.jit
-def _logits_tile(
-    H, W, B, rows, row_mask, offs_n, col_mask, D, stride_h, stride_w, inv_temp, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, CAST_F32: tl.constexpr,
-    PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-):
-    """``z = softcap(H[rows] @ W[offs_n].T + b) / T`` for one [BM, BN] tile, fp32."""
-    offs_k = tl.arange(0, BK)
-    h_ptrs = H + rows[:, None] * stride_h + offs_k[None, :]
-    w_ptrs = W + offs_n[:, None] * stride_w + offs_k[None, :]
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k in range(0, tl.cdiv(D, BK)):
-        k_mask = offs_k < D - k * BK
-        h = tl.load(h_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-        if CAST_F32:
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
-        h_ptrs += BK
-        w_ptrs += BK
-    if HAS_BIAS:
-        acc += tl.load(B + offs_n, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_SOFTCAP:
-        # tanh(u) = 1 - 2 / (e^{2u} + 1): exact limits ±1 when e^{2u} under/overflows.
-        acc = softcap * (1.0 - 2.0 / (tl.exp(2.0 * acc / softcap) + 1.0))
-    return acc * inv_temp
-
-
-@triton.jit
-def _swizzle(pid, n_row_blocks, n_cols, GROUP_M: tl.constexpr):
-    """Map a linear program id to (row block, column) so that GROUP_M row blocks share columns."""
-    per_group = GROUP_M * n_cols
-    first = (pid // per_group) * GROUP_M
-    size = tl.minimum(n_row_blocks - first, GROUP_M)
-    local = pid % per_group
-    return first + local % size, local // size
+from ._tiles import (
+    block_config,
+    chunked_head_backward,
+    head_constants,
+    logits_tile,
+    store_grad_tile,
+    swizzle,
+    target_programs,
+)
 
 
 @triton.jit
@@ -80,7 +46,7 @@ def _forward_kernel(
     CAST_F32: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    rb, split = _swizzle(tl.program_id(0), tl.cdiv(N, BM), n_splits, GROUP_M)
+    rb, split = swizzle(tl.program_id(0), tl.cdiv(N, BM), n_splits, GROUP_M)
     offs_m = rb * BM + tl.arange(0, BM)
     row_mask = offs_m < N
     rows = tl.load(ROWS + offs_m, mask=row_mask, other=0)
@@ -94,7 +60,7 @@ def _forward_kernel(
     for tile in range(first_tile, last_tile):
         offs_n = tl.arange(0, BN).to(tl.int64) + tile * BN
         col_mask = offs_n < V
-        z = _logits_tile(H, W, B, rows, row_mask, offs_n, col_mask, D, stride_h, stride_w,
+        z = logits_tile(H, W, B, rows, row_mask, offs_n, col_mask, D, stride_h, stride_w,
                          inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, CAST_F32, PRECISION, BM, BN, BK)
         z = tl.where(col_mask[None, :], z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
@@ -122,14 +88,14 @@ def _grad_logits_kernel(
     PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    rb, ct = _swizzle(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(n_cols, BN), GROUP_M)
+    rb, ct = swizzle(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(n_cols, BN), GROUP_M)
     offs_m = rb * BM + tl.arange(0, BM)
     row_mask = offs_m < N
     local_n = ct * BN + tl.arange(0, BN)
     offs_n = col_start + local_n.to(tl.int64)
     col_mask = (local_n < n_cols) & (offs_n < V)
     rows = tl.load(ROWS + offs_m, mask=row_mask, other=0)
-    z = _logits_tile(H, W, B, rows, row_mask, offs_n, col_mask, D, stride_h, stride_w,
+    z = logits_tile(H, W, B, rows, row_mask, offs_n, col_mask, D, stride_h, stride_w,
                      inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, CAST_F32, PRECISION, BM, BN, BK)
     labels = tl.load(Y + offs_m, mask=row_mask, other=-1).to(tl.int64)
     lse = tl.load(LSE + offs_m, mask=row_mask, other=0.0)
@@ -147,54 +113,8 @@ def _grad_logits_kernel(
         t = z / (inv_temp * softcap)
         dz = dz * (1.0 - t * t)
     dx = dz * inv_temp
-    dx = tl.where(row_mask[:, None] & col_mask[None, :], dx, 0.0)
-    dx_ptrs = DX + offs_m.to(tl.int64)[:, None] * stride_dx + local_n[None, :]
-    tl.store(dx_ptrs, dx.to(DX.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
-    if WANT_DB:
-        tl.store(DB_PART + rb.to(tl.int64) * stride_db + local_n, tl.sum(dx, axis=0),
-                 mask=local_n < n_cols)
-
-
-def _config(kind: str, dtype: torch.dtype) -> dict:
-    if _INTERPRET:
-        return {"BM": 32, "BN": 64, "BK": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
-    wide = dtype == torch.float32
-    if kind == "forward":
-        return {"BM": 128, "BN": 128 if wide else 256, "BK": 32 if wide else 64, "GROUP_M": 16,
-                "num_warps": 8, "num_stages": 3}
-    return {"BM": 128, "BN": 128, "BK": 32 if wide else 64, "GROUP_M": 8,
-            "num_warps": 8, "num_stages": 3}
-
-
-def _launch_options(cfg: dict) -> dict:
-    return {k: cfg[k] for k in ("num_warps", "num_stages")}
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 inputs follow torch's matmul precision setting (ieee unless tf32 is allowed)."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
-
-
-def _common(hidden: torch.Tensor, weight: torch.Tensor, temperature: float,
-            softcap: float | None) -> dict:
-    return {
-        "HAS_SOFTCAP": softcap is not None,
-        "CAST_F32": _INTERPRET and hidden.dtype == torch.bfloat16,
-        "PRECISION": _precision(hidden.dtype),
-        "inv_temp": 1.0 / temperature,
-        "softcap": softcap if softcap is not None else 1.0,
-    }
-
-
-@functools.lru_cache(maxsize=8)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _target_programs(device: torch.device) -> int:
-    return 4 * _num_sms(device.index or 0) if device.type == "cuda" else 8
+    store_grad_tile(DX, DB_PART, dx, rb, offs_m, row_mask, local_n, col_mask, n_cols, stride_dx,
+                    stride_db, WANT_DB)
 
 
 def logprob_forward(
@@ -215,9 +135,9 @@ def logprob_forward(
     (the labels of the valid rows, in ``[0, V)``), rows ``[n]`` int64 indices into hidden.
     """
     n, (V, D) = rows.numel(), weight.shape
-    cfg = config or _config("forward", hidden.dtype)
+    cfg = config or block_config("forward", hidden.dtype)
     n_row_blocks, n_tiles = triton.cdiv(n, cfg["BM"]), triton.cdiv(V, cfg["BN"])
-    splits = min(n_tiles, max(1, triton.cdiv(_target_programs(hidden.device), n_row_blocks)))
+    splits = min(n_tiles, max(1, triton.cdiv(target_programs(hidden.device), n_row_blocks)))
     tiles_per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, tiles_per_split)
     part = torch.empty((4 if want_entropy else 3, splits, n), dtype=torch.float32,
@@ -228,8 +148,7 @@ def logprob_forward(
         hidden, weight, bias if bias is not None else hidden, labels, rows, m, s, a, t,
         n, V, D, hidden.stride(0), weight.stride(0), splits, tiles_per_split,
         HAS_BIAS=bias is not None, WANT_ENTROPY=want_entropy,
-        BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"],
-        **_common(hidden, weight, temperature, softcap), **_launch_options(cfg),
+        **head_constants(hidden.dtype, temperature, softcap), **cfg,
     )
     m_max = m.max(dim=0).values
     w = torch.exp(m - m_max)
@@ -238,16 +157,6 @@ def logprob_forward(
     logp = t.sum(dim=0) - lse
     entropy = lse - (a * w).sum(dim=0) / s_tot if want_entropy else None
     return logp, lse, entropy
-
-
-def _mm_accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with fp32 ``acc``, low-precision ``a``/``b`` read once."""
-    if acc.dtype == a.dtype:
-        acc.addmm_(a, b)
-    elif acc.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-    else:
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def logprob_backward(
@@ -275,43 +184,25 @@ def logprob_backward(
 
     Rows of dH that are not in ``rows`` are zero. ``chunk_bytes`` bounds the dX chunk buffer.
     """
+    cfg = config or block_config("backward", hidden.dtype)
     n, (V, D) = rows.numel(), weight.shape
-    cfg = config or _config("backward", hidden.dtype)
-    dtype = hidden.dtype
-    h_rows = hidden.index_select(0, rows) if need_weight else None
-    dh_acc = torch.zeros((n, D), dtype=torch.float32, device=hidden.device) if need_hidden else None
-    dw = torch.empty_like(weight) if need_weight else None
-    db = torch.empty(V, dtype=torch.float32, device=hidden.device) if need_bias else None
-    chunk = max(cfg["BN"], chunk_bytes // max(1, n * dtype.itemsize) // cfg["BN"] * cfg["BN"])
-    chunk = min(chunk, triton.cdiv(V, cfg["BN"]) * cfg["BN"])
-    dx = torch.empty((n, chunk), dtype=dtype, device=hidden.device)
-    n_row_blocks = triton.cdiv(n, cfg["BM"])
-    db_part = (torch.empty((n_row_blocks, chunk), dtype=torch.float32, device=hidden.device)
-               if need_bias else lse)
-    common = _common(hidden, weight, temperature, softcap)
-    for start in range(0, V, chunk):
-        cols = min(chunk, V - start)
-        grid = (n_row_blocks * triton.cdiv(cols, cfg["BN"]),)
+    constants = head_constants(hidden.dtype, temperature, softcap)
+    zero = lse  # any fp32 tensor: the kernel never reads a pointer whose HAS_* flag is off
+
+    def fill(dx: torch.Tensor, db_part: torch.Tensor, start: int, cols: int) -> None:
+        grid = (triton.cdiv(n, cfg["BM"]) * triton.cdiv(cols, cfg["BN"]),)
         _grad_logits_kernel[grid](
             hidden, weight, bias if bias is not None else hidden, labels, rows, lse,
-            entropy if entropy is not None else lse, g_logp,
-            g_lse if g_lse is not None else lse, g_entropy if g_entropy is not None else lse,
+            entropy if entropy is not None else zero, g_logp,
+            g_lse if g_lse is not None else zero, g_entropy if g_entropy is not None else zero,
             dx, db_part, n, V, D, start, cols, hidden.stride(0), weight.stride(0), dx.stride(0),
             db_part.stride(0),
             HAS_BIAS=bias is not None, HAS_G_LSE=g_lse is not None,
             HAS_G_ENT=g_entropy is not None, WANT_DB=need_bias,
-            BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"],
-            **common, **_launch_options(cfg),
+            **constants, **cfg,
         )
-        dx_c = dx[:, :cols]
-        if need_weight:
-            torch.mm(dx_c.T, h_rows, out=dw[start:start + cols])
-        if need_hidden:
-            _mm_accumulate(dh_acc, dx_c, weight[start:start + cols])
-        if need_bias:
-            db[start:start + cols] = db_part[:, :cols].sum(dim=0)
-    dh = None
-    if need_hidden:
-        dh = torch.zeros_like(hidden)
-        dh.index_copy_(0, rows, dh_acc.to(dtype))
-    return dh, dw, db
+
+    return chunked_head_backward(
+        hidden, weight, rows, fill, cfg=cfg, need_hidden=need_hidden, need_weight=need_weight,
+        need_bias=need_bias, chunk_bytes=chunk_bytes,
+    )

@@ -1,0 +1,171 @@
+"""Pieces shared by the fused-head kernel families (one family per file beside this one).
+
+A *head* is ``z = softcap(H @ W.T + b) / T``. Every family tiles it the same way: programs own
+``[BM, BN]`` logits tiles computed in fp32 by :func:`logits_tile`, are swizzled in groups of
+``GROUP_M`` row blocks (:func:`swizzle`) so the H blocks and W tiles in flight stay in L2, and
+their backward writes ``dX = ∂loss/∂(H @ W.T + b)`` chunk by chunk for two library GEMMs
+(:func:`chunked_head_backward`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def logits_tile(
+    H, W, B, rows, row_mask, offs_n, col_mask, D, stride_h, stride_w, inv_temp, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, CAST_F32: tl.constexpr,
+    PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """``z = softcap(H[rows] @ W[offs_n].T + b) / T`` for one [BM, BN] tile, fp32."""
+    offs_k = tl.arange(0, BK)
+    h_ptrs = H + rows[:, None] * stride_h + offs_k[None, :]
+    w_ptrs = W + offs_n[:, None] * stride_w + offs_k[None, :]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, tl.cdiv(D, BK)):
+        k_mask = offs_k < D - k * BK
+        h = tl.load(h_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        if CAST_F32:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
+        h_ptrs += BK
+        w_ptrs += BK
+    if HAS_BIAS:
+        acc += tl.load(B + offs_n, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        # tanh(u) = 1 - 2 / (e^{2u} + 1): exact limits ±1 when e^{2u} under/overflows.
+        acc = softcap * (1.0 - 2.0 / (tl.exp(2.0 * acc / softcap) + 1.0))
+    return acc * inv_temp
+
+
+@triton.jit
+def swizzle(pid, n_row_blocks, n_cols, GROUP_M: tl.constexpr):
+    """Map a linear program id to (row block, column) so that GROUP_M row blocks share columns."""
+    per_group = GROUP_M * n_cols
+    first = (pid // per_group) * GROUP_M
+    size = tl.minimum(n_row_blocks - first, GROUP_M)
+    local = pid % per_group
+    return first + local % size, local // size
+
+
+@triton.jit
+def store_grad_tile(
+    DX, DB_PART, dx, rb, offs_m, row_mask, local_n, col_mask, n_cols, stride_dx, stride_db,
+    WANT_DB: tl.constexpr,
+):
+    """Store one ``[BM, BN]`` tile of dX (input dtype) and, with ``WANT_DB``, its column sums."""
+    dx = tl.where(row_mask[:, None] & col_mask[None, :], dx, 0.0)
+    dx_ptrs = DX + offs_m.to(tl.int64)[:, None] * stride_dx + local_n[None, :]
+    tl.store(dx_ptrs, dx.to(DX.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+    if WANT_DB:
+        tl.store(DB_PART + rb.to(tl.int64) * stride_db + local_n, tl.sum(dx, axis=0),
+                 mask=local_n < n_cols)
+
+
+def block_config(kind: str, dtype: torch.dtype) -> dict:
+    """Block sizes and launch options (kernel keyword arguments) for ``forward``/``backward``."""
+    if INTERPRET:
+        return {"BM": 32, "BN": 64, "BK": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
+    wide = dtype == torch.float32
+    if kind == "forward":
+        return {"BM": 128, "BN": 128 if wide else 256, "BK": 32 if wide else 64, "GROUP_M": 16,
+                "num_warps": 8, "num_stages": 3}
+    return {"BM": 128, "BN": 128, "BK": 32 if wide else 64, "GROUP_M": 8,
+            "num_warps": 8, "num_stages": 3}
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs follow torch's matmul precision setting (ieee unless tf32 is allowed)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def head_constants(dtype: torch.dtype, temperature: float, softcap: float | None) -> dict:
+    """The kernel arguments that describe the head's transform and the dot precision."""
+    return {
+        "HAS_SOFTCAP": softcap is not None,
+        # Triton's interpreter computes bf16 dots wrong (DESIGN.md §6): cast to fp32 there.
+        "CAST_F32": INTERPRET and dtype == torch.bfloat16,
+        "PRECISION": dot_precision(dtype),
+        "inv_temp": 1.0 / temperature,
+        "softcap": softcap if softcap is not None else 1.0,
+    }
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def target_programs(device: torch.device) -> int:
+    """How many programs fill the device: 4 per multiprocessor on CUDA."""
+    return 4 * _num_sms(device.index or 0) if device.type == "cuda" else 8
+
+
+def mm_accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with fp32 ``acc``, low-precision ``a``/``b`` read once."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def chunked_head_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    rows: torch.Tensor,
+    fill: Callable[[torch.Tensor, torch.Tensor, int, int], None],
+    *,
+    cfg: dict,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    chunk_bytes: int,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(dH [N_all, d], dW [V, d], db [V] fp32)`` of one head, None where not needed.
+
+    For each vocabulary chunk ``[start, start + cols)``, ``fill(dx, db_part, start, cols)``
+    writes ``dX[:, :cols]`` (``[n, chunk]``, input dtype) and, when ``need_bias``, the per-row-block
+    column sums ``db_part [cdiv(n, BM), chunk]`` (fp32); then ``dW[chunk] = dXᵀ @ H[rows]``
+    (complete, no accumulation) and ``dH[rows] += dX @ W[chunk]`` in fp32. No atomics: results
+    are bit-identical run to run. ``chunk_bytes`` bounds the dX buffer.
+    """
+    n, (V, D) = rows.numel(), weight.shape
+    dtype, device = hidden.dtype, hidden.device
+    h_rows = hidden.index_select(0, rows) if need_weight else None
+    dh_acc = torch.zeros((n, D), dtype=torch.float32, device=device) if need_hidden else None
+    dw = torch.empty_like(weight) if need_weight else None
+    db = torch.empty(V, dtype=torch.float32, device=device) if need_bias else None
+    chunk = max(1, chunk_bytes // max(1, n * dtype.itemsize) // cfg["BN"]) * cfg["BN"]
+    chunk = min(chunk, triton.cdiv(V, cfg["BN"]) * cfg["BN"])
+    dx = torch.empty((n, chunk), dtype=dtype, device=device)
+    db_part = torch.empty((triton.cdiv(n, cfg["BM"]) if need_bias else 1, chunk),
+                          dtype=torch.float32, device=device)
+    for start in range(0, V, chunk):
+        cols = min(chunk, V - start)
+        fill(dx, db_part, start, cols)
+        dx_c = dx[:, :cols]
+        if need_weight:
+            torch.mm(dx_c.T, h_rows, out=dw[start:start + cols])
+        if need_hidden:
+            mm_accumulate(dh_acc, dx_c, weight[start:start + cols])
+        if need_bias:
+            db[start:start + cols] = db_part[:, :cols].sum(dim=0)
+    dh = None
+    if need_hidden:
+        dh = torch.zeros_like(hidden).index_copy_(0, rows, dh_acc.to(dtype))
+    return dh, dw, db
