@@ -1,0 +1,63 @@
+"""Inputs and competitor paths shared by the benchmarks (DESIGN.md §5).
+
+``naive_logprob`` is what TRL does: logits by the head's own matmul in the input dtype, then an
+fp32 log-softmax and a gather; the N x V logits live in memory. ``realistic_inputs`` scales the
+head so the softmax looks like a trained LM's (a few nats of entropy), and reports that entropy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+HEADS = {
+    "llama3-8b": (4096, 128256),
+    "qwen2.5-7b": (3584, 152064),
+    "gemma2-2b": (2304, 256000),
+}
+
+
+def naive_logprob(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                  ignore_index: int = -100) -> torch.Tensor:
+    """Per-token ``log softmax(H @ W.T)[y]`` (fp32, 0 where ignored), TRL's way."""
+    logits = torch.nn.functional.linear(hidden, weight).float()
+    valid = labels != ignore_index
+    logp = torch.log_softmax(logits, dim=-1)
+    picked = logp.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, picked, 0.0)
+
+
+def mean_entropy(hidden: torch.Tensor, weight: torch.Tensor, rows: int = 256) -> float:
+    """Mean per-token entropy (nats) of the head's softmax over the first ``rows`` rows."""
+    z = hidden[:rows].float() @ weight.float().T
+    logp = torch.log_softmax(z, dim=-1)
+    return float(-(logp.exp() * logp).sum(-1).mean())
+
+
+def realistic_inputs(
+    n: int, d: int, v: int, dtype: torch.dtype, device: str, *, target_entropy: float = 3.0,
+    prompt_fraction: float = 0.5, seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """``(hidden [n, d], weight [v, d], labels [n], entropy)`` with the weight scaled so the mean
+    entropy is near ``target_entropy``, labels drawn from the head's own softmax (so the label
+    is usually a likely token, as for a trained model), and a leading ``prompt_fraction`` of
+    every 512-token sequence ignored.
+    """
+    g = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g, device=device, dtype=torch.float32)
+    weight = torch.randn(v, d, generator=g, device=device, dtype=torch.float32) / d**0.5
+    lo, hi = 0.1, 50.0
+    for _ in range(20):
+        scale = (lo * hi) ** 0.5
+        if mean_entropy(hidden, weight * scale) > target_entropy:
+            lo = scale
+        else:
+            hi = scale
+    weight = (weight * scale).to(dtype)
+    hidden = hidden.to(dtype)
+    labels = torch.empty(n, dtype=torch.long, device=device)
+    for start in range(0, n, 4096):
+        z = hidden[start:start + 4096].float() @ weight.float().T
+        labels[start:start + 4096] = torch.multinomial(torch.softmax(z, -1), 1, generator=g)[:, 0]
+    position = torch.arange(n, device=device) % 512
+    labels[position < int(512 * prompt_fraction)] = -100
+    return hidden, weight, labels, mean_entropy(hidden, weight)

@@ -1,0 +1,277 @@
+"""One-call GPU check of the compiled kernels: correctness against the reference, then timings.
+
+    python benchmarks/gpu_check.py [--quick] [--sweep]
+
+Sections (each guarded, so one failure does not lose the rest of a lease):
+1. correctness of the compiled Triton kernels against ``hypo_fast.reference`` on odd small shapes
+   and on a Llama-3-8B head (values and gradients, fp32 exact and bf16);
+2. the card's bf16 matmul rate, measured as ``torch.matmul`` of the head's own shape;
+3. per shape: forward and forward+backward ms, peak memory above the inputs, for ours, the naive
+   TRL path (bf16 logits, fp32 log-softmax) and the three bare cuBLAS GEMMs (logits, dH, dW),
+   with each one's fraction of the measured matmul rate (ours counts 1 GEMM-equivalent forward,
+   4 forward+backward);
+4. with ``--sweep``: forward and backward block configurations at the largest shape.
+Writes ``gpu_check.json`` and ``gpu_check.md`` under ``$OUT`` when set; prints the table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baselines import HEADS, naive_logprob, realistic_inputs
+from hypo_fast.kernels import linear_logprob as klp
+
+from hypo_fast import ops, reference
+
+DEV = "cuda"
+RESULTS: dict = {"checks": [], "timings": [], "sweep": [], "errors": []}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def guarded(name):
+    def wrap(fn):
+        def run(*args, **kwargs):
+            t0 = time.time()
+            try:
+                return fn(*args, **kwargs)
+            except Exception:
+                RESULTS["errors"].append({"section": name, "trace": traceback.format_exc()})
+                print(f"[{name}] FAILED\n{traceback.format_exc()}", flush=True)
+            finally:
+                print(f"[{name}] {time.time() - t0:.1f} s", flush=True)
+        return run
+    return wrap
+
+
+def check_case(name, n, d, v, dtype, *, bias=False, softcap=None, temperature=1.0,
+               entropy=False, seed=0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    h = (torch.randn(n, d, generator=g, device=DEV)).to(dtype).requires_grad_()
+    w = (torch.randn(v, d, generator=g, device=DEV) * 2.0 / d**0.5).to(dtype).requires_grad_()
+    b = torch.randn(v, generator=g, device=DEV).to(dtype).requires_grad_() if bias else None
+    y = torch.randint(0, v, (n,), generator=g, device=DEV)
+    y[torch.rand(n, generator=g, device=DEV) < 0.3] = -100
+    seq = torch.arange(n, device=DEV) // max(1, n // 7)
+    params = [h, w] + ([b] if bias else [])
+    kw = dict(temperature=temperature, softcap=softcap, seq_ids=seq, return_entropy=entropy)
+    ours = ops.linear_logprob(h, w, y, b, backend="triton", **kw)
+    ref = reference.linear_logprob(h, w, y, b, **kw)
+    coef = torch.randn(4, n, generator=g, device=DEV)
+
+    def loss(o):
+        total = (o.logp * coef[0]).sum() + (o.lse * coef[1]).sum() + o.seq_sum.sum()
+        return total + ((o.entropy * coef[2]).sum() if entropy else 0.0)
+
+    g_ours = torch.autograd.grad(loss(ours), params)
+    g_ref = torch.autograd.grad(loss(ref), params)
+    row = {
+        "case": name, "N": n, "d": d, "V": v, "dtype": str(dtype).split(".")[-1],
+        "bias": bias, "softcap": softcap, "T": temperature, "entropy": entropy,
+        "logp": rel(ours.logp, ref.logp), "lse": rel(ours.lse, ref.lse),
+        "seq_sum": rel(ours.seq_sum, ref.seq_sum),
+        "entropy_err": rel(ours.entropy, ref.entropy) if entropy else None,
+        "dH": rel(g_ours[0], g_ref[0]), "dW": rel(g_ours[1], g_ref[1]),
+        "db": rel(g_ours[2], g_ref[2]) if bias else None,
+        "finite": bool(torch.isfinite(ours.logp).all() and all(torch.isfinite(x).all()
+                                                                for x in g_ours)),
+    }
+    RESULTS["checks"].append(row)
+    print(json.dumps(row), flush=True)
+
+
+@guarded("correctness")
+def correctness(quick: bool):
+    check_case("odd-small", 300, 128, 1000, torch.float32)
+    check_case("odd-small-opts", 333, 96, 999, torch.float32, bias=True, softcap=30.0,
+               temperature=0.7, entropy=True)
+    check_case("odd-small-bf16", 300, 128, 1000, torch.bfloat16, bias=True, entropy=True)
+    check_case("odd-small-fp16", 257, 64, 777, torch.float16, softcap=10.0)
+    d, v = HEADS["llama3-8b"]
+    check_case("llama3-head-fp32", 1024 if quick else 2048, d, v, torch.float32, entropy=True)
+    check_case("llama3-head-bf16", 1024 if quick else 4096, d, v, torch.bfloat16, entropy=True)
+
+
+def bench(fn, rep_ms=200):
+    return do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
+
+
+def peak_extra(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return peak / 2**20
+
+
+@guarded("matmul-rate")
+def matmul_rate(n, d, v):
+    a = torch.randn(n, d, device=DEV, dtype=torch.bfloat16)
+    b = torch.randn(v, d, device=DEV, dtype=torch.bfloat16)
+    ms = bench(lambda: torch.matmul(a, b.T))
+    tflops = 2 * n * d * v / ms / 1e9
+    RESULTS["matmul"] = {"N": n, "d": d, "V": v, "ms": ms, "tflops": tflops}
+    print(f"bf16 matmul {n}x{d}x{v}: {ms:.3f} ms = {tflops:.0f} TFLOP/s", flush=True)
+    return tflops
+
+
+@guarded("timings")
+def timings(n, d, v, dtype, head, rate):
+    h, w, y, ent = realistic_inputs(n, d, v, dtype, DEV)
+    n_valid = int((y != -100).sum())
+    h.requires_grad_()
+    w.requires_grad_()
+    flop = 2 * n_valid * d * v
+    go = torch.randn(n, device=DEV)
+
+    def ours_fwd():
+        with torch.no_grad():
+            return ops.linear_logprob(h, w, y, backend="triton").logp
+
+    def ours_fb():
+        out = ops.linear_logprob(h, w, y, backend="triton").logp
+        return torch.autograd.grad(out, (h, w), go)
+
+    def naive_fwd():
+        with torch.no_grad():
+            return naive_logprob(h, w, y)
+
+    def naive_fb():
+        return torch.autograd.grad(naive_logprob(h, w, y), (h, w), go)
+
+    hv = h.detach()[y != -100].contiguous()
+    dz = torch.randn(n_valid, v, device=DEV, dtype=dtype)
+
+    def gemms():
+        z = hv @ w.detach().T
+        return z, dz @ w.detach(), dz.T @ hv
+
+    row = {"head": head, "N": n, "N_valid": n_valid, "d": d, "V": v,
+           "dtype": str(dtype).split(".")[-1], "entropy": ent}
+    for name, fn, gemm_eq in [("ours_fwd", ours_fwd, 1), ("ours_fwdbwd", ours_fb, 4),
+                              ("naive_fwd", naive_fwd, 1), ("naive_fwdbwd", naive_fb, 3),
+                              ("cublas_3gemm", gemms, 3)]:
+        ms = bench(fn)
+        row[name + "_ms"] = ms
+        row[name + "_frac"] = gemm_eq * flop / ms / 1e9 / rate if rate else None
+        if name != "cublas_3gemm":
+            row[name + "_peak_mib"] = peak_extra(fn)
+        torch.cuda.empty_cache()
+    RESULTS["timings"].append(row)
+    print(json.dumps(row), flush=True)
+
+
+@guarded("sweep")
+def sweep(n, d, v):
+    h, w, y, _ = realistic_inputs(n, d, v, torch.bfloat16, DEV)
+    rows = (y != -100).nonzero().squeeze(1)
+    labels = y[rows]
+    for bm, bn, bk, gm, warps, stages in [(128, 256, 64, 16, 8, 3), (128, 128, 64, 16, 8, 4),
+                                          (128, 256, 64, 8, 8, 4), (256, 128, 64, 16, 8, 3),
+                                          (128, 128, 128, 16, 8, 3), (64, 256, 64, 16, 4, 4)]:
+        cfg = {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": gm, "num_warps": warps,
+               "num_stages": stages}
+        for kind in ("forward", "backward"):
+            try:
+                if kind == "forward":
+                    ms = bench(lambda cfg=cfg: klp.logprob_forward(h, w, None, labels, rows,
+                                                                   config=cfg))
+                else:
+                    lse = klp.logprob_forward(h, w, None, labels, rows)[1]
+                    g = torch.randn_like(lse)
+                    ms = bench(lambda cfg=cfg, lse=lse, g=g: klp.logprob_backward(
+                        h, w, None, labels, rows, lse, None, g, None, None, config=cfg))
+                entry = {"kind": kind, **cfg, "ms": ms}
+            except Exception as exc:  # out of shared memory etc.
+                entry = {"kind": kind, **cfg, "error": type(exc).__name__ + ": " + str(exc)[:200]}
+            RESULTS["sweep"].append(entry)
+            print(json.dumps(entry), flush=True)
+
+
+def markdown() -> str:
+    lines = []
+    env = RESULTS["env"]
+    lines.append(f"device: {env['device']} · torch {env['torch']} · triton {env['triton']} · "
+                 f"date {env['date']}")
+    if "matmul" in RESULTS:
+        m = RESULTS["matmul"]
+        lines.append(f"measured bf16 matmul ({m['N']}x{m['d']}x{m['V']}): {m['ms']:.2f} ms = "
+                     f"{m['tflops']:.0f} TFLOP/s")
+    lines += ["", "| case | N | d | V | dtype | logp | lse | entropy | dH | dW | db |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda x: "-" if x is None else f"{x:.1e}"  # noqa: E731
+    for c in RESULTS["checks"]:
+        lines.append(f"| {c['case']} | {c['N']} | {c['d']} | {c['V']} | {c['dtype']} | "
+                     f"{fmt(c['logp'])} | {fmt(c['lse'])} | {fmt(c['entropy_err'])} | "
+                     f"{fmt(c['dH'])} | {fmt(c['dW'])} | {fmt(c['db'])} |")
+    lines += ["", "| head | N (valid) | dtype | entropy | path | fwd ms | fwd+bwd ms | "
+              "fwd % mm | fwd+bwd % mm | peak fwd+bwd MiB |", "|---" * 10 + "|"]
+    for t in RESULTS["timings"]:
+        for path in ("ours", "naive"):
+            lines.append(
+                f"| {t['head']} | {t['N']} ({t['N_valid']}) | {t['dtype']} | {t['entropy']:.2f} | "
+                f"{path} | {t[path + '_fwd_ms']:.2f} | {t[path + '_fwdbwd_ms']:.2f} | "
+                f"{100 * (t[path + '_fwd_frac'] or 0):.0f} | "
+                f"{100 * (t[path + '_fwdbwd_frac'] or 0):.0f} | "
+                f"{t[path + '_fwdbwd_peak_mib']:.0f} |")
+        lines.append(f"| {t['head']} | {t['N']} ({t['N_valid']}) | {t['dtype']} | | "
+                     f"cuBLAS logits+dH+dW | | {t['cublas_3gemm_ms']:.2f} | | "
+                     f"{100 * (t['cublas_3gemm_frac'] or 0):.0f} | |")
+    if RESULTS["sweep"]:
+        lines += ["", "| kind | BM | BN | BK | GROUP_M | warps | stages | ms |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for s in RESULTS["sweep"]:
+            ms = f"{s['ms']:.2f}" if "ms" in s else s["error"][:60]
+            lines.append(f"| {s['kind']} | {s['BM']} | {s['BN']} | {s['BK']} | {s['GROUP_M']} | "
+                         f"{s['num_warps']} | {s['num_stages']} | {ms} |")
+    if RESULTS["errors"]:
+        lines += ["", "errors in: " + ", ".join(e["section"] for e in RESULTS["errors"])]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smaller shapes")
+    p.add_argument("--sweep", action="store_true", help="also sweep block configurations")
+    args = p.parse_args(argv)
+    RESULTS["env"] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                      "triton": triton.__version__, "python": platform.python_version(),
+                      "date": time.strftime("%Y-%m-%d")}
+    correctness(args.quick)
+    d, v = HEADS["llama3-8b"]
+    sizes = [4096] if args.quick else [4096, 16384]
+    rate = matmul_rate(sizes[-1] // 2, d, v)
+    for n in sizes:
+        timings(n, d, v, torch.bfloat16, "llama3-8b", rate)
+    timings(4096, d, v, torch.float32, "llama3-8b", rate)
+    if args.sweep:
+        sweep(sizes[-1], d, v)
+    table = markdown()
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "gpu_check.json").write_text(json.dumps(RESULTS, indent=1))
+        Path(out, "gpu_check.md").write_text(table + "\n")
+    print("\n" + table)
+    return 1 if RESULTS["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
