@@ -44,6 +44,14 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def save() -> None:
+    """Write what has been measured so far under $OUT (a lease can end mid-run)."""
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "gpu_check.json").write_text(json.dumps(RESULTS, indent=1))
+        Path(out, "gpu_check.md").write_text(markdown() + "\n")
+
+
 def guarded(name):
     def wrap(fn):
         def run(*args, **kwargs):
@@ -55,6 +63,7 @@ def guarded(name):
                 print(f"[{name}] FAILED\n{traceback.format_exc()}", flush=True)
             finally:
                 print(f"[{name}] {time.time() - t0:.1f} s", flush=True)
+                save()
         return run
     return wrap
 
@@ -264,12 +273,8 @@ def main(argv=None) -> int:
     timings(4096, d, v, torch.float32, "llama3-8b", rate)
     if args.sweep:
         sweep(sizes[-1], d, v)
-    table = markdown()
-    out = os.environ.get("OUT")
-    if out:
-        Path(out, "gpu_check.json").write_text(json.dumps(RESULTS, indent=1))
-        Path(out, "gpu_check.md").write_text(table + "\n")
-    print("\n" + table)
+    save()
+    print("\n" + markdown())
     return 1 if RESULTS["errors"] else 0
 
 
