@@ -102,7 +102,10 @@ def raise_flagged(flags: list[tuple[str, torch.Tensor]]) -> None:
 
 
 def _not_finite(t: torch.Tensor) -> torch.Tensor:
-    return ~torch.isfinite(t).all()
+    """0-d bool: t holds a NaN or ±inf. One read of t through a reduction, no t-sized temporary
+    (min/max propagate NaN and keep ±inf)."""
+    lo, hi = torch.aminmax(t.detach().reshape(-1))
+    return ~(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def validate_head(
