@@ -109,9 +109,27 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def target_programs(device: torch.device) -> int:
-    """How many programs fill the device: 4 per multiprocessor on CUDA."""
-    return 4 * _num_sms(device.index or 0) if device.type == "cuda" else 8
+def split_vocab(n_row_blocks: int, n_tiles: int, device: torch.device) -> tuple[int, int]:
+    """``(splits, tiles_per_split)`` for a split-vocabulary forward over ``n_row_blocks`` x
+    ``n_tiles`` tiles: the split count minimising ``waves x tiles_per_split`` (the time if one
+    program per multiprocessor runs at a time), with up to 8 tiles per program where there is
+    work enough (at least two waves), so per-program prologues and partials stay negligible.
+    """
+    if device.type != "cuda":
+        splits = min(n_tiles, max(1, triton.cdiv(8, n_row_blocks)))
+        tiles = triton.cdiv(n_tiles, splits)
+        return triton.cdiv(n_tiles, tiles), tiles
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    min_tiles = max(1, min(8, n_row_blocks * n_tiles // (2 * sms), n_tiles))
+    best = None
+    for tiles in range(min_tiles, n_tiles + 1):
+        splits = triton.cdiv(n_tiles, tiles)
+        cost = triton.cdiv(n_row_blocks * splits, sms) * tiles
+        if best is None or cost < best[0]:
+            best = (cost, splits, tiles)
+        if splits == 1:
+            break
+    return best[1], best[2]
 
 
 def mm_accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

@@ -32,9 +32,9 @@ from ._tiles import (
     chunked_head_backward,
     head_constants,
     logits_tile,
+    split_vocab,
     store_grad_tile,
     swizzle,
-    target_programs,
 )
 
 
@@ -137,9 +137,7 @@ def logprob_forward(
     n, (V, D) = rows.numel(), weight.shape
     cfg = config or block_config("forward", hidden.dtype)
     n_row_blocks, n_tiles = triton.cdiv(n, cfg["BM"]), triton.cdiv(V, cfg["BN"])
-    splits = min(n_tiles, max(1, triton.cdiv(target_programs(hidden.device), n_row_blocks)))
-    tiles_per_split = triton.cdiv(n_tiles, splits)
-    splits = triton.cdiv(n_tiles, tiles_per_split)
+    splits, tiles_per_split = split_vocab(n_row_blocks, n_tiles, hidden.device)
     part = torch.empty((4 if want_entropy else 3, splits, n), dtype=torch.float32,
                        device=hidden.device)
     m, s, t = part[0], part[1], part[2]
