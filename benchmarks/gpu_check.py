@@ -34,6 +34,7 @@ from baselines import HEADS, naive_logprob, realistic_inputs
 from hypo_fast.kernels import linear_logprob as klp
 
 from hypo_fast import ops, reference
+from hypo_fast._checks import validate_head
 
 DEV = "cuda"
 RESULTS: dict = {"checks": [], "timings": [], "sweep": [], "errors": []}
@@ -174,7 +175,10 @@ def timings(n, d, v, dtype, head, rate):
         return z, dz @ w.detach(), dz.T @ hv
 
     row = {"head": head, "N": n, "N_valid": n_valid, "d": d, "V": v,
-           "dtype": str(dtype).split(".")[-1], "entropy": ent}
+           "dtype": str(dtype).split(".")[-1], "entropy": ent,
+           "grads_mib": (h.numel() * h.element_size() + w.numel() * w.element_size()) / 2**20,
+           "validate_ms": bench(lambda: validate_head(h, w, y, None, ignore_index=-100,
+                                                      temperature=1.0, softcap=None))}
     for name, fn, gemm_eq in [("ours_fwd", ours_fwd, 1), ("ours_fwdbwd", ours_fb, 4),
                               ("naive_fwd", naive_fwd, 1), ("naive_fwdbwd", naive_fb, 3),
                               ("cublas_3gemm", gemms, 3)]:
@@ -193,26 +197,34 @@ def sweep(n, d, v):
     h, w, y, _ = realistic_inputs(n, d, v, torch.bfloat16, DEV)
     rows = (y != -100).nonzero().squeeze(1)
     labels = y[rows]
-    for bm, bn, bk, gm, warps, stages in [(128, 256, 64, 16, 8, 3), (128, 128, 64, 16, 8, 4),
-                                          (128, 256, 64, 8, 8, 4), (256, 128, 64, 16, 8, 3),
-                                          (128, 128, 128, 16, 8, 3), (64, 256, 64, 16, 4, 4)]:
+    lse = klp.logprob_forward(h, w, None, labels, rows)[1]
+    g = torch.randn_like(lse)
+
+    def run_kind(kind, cfg, chunk_bytes=256 << 20):
+        if kind == "forward":
+            return klp.logprob_forward(h, w, None, labels, rows, config=cfg)
+        return klp.logprob_backward(h, w, None, labels, rows, lse, None, g, None, None,
+                                    config=cfg, chunk_bytes=chunk_bytes)
+
+    for bm, bn, bk, gm, warps, stages in [(128, 256, 64, 16, 8, 3), (128, 256, 64, 16, 8, 4),
+                                          (128, 256, 64, 32, 8, 3), (128, 256, 64, 8, 8, 3),
+                                          (128, 256, 32, 16, 8, 4), (128, 128, 64, 8, 8, 3)]:
         cfg = {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": gm, "num_warps": warps,
                "num_stages": stages}
         for kind in ("forward", "backward"):
-            try:
-                if kind == "forward":
-                    ms = bench(lambda cfg=cfg: klp.logprob_forward(h, w, None, labels, rows,
-                                                                   config=cfg))
-                else:
-                    lse = klp.logprob_forward(h, w, None, labels, rows)[1]
-                    g = torch.randn_like(lse)
-                    ms = bench(lambda cfg=cfg, lse=lse, g=g: klp.logprob_backward(
-                        h, w, None, labels, rows, lse, None, g, None, None, config=cfg))
-                entry = {"kind": kind, **cfg, "ms": ms}
-            except Exception as exc:  # out of shared memory etc.
-                entry = {"kind": kind, **cfg, "error": type(exc).__name__ + ": " + str(exc)[:200]}
-            RESULTS["sweep"].append(entry)
-            print(json.dumps(entry), flush=True)
+            record(kind, cfg, lambda kind=kind, cfg=cfg: run_kind(kind, cfg))
+    for mib in (64, 1024):
+        record(f"backward chunk {mib} MiB", klp.block_config("backward", torch.bfloat16),
+               lambda mib=mib: run_kind("backward", None, mib << 20))
+
+
+def record(kind, cfg, fn):
+    try:
+        entry = {"kind": kind, **cfg, "ms": bench(fn)}
+    except Exception as exc:  # out of shared memory etc.
+        entry = {"kind": kind, **cfg, "error": type(exc).__name__ + ": " + str(exc)[:200]}
+    RESULTS["sweep"].append(entry)
+    print(json.dumps(entry), flush=True)
 
 
 def markdown() -> str:
@@ -232,7 +244,7 @@ def markdown() -> str:
                      f"{fmt(c['logp'])} | {fmt(c['lse'])} | {fmt(c['entropy_err'])} | "
                      f"{fmt(c['dH'])} | {fmt(c['dW'])} | {fmt(c['db'])} |")
     lines += ["", "| head | N (valid) | dtype | entropy | path | fwd ms | fwd+bwd ms | "
-              "fwd % mm | fwd+bwd % mm | peak fwd+bwd MiB |", "|---" * 10 + "|"]
+              "fwd % mm | fwd+bwd % mm | peak fwd+bwd MiB | peak − grads MiB |", "|---" * 11 + "|"]
     for t in RESULTS["timings"]:
         for path in ("ours", "naive"):
             lines.append(
@@ -240,10 +252,13 @@ def markdown() -> str:
                 f"{path} | {t[path + '_fwd_ms']:.2f} | {t[path + '_fwdbwd_ms']:.2f} | "
                 f"{100 * (t[path + '_fwd_frac'] or 0):.0f} | "
                 f"{100 * (t[path + '_fwdbwd_frac'] or 0):.0f} | "
-                f"{t[path + '_fwdbwd_peak_mib']:.0f} |")
+                f"{t[path + '_fwdbwd_peak_mib']:.0f} | "
+                f"{t[path + '_fwdbwd_peak_mib'] - t['grads_mib']:.0f} |")
         lines.append(f"| {t['head']} | {t['N']} ({t['N_valid']}) | {t['dtype']} | | "
                      f"cuBLAS logits+dH+dW | | {t['cublas_3gemm_ms']:.2f} | | "
-                     f"{100 * (t['cublas_3gemm_frac'] or 0):.0f} | |")
+                     f"{100 * (t['cublas_3gemm_frac'] or 0):.0f} | | |")
+        lines.append(f"| {t['head']} | {t['N']} ({t['N_valid']}) | {t['dtype']} | | "
+                     f"input validation | {t['validate_ms']:.2f} | | | | | |")
     if RESULTS["sweep"]:
         lines += ["", "| kind | BM | BN | BK | GROUP_M | warps | stages | ms |",
                   "|---|---|---|---|---|---|---|---|"]
