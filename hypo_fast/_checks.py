@@ -104,6 +104,8 @@ def raise_flagged(flags: list[tuple[str, torch.Tensor]]) -> None:
 def _not_finite(t: torch.Tensor) -> torch.Tensor:
     """0-d bool: t holds a NaN or ±inf. One read of t through a reduction, no t-sized temporary
     (min/max propagate NaN and keep ±inf)."""
+    if t.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=t.device)
     lo, hi = torch.aminmax(t.detach().reshape(-1))
     return ~(torch.isfinite(lo) & torch.isfinite(hi))
 
@@ -140,6 +142,8 @@ def validate_head(
     check_float(w, weight, ndim=2)
     check_index("labels", labels)
     V, d = weight.shape
+    if V == 0 or d == 0:
+        raise ValueError(f"{w} must be [V, d] with V >= 1 and d >= 1, got {tuple(weight.shape)}")
     if hidden.shape[-1] != d:
         raise ValueError(f"{h} has hidden size {hidden.shape[-1]} but {w} is [V, d] = [{V}, {d}]")
     if vocab is not None and vocab != V:
@@ -174,7 +178,9 @@ def validate_head(
     flags = [
         (f"labels must be in [0, {V}) or equal ignore_index={ignore_index}",
          (valid & ((labels < 0) | (labels >= V))).any()),
-        (f"every label equals ignore_index={ignore_index}: nothing to compute", ~valid.any()),
+        (f"every label equals ignore_index={ignore_index}"
+         + (" or is masked out by mask" if mask is not None else "") + ": nothing to compute",
+         ~(valid if mask is None else valid & mask).any()),
         (f"{h} contains NaN or inf", _not_finite(hidden)),
         (f"{w} contains NaN or inf", _not_finite(weight)),
     ]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_choice, validate_head
+from ._checks import check_choice, check_float, validate_head
 
 KL_DIRECTIONS = ("reverse", "forward")
 
@@ -220,6 +220,12 @@ def validate_kl_inputs(
     temperature, softcap, seq_ids, num_seqs, token_weights,
 ):
     """Checks both heads; returns ``(num_seqs, valid_mask)``."""
+    check_float("ref_hidden", ref_hidden)
+    if ref_hidden.shape[:-1] != hidden.shape[:-1]:
+        raise ValueError(
+            f"ref_hidden must have the token shape of hidden, {tuple(hidden.shape[:-1])}, "
+            f"got {tuple(ref_hidden.shape[:-1])}"
+        )
     if labels is None:
         labels = torch.zeros(hidden.shape[:-1], dtype=torch.long, device=hidden.device)
         ignore_index = -1
