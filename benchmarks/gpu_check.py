@@ -211,8 +211,9 @@ def sweep(n, d, v):
                                           (128, 256, 32, 16, 8, 4), (128, 128, 64, 8, 8, 3)]:
         cfg = {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": gm, "num_warps": warps,
                "num_stages": stages}
-        for kind in ("forward", "backward"):
-            record(kind, cfg, lambda kind=kind, cfg=cfg: run_kind(kind, cfg))
+        for kind in ("forward", "forward per-tile loop", "backward"):
+            run_cfg = {**cfg, "FLAT_LOOP": False} if kind.endswith("loop") else cfg
+            record(kind, cfg, lambda kind=kind, cfg=run_cfg: run_kind(kind.split()[0], cfg))
     for mib in (64, 1024):
         record(f"backward chunk {mib} MiB", klp.block_config("backward", torch.bfloat16),
                lambda mib=mib: run_kind("backward", None, mib << 20))
