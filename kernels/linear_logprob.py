@@ -31,7 +31,6 @@ from ._tiles import (
     block_config,
     chunked_head_backward,
     head_constants,
-    head_transform,
     logits_tile,
     split_vocab,
     store_grad_tile,
@@ -40,25 +39,11 @@ from ._tiles import (
 
 
 @triton.jit
-def _online_update(z, offs_n, col_mask, labels, m_i, s_i, a_i, t_i, WANT_ENTROPY: tl.constexpr):
-    """Fold one logits tile into the running (max, Σe^{z-m}, Σe^{z-m}·z, z[y]) of each row."""
-    z = tl.where(col_mask[None, :], z, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(z, axis=1))
-    scale = tl.exp(m_i - m_new)
-    p = tl.exp(z - m_new[:, None])
-    s_i = s_i * scale + tl.sum(p, axis=1)
-    if WANT_ENTROPY:
-        a_i = a_i * scale + tl.sum(p * tl.where(col_mask[None, :], z, 0.0), axis=1)
-    t_i += tl.sum(tl.where(offs_n[None, :] == labels[:, None], z, 0.0), axis=1)
-    return m_new, s_i, a_i, t_i
-
-
-@triton.jit
 def _forward_kernel(
     H, W, B, Y, ROWS, M_OUT, S_OUT, A_OUT, T_OUT,
     N, V, D, stride_h, stride_w, n_splits, tiles_per_split, inv_temp, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WANT_ENTROPY: tl.constexpr,
-    CAST_F32: tl.constexpr, PRECISION: tl.constexpr, FLAT_LOOP: tl.constexpr,
+    CAST_F32: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     rb, split = swizzle(tl.program_id(0), tl.cdiv(N, BM), n_splits, GROUP_M)
@@ -71,41 +56,21 @@ def _forward_kernel(
     a_i = tl.zeros((BM,), tl.float32)
     t_i = tl.zeros((BM,), tl.float32)
     first_tile = split * tiles_per_split
-    n_tiles = tl.minimum(tiles_per_split, tl.cdiv(V, BN) - first_tile)
-    if FLAT_LOOP:
-        # One loop over (tile, k) so the pipeliner prefetches the next tile's first K blocks
-        # while this tile's softmax epilogue runs.
-        k_tiles = tl.cdiv(D, BK)
-        offs_k = tl.arange(0, BK)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for it in range(0, n_tiles * k_tiles):
-            ki = it % k_tiles
-            offs_n = tl.arange(0, BN).to(tl.int64) + (first_tile + it // k_tiles) * BN
-            col_mask = offs_n < V
-            k_mask = offs_k < D - ki * BK
-            h = tl.load(H + rows[:, None] * stride_h + (ki * BK + offs_k)[None, :],
-                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(W + offs_n[:, None] * stride_w + (ki * BK + offs_k)[None, :],
-                        mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-            if CAST_F32:
-                h = h.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
-            if ki == k_tiles - 1:
-                z = head_transform(acc, B, offs_n, col_mask, inv_temp, softcap, HAS_BIAS,
-                                   HAS_SOFTCAP)
-                m_i, s_i, a_i, t_i = _online_update(z, offs_n, col_mask, labels, m_i, s_i, a_i,
-                                                    t_i, WANT_ENTROPY)
-                acc = tl.zeros((BM, BN), dtype=tl.float32)
-    else:
-        for tile in range(first_tile, first_tile + n_tiles):
-            offs_n = tl.arange(0, BN).to(tl.int64) + tile * BN
-            col_mask = offs_n < V
-            z = logits_tile(H, W, B, rows, row_mask, offs_n, col_mask, D, stride_h, stride_w,
-                            inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, CAST_F32, PRECISION,
-                            BM, BN, BK)
-            m_i, s_i, a_i, t_i = _online_update(z, offs_n, col_mask, labels, m_i, s_i, a_i, t_i,
-                                                WANT_ENTROPY)
+    last_tile = tl.minimum(first_tile + tiles_per_split, tl.cdiv(V, BN))
+    for tile in range(first_tile, last_tile):
+        offs_n = tl.arange(0, BN).to(tl.int64) + tile * BN
+        col_mask = offs_n < V
+        z = logits_tile(H, W, B, rows, row_mask, offs_n, col_mask, D, stride_h, stride_w,
+                         inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, CAST_F32, PRECISION, BM, BN, BK)
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z, axis=1))
+        scale = tl.exp(m_i - m_new)
+        p = tl.exp(z - m_new[:, None])
+        s_i = s_i * scale + tl.sum(p, axis=1)
+        if WANT_ENTROPY:
+            a_i = a_i * scale + tl.sum(p * tl.where(col_mask[None, :], z, 0.0), axis=1)
+        t_i += tl.sum(tl.where(offs_n[None, :] == labels[:, None], z, 0.0), axis=1)
+        m_i = m_new
     out = split.to(tl.int64) * N + offs_m
     tl.store(M_OUT + out, m_i, mask=row_mask)
     tl.store(S_OUT + out, s_i, mask=row_mask)
@@ -170,7 +135,7 @@ def logprob_forward(
     (the labels of the valid rows, in ``[0, V)``), rows ``[n]`` int64 indices into hidden.
     """
     n, (V, D) = rows.numel(), weight.shape
-    cfg = {"FLAT_LOOP": True, **(config or block_config("forward", hidden.dtype))}
+    cfg = config or block_config("forward", hidden.dtype)
     n_row_blocks, n_tiles = triton.cdiv(n, cfg["BM"]), triton.cdiv(V, cfg["BN"])
     splits, tiles_per_split = split_vocab(n_row_blocks, n_tiles, hidden.device)
     part = torch.empty((4 if want_entropy else 3, splits, n), dtype=torch.float32,
