@@ -5,16 +5,20 @@ receives ``rows`` (int64 indices into ``hidden``) so ignored tokens cost no FLOP
 
 Forward (:func:`logprob_forward`): a split-vocabulary kernel. Program (row block, split) streams
 its contiguous range of vocabulary tiles, computes ``x = H_rows @ W_tile.T (+ b)`` in fp32,
-``z = softcap(x) / T`` and keeps an online ``(m, s = Σ e^{z-m}, a = Σ e^{z-m}·z, z[y])`` per row;
-a few torch ops merge the splits: ``lse = M + log Σ_k s_k e^{m_k-M}``,
-``entropy = lse - Σ_k a_k e^{m_k-M} / Σ_k s_k e^{m_k-M}``. Programs are swizzled in groups of
+``z = softcap(x) / T`` and keeps an online ``(m, s = Σ e^{z-m}, a = Σ e^{z-m}·(z-m), z[y])`` per
+row (``a`` is shifted by ``(m_old - m_new)·s_old`` when the max moves); a few torch ops merge the
+splits: ``lse = M + log S``, ``S = Σ_k s_k e^{m_k-M}``, and the entropy in the relative form
+``log S - Σ_k e^{m_k-M}(a_k + (m_k - M)·s_k) / S``, which does not cancel on peaked rows (unlike
+``lse - E_p[z]``). Programs are swizzled in groups of
 ``GROUP_M`` row blocks x all splits so that the H blocks and W tiles in flight stay in L2.
 
 Backward (:func:`logprob_backward`): per vocabulary chunk, a kernel recomputes the logits tile by
 tile and writes ``dX = ∂loss/∂x`` in the input dtype (fp32 math),
 
     dz_j = g_logp·[j = y] + p_j·(g_lse - g_logp - g_ent·(z_j - lse + entropy)),
-    dx_j = dz_j · (1 - (z_j·T/c)²) / T        (softcap c; without it dx = dz / T),
+    dx_j = dz_j · sech²(x_j/c) / T            (softcap c; without it dx = dz / T),
+
+with ``sech²(u) = 4e/(1+e)², e = e^{-2|u|}`` from the raw logit (accurate where tanh saturates),
 
 then two library GEMMs finish the chunk: ``dW[chunk] = dXᵀ @ H`` (complete over all rows, no
 accumulation across chunks) and ``dH += dX @ W[chunk]`` into an fp32 accumulator. No atomics:
@@ -66,9 +70,12 @@ def _forward_kernel(
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
         scale = tl.exp(m_i - m_new)
         p = tl.exp(z - m_new[:, None])
+        s_old = s_i
         s_i = s_i * scale + tl.sum(p, axis=1)
         if WANT_ENTROPY:
-            a_i = a_i * scale + tl.sum(p * tl.where(col_mask[None, :], z, 0.0), axis=1)
+            shift = tl.where(s_old > 0, (m_i - m_new) * s_old, 0.0)
+            a_i = (a_i + shift) * scale + tl.sum(
+                p * tl.where(col_mask[None, :], z - m_new[:, None], 0.0), axis=1)
         t_i += tl.sum(tl.where(offs_n[None, :] == labels[:, None], z, 0.0), axis=1)
         m_i = m_new
     out = split.to(tl.int64) * N + offs_m
@@ -95,8 +102,14 @@ def _grad_logits_kernel(
     offs_n = col_start + local_n.to(tl.int64)
     col_mask = (local_n < n_cols) & (offs_n < V)
     rows = tl.load(ROWS + offs_m, mask=row_mask, other=0)
-    z = logits_tile(H, W, B, rows, row_mask, offs_n, col_mask, D, stride_h, stride_w,
-                     inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, CAST_F32, PRECISION, BM, BN, BK)
+    x = logits_tile(H, W, B, rows, row_mask, offs_n, col_mask, D, stride_h, stride_w,
+                     1.0, softcap, HAS_BIAS, False, CAST_F32, PRECISION, BM, BN, BK)
+    if HAS_SOFTCAP:
+        z = softcap * (1.0 - 2.0 / (tl.exp(2.0 * x / softcap) + 1.0)) * inv_temp
+        e = tl.exp(-2.0 * tl.abs(x) / softcap)
+        sech2 = 4.0 * e / ((1.0 + e) * (1.0 + e))
+    else:
+        z = x * inv_temp
     labels = tl.load(Y + offs_m, mask=row_mask, other=-1).to(tl.int64)
     lse = tl.load(LSE + offs_m, mask=row_mask, other=0.0)
     g_logp = tl.load(G_LOGP + offs_m, mask=row_mask, other=0.0)
@@ -110,8 +123,7 @@ def _grad_logits_kernel(
         coef -= g_ent[:, None] * (z - lse[:, None] + ent[:, None])
     dz = p * coef + tl.where(offs_n[None, :] == labels[:, None], g_logp[:, None], 0.0)
     if HAS_SOFTCAP:
-        t = z / (inv_temp * softcap)
-        dz = dz * (1.0 - t * t)
+        dz = dz * sech2
     dx = dz * inv_temp
     store_grad_tile(DX, DB_PART, dx, rb, offs_m, row_mask, local_n, col_mask, n_cols, stride_dx,
                     stride_db, WANT_DB)
@@ -153,7 +165,8 @@ def logprob_forward(
     s_tot = (s * w).sum(dim=0)
     lse = m_max + torch.log(s_tot)
     logp = t.sum(dim=0) - lse
-    entropy = lse - (a * w).sum(dim=0) / s_tot if want_entropy else None
+    entropy = (torch.log(s_tot) - ((a + (m - m_max) * s) * w).sum(dim=0) / s_tot
+               if want_entropy else None)
     return logp, lse, entropy
 
 

@@ -1,0 +1,887 @@
+"""The triton backend of ``ops.linear_logprob`` against the spec, ``reference.linear_logprob``.
+
+Without a CUDA GPU the kernels run under Triton's interpreter (tests/conftest.py sets
+``TRITON_INTERPRET=1`` before triton is imported) on CPU tensors; the interpreter's block sizes
+are BM=32, BN=64, BK=32, so the drawn sizes mostly are not multiples of any block.
+
+Values and gradients (dH, dW, db, d token_weights) are compared as relative errors
+``‖a − b‖ / ‖b‖``: fp32 (exact mode, ``filter_eps=None``) ≤ 1e-5 for everything; fp16/bf16 inputs
+≤ 1e-5 for the values (the reference upcasts the same low-precision inputs to fp32, so the values
+must agree as tightly as in fp32) and ≤ 2e-2 for the gradients (rounded to the input dtype).
+Per-sequence sums are measured relative to the sums of |terms| (the condition of a sum, which
+matters with negative token weights). Where the problem is ill-conditioned in fp32 (logits of
+±1e3, softcap on them) the spec itself is off by more than 1e-5: such a miss is re-judged against
+the spec in fp64 and the spec's own rounding noise (see ``Judge``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hypo_fast import ops
+from hypo_fast import reference as R
+
+# hypo_fast.kernels is installed from kernels/ (a package-dir mapping ruff's isort cannot see)
+K = importlib.import_module("hypo_fast.kernels.linear_logprob")
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRET else "cpu")
+needs_triton = pytest.mark.skipif(
+    DEVICE.type == "cpu" and not INTERPRET,
+    reason="the triton backend needs a CUDA GPU or TRITON_INTERPRET=1 (see tests/conftest.py)",
+)
+
+F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
+VALUE_TOL = 1e-5
+GRAD_TOL = {F32: 1e-5, BF16: 2e-2, F16: 2e-2}
+HYP = settings(
+    max_examples=100,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor, scale: float | None = None) -> float:
+    """‖a − b‖ / ‖b‖ (or / scale) in fp64; the absolute ‖a − b‖ where the denominator is 0."""
+    a, b = a.detach().to("cpu", F64), b.detach().to("cpu", F64)
+    diff = (a - b).norm().item()
+    norm = b.norm().item() if scale is None else scale
+    return diff / norm if norm > 0 else diff
+
+
+def assert_rel(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != {want.dtype}"
+    assert bool(torch.isfinite(got).all()), f"{name}: not finite"
+    err = rel_err(got, want)
+    assert err <= tol, f"{name}: relative error {err:.3g} > {tol:g}"
+
+
+# Where the problem itself is ill-conditioned in fp32, the fp32 spec is no 1e-5 yardstick: with z
+# spanning ±1e3 an fp32 logit carries ~1e-4 of rounding, so p = exp(z − lse) and the gradients
+# carry ~1e-5 .. 1e-4 of relative noise, in the spec as in the kernels; a softcap on such logits
+# multiplies that by 2|x|/c (the gradient goes through sech²(x/c)). So a miss of the bound against
+# the spec is judged again against the spec evaluated in fp64 (the truth): the result must then
+# be within max(tol, SPEC_FACTOR x noise) of it, where noise is the largest error, against the
+# same truth, of three evaluations of the spec in the input precision that differ only in their
+# rounding (as is; hidden size reversed; vocabulary permuted).
+SPEC_FACTOR = 4.0
+
+
+def spec_variant(inputs, kwargs, variant: str):
+    """``reference.linear_logprob`` on the same inputs, computed in a different order."""
+    hidden, weight, bias, labels = (inputs[k] for k in ("hidden", "weight", "bias", "labels"))
+    if variant == "reverse_d":
+        hidden, weight = hidden.flip(-1), weight.flip(-1)
+    elif variant == "permute_v":
+        V = weight.shape[0]
+        perm = torch.randperm(V, generator=gen(V)).to(weight.device)
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(V, device=perm.device)
+        weight = weight[perm]
+        bias = bias[perm] if bias is not None else None
+        valid = labels != kwargs["ignore_index"]
+        labels = torch.where(valid, inverse[torch.where(valid, labels, 0).long()], labels)
+        labels = labels.to(inputs["labels"].dtype)
+    return R.linear_logprob(hidden, weight, labels, bias, token_weights=inputs["token_weights"],
+                            **kwargs)
+
+
+class Judge:
+    """Compares triton results with the spec; only where that misses, with the spec in fp64
+    against the spec's own rounding noise (see SPEC_FACTOR)."""
+
+    def __init__(self, inputs, kwargs, coefs, dtype):
+        self.inputs, self.kwargs, self.coefs, self.dtype = inputs, kwargs, coefs, dtype
+        self._truth = None
+        self._variants = None
+
+    def truth(self):
+        """(outputs, gradients) of the spec on the inputs upcast to fp64."""
+        if self._truth is None:
+            i64 = {k: (v.detach().double().requires_grad_()
+                       if v is not None and v.is_floating_point() else v)
+                   for k, v in self.inputs.items()}
+            out = call(R.linear_logprob, i64, self.kwargs)
+            coefs = {k: v.double() for k, v in self.coefs.items()}
+            self._truth = out, grads(combined_loss(out, coefs), i64)
+        return self._truth
+
+    def variants(self):
+        """[(outputs, gradients)] of the spec in the input precision, three roundings."""
+        if self._variants is None:
+            self._variants = []
+            for variant in ("as_is", "reverse_d", "permute_v"):
+                out = spec_variant(self.inputs, self.kwargs, variant)
+                self._variants.append((out, grads(combined_loss(out, self.coefs), self.inputs)))
+        return self._variants
+
+    def check(self, name, got, want, tol, pick, scale=None):
+        """``pick((outputs, gradients))`` selects the same quantity from the truth/variants;
+        ``scale`` replaces ‖want‖ as the denominator (sums with cancellation)."""
+        assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+        assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != {want.dtype}"
+        assert bool(torch.isfinite(got).all()), f"{name}: not finite"
+        err = rel_err(got, want, scale)
+        if err <= tol:
+            return
+        truth = pick(self.truth())
+        noise = max(rel_err(pick(v), truth, scale) for v in self.variants())
+        err_truth = rel_err(got, truth, scale)
+        assert err_truth <= max(tol, SPEC_FACTOR * noise), (
+            f"{name}: rel. error {err:.3g} > {tol:g} vs the spec, and vs the spec in fp64 "
+            f"{err_truth:.3g} > {SPEC_FACTOR:g} x {noise:.3g} (the spec's own rounding noise)")
+
+    def values(self, out, ref):
+        for name in OUTPUTS:
+            got, want = getattr(out, name), getattr(ref, name)
+            assert (got is None) == (want is None), name
+            if got is None:
+                continue
+            scale = None
+            if name.startswith("seq_"):  # relative to Σ|terms|: the condition of a sum
+                terms = ref.logp.abs()
+                if name == "seq_weighted_sum":
+                    terms = terms * self.inputs["token_weights"].detach().abs()
+                scale = R.segment_sum(terms, self.kwargs["seq_ids"], want.numel()).norm().item()
+            self.check(name, got, want, VALUE_TOL, lambda r, n=name: getattr(r[0], n), scale)
+
+    def grads(self, g_out, g_ref):
+        for name, want in g_ref.items():
+            tol = GRAD_TOL[self.dtype]
+            if name == "token_weights" and want.dtype == F32:
+                tol = VALUE_TOL  # d token_weights = coef · logp: fp32 values
+            self.check(f"d{name}", g_out[name], want, tol, lambda r, n=name: r[1][n])
+
+
+def forbid_kernels(monkeypatch) -> None:
+    """Make any launch of the fused kernels fail the test."""
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a fused kernel ran")
+
+    monkeypatch.setattr(K, "logprob_forward", boom)
+    monkeypatch.setattr(K, "logprob_backward", boom)
+
+
+# --------------------------------------------------------------------------------------------
+# Building cases
+# --------------------------------------------------------------------------------------------
+
+LOGIT_SCALES = {"normal": 1.0, "peaked": 6.0, "extreme": 350.0}  # std of z (≈ ±1e3 at extreme)
+SIZE_EDGES = [1, 2, 31, 32, 33, 63, 64, 65, 127, 129]
+
+
+def layout(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """The same values as ``t`` (a fresh leaf requiring grad is the base) in another layout:
+    ``contig``; ``transposed`` (last dim not unit-stride); ``sliced`` (a window of a wider and
+    longer buffer); ``rowstep`` (every other row of a taller buffer)."""
+    t = t.detach()
+    if kind == "contig":
+        return t.clone().requires_grad_()
+    if kind == "transposed":
+        perm = list(range(t.dim()))[::-1]
+        return t.permute(perm).contiguous().requires_grad_().permute(perm)
+    if kind == "sliced":
+        big = torch.zeros([n + 3 for n in t.shape], dtype=t.dtype, device=t.device)
+        window = tuple(slice(1, 1 + n) for n in t.shape)
+        big[window] = t
+        return big.requires_grad_()[window]
+    if kind == "rowstep":
+        big = torch.zeros((*t.shape[:-2], 2 * t.shape[-2], t.shape[-1]), dtype=t.dtype,
+                          device=t.device)
+        big[..., ::2, :] = t
+        return big.requires_grad_()[..., ::2, :]
+    raise AssertionError(kind)
+
+
+@st.composite
+def head_cases(draw):
+    if draw(st.booleans()):
+        tokens = (draw(st.sampled_from([*SIZE_EDGES[:-2], 300]) | st.integers(1, 300)),)
+    else:
+        B = draw(st.integers(1, 6))
+        tokens = (B, draw(st.integers(1, 300 // B)))
+    scale = draw(st.sampled_from(list(LOGIT_SCALES)))
+    return dict(
+        tokens=tokens,
+        d=draw(st.sampled_from([16, 31, 32, 33, 128]) | st.integers(16, 128)),
+        V=draw(st.sampled_from([*SIZE_EDGES, 1000]) | st.integers(1, 1000)),
+        dtype=draw(st.sampled_from([F32, BF16, F16])),
+        use_bias=draw(st.booleans()),
+        temperature=draw(st.just(1.0) | st.floats(0.5, 2.0)),
+        softcap=draw(st.none() | st.floats(1.0, 30.0)),
+        entropy=draw(st.booleans()),
+        ignore=draw(st.sampled_from(["none", "random", "whole_seqs", "one_valid"])),
+        ignore_index=draw(st.sampled_from([-100, -1, 1_000_000])),
+        label_dtype=draw(st.sampled_from([torch.int32, torch.int64])),
+        seqs=draw(st.sampled_from(["none", "ids", "ids_weights"])),
+        explicit_num_seqs=draw(st.booleans()),
+        weights_dtype=draw(st.sampled_from(["fp32", "input"])),
+        hidden_layout=draw(st.sampled_from(["contig", "transposed", "sliced", "rowstep"])),
+        weight_layout=draw(st.sampled_from(["contig", "transposed", "sliced", "rowstep"])),
+        scale=scale,
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def build_case(c):
+    """Inputs (views requiring grad where differentiable) and call options of a case."""
+    g = gen(c["seed"])
+    tokens, d, V, dtype = c["tokens"], c["d"], c["V"], c["dtype"]
+    n = math.prod(tokens)
+    hidden = torch.randn(*tokens, d, generator=g)
+    weight = torch.randn(V, d, generator=g) * (LOGIT_SCALES[c["scale"]] / math.sqrt(d))
+    bias = torch.randn(V, generator=g) if c["use_bias"] else None
+
+    # sequences: rows of a [B, T] batch, or packed (sorted or interleaved) segments of [N] tokens
+    if len(tokens) == 2:
+        seq_ids = torch.arange(tokens[0])[:, None].expand(tokens).clone()
+    else:
+        S = int(torch.randint(1, max(2, n // 8) + 1, (), generator=g))
+        seq_ids = torch.randint(0, S, (n,), generator=g)
+        if torch.rand((), generator=g) < 0.5:
+            seq_ids = seq_ids.sort().values
+    num_seqs = int(seq_ids.max()) + 1
+    if c["explicit_num_seqs"]:
+        num_seqs += 2  # trailing sequences without tokens
+
+    labels = torch.randint(0, V, tokens, generator=g)
+    labels.view(-1)[::7] = V - 1  # the last column lives in a partial tile
+    ignored = torch.zeros(tokens, dtype=torch.bool)
+    if c["ignore"] == "random":
+        ignored = torch.rand(tokens, generator=g) < 0.4
+    elif c["ignore"] == "whole_seqs":
+        dead = torch.rand(num_seqs, generator=g) < 0.5
+        ignored = dead[seq_ids]
+    elif c["ignore"] == "one_valid":
+        ignored.fill_(True)
+    if bool(ignored.all()):
+        ignored.view(-1)[int(torch.randint(0, n, (), generator=g))] = False
+    labels = torch.where(ignored, c["ignore_index"], labels).to(c["label_dtype"])
+    if c["hidden_layout"] == "transposed" and len(tokens) == 2:
+        labels = labels.T.contiguous().T  # non-contiguous labels too
+    token_weights = None
+    if c["seqs"] == "ids_weights":
+        w_dtype = F32 if c["weights_dtype"] == "fp32" else dtype
+        token_weights = (torch.rand(tokens, generator=g) * 2.5 - 0.5).to(w_dtype)
+    coefs = {
+        "logp": torch.randn(tokens, generator=g),
+        "lse": torch.randn(tokens, generator=g),
+        "entropy": torch.randn(tokens, generator=g),
+        "seq_sum": torch.randn(num_seqs, generator=g),
+        "seq_weighted_sum": torch.randn(num_seqs, generator=g),
+    }
+    if token_weights is not None:
+        token_weights = token_weights.to(DEVICE).requires_grad_()
+    inputs = dict(  # leaves made on DEVICE, so that the layouts survive
+        hidden=layout(hidden.to(DEVICE, dtype), c["hidden_layout"]),
+        weight=layout(weight.to(DEVICE, dtype), c["weight_layout"]),
+        bias=bias.to(DEVICE, dtype).requires_grad_() if bias is not None else None,
+        labels=labels.to(DEVICE),
+        token_weights=token_weights,
+    )
+    kwargs = dict(
+        ignore_index=c["ignore_index"], temperature=c["temperature"], softcap=c["softcap"],
+        return_entropy=c["entropy"],
+    )
+    if c["seqs"] != "none":
+        kwargs.update(seq_ids=seq_ids.to(c["label_dtype"]).to(DEVICE),
+                      num_seqs=num_seqs if c["explicit_num_seqs"] else None)
+    return inputs, kwargs, {k: v.to(DEVICE) for k, v in coefs.items()}
+
+
+def call(fn, inputs, kwargs, **extra):
+    return fn(inputs["hidden"], inputs["weight"], inputs["labels"], inputs["bias"],
+              token_weights=inputs["token_weights"], **kwargs, **extra)
+
+
+OUTPUTS = ("logp", "lse", "entropy", "seq_sum", "seq_weighted_sum")
+
+
+def combined_loss(out: R.LogProbOutput, coefs) -> torch.Tensor:
+    """A random linear combination of every output present."""
+    loss = torch.zeros((), device=out.logp.device)
+    for name in OUTPUTS:
+        value = getattr(out, name)
+        if value is not None:
+            loss = loss + (coefs[name] * value).sum()
+    return loss
+
+
+def grads(loss: torch.Tensor, inputs, keep: bool = False) -> dict[str, torch.Tensor | None]:
+    """Gradients w.r.t. every differentiable input (``keep``: retain the graph, allow unused)."""
+    names = [k for k in ("hidden", "weight", "bias", "token_weights") if inputs[k] is not None]
+    got = torch.autograd.grad(loss, [inputs[k] for k in names], retain_graph=keep,
+                              allow_unused=keep)
+    return dict(zip(names, got, strict=True))
+
+
+# --------------------------------------------------------------------------------------------
+# The property test: values and gradients against the reference
+# --------------------------------------------------------------------------------------------
+
+
+@needs_triton
+@HYP
+@given(head_cases())
+def test_triton_matches_reference_values_and_grads(c):
+    inputs, kwargs, coefs = build_case(c)
+    out = call(ops.linear_logprob, inputs, kwargs, backend="triton", filter_eps=None)
+    ref = call(R.linear_logprob, inputs, kwargs)
+    labels = inputs["labels"]
+    ignored = labels == c["ignore_index"]
+
+    judge = Judge(inputs, kwargs, coefs, c["dtype"])
+    judge.values(out, ref)
+    assert out.logp.shape == labels.shape and out.logp.dtype == F32
+    if out.seq_count is not None:
+        assert torch.equal(out.seq_count, ref.seq_count)
+    # ignored rows give exactly 0; valid rows are finite and logp ≤ 0
+    for name in ("logp", "lse", "entropy"):
+        value = getattr(out, name)
+        if value is not None:
+            assert bool((value[ignored] == 0).all()), f"{name} not 0 on ignored rows"
+    assert bool((out.logp[~ignored] <= 1e-4).all())
+
+    # gradients of a random linear combination of every output
+    g_out = grads(combined_loss(out, coefs), inputs)
+    judge.grads(g_out, grads(combined_loss(ref, coefs), inputs))
+    assert bool((g_out["hidden"][ignored] == 0).all()), "dH is not 0 on ignored rows"
+
+
+# --------------------------------------------------------------------------------------------
+# Deterministic cases the property test may not hit every run
+# --------------------------------------------------------------------------------------------
+
+BASE_CASE = dict(
+    tokens=(77,), d=40, V=203, dtype=F32, use_bias=True, temperature=1.0, softcap=None,
+    entropy=True, ignore="random", ignore_index=-100, label_dtype=torch.int64, seqs="ids_weights",
+    explicit_num_seqs=False, weights_dtype="fp32", hidden_layout="contig", weight_layout="contig",
+    scale="normal", seed=0,
+)
+
+
+def check_case(c):
+    """Values and gradients of one case against the spec."""
+    inputs, kwargs, coefs = build_case(c)
+    out = call(ops.linear_logprob, inputs, kwargs, backend="triton", filter_eps=None)
+    ref = call(R.linear_logprob, inputs, kwargs)
+    judge = Judge(inputs, kwargs, coefs, c["dtype"])
+    judge.values(out, ref)
+    judge.grads(grads(combined_loss(out, coefs), inputs), grads(combined_loss(ref, coefs), inputs))
+    return out
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [F32, BF16, F16])
+@pytest.mark.parametrize(
+    ("tokens", "d", "V"),
+    [((300,), 128, 1000), ((1,), 16, 1), ((65,), 33, 129), ((3, 37), 128, 64)],
+)
+def test_edge_sizes(tokens, d, V, dtype):
+    check_case({**BASE_CASE, "tokens": tokens, "d": d, "V": V, "dtype": dtype,
+                "softcap": 7.0, "temperature": 0.7})
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("softcap", [None, 1.0, 30.0])
+def test_extreme_logits(softcap, dtype):
+    """Weights scaled so z spans about ±1e3 (and, with a softcap, saturates it)."""
+    c = {**BASE_CASE, "scale": "extreme", "softcap": softcap, "dtype": dtype,
+         "entropy": True}
+    inputs, _, _ = build_case(c)
+    z = R.linear_logits(inputs["hidden"], inputs["weight"], inputs["bias"])
+    assert z.abs().max() > 900  # the scale really is extreme
+    out = check_case(c)
+    assert bool(torch.isfinite(out.lse).all())
+
+
+@needs_triton
+def test_all_rows_of_a_sequence_ignored_and_single_valid_row():
+    # batch [4, 50]: sequences 0 and 2 fully ignored, sequence 3 has a single valid token
+    c = {**BASE_CASE, "tokens": (4, 50), "ignore": "none", "seqs": "ids_weights"}
+    inputs, kwargs, coefs = build_case(c)
+    labels = inputs["labels"].clone()
+    labels[0] = -100
+    labels[2] = -100
+    labels[3, :] = -100
+    labels[3, 17] = 5
+    inputs["labels"] = labels
+    out = call(ops.linear_logprob, inputs, kwargs, backend="triton")
+    ref = call(R.linear_logprob, inputs, kwargs)
+    for name in OUTPUTS:
+        assert_rel(name, getattr(out, name), getattr(ref, name), VALUE_TOL)
+    assert out.seq_count.tolist() == [0.0, 50.0, 0.0, 1.0]
+    assert out.seq_sum[0] == 0 and out.seq_sum[2] == 0
+    for name in ("logp", "lse", "entropy"):
+        value = getattr(out, name)
+        assert bool((value[labels == -100] == 0).all())
+        assert bool((value[labels != -100] != 0).all())
+    g_out = grads(combined_loss(out, coefs), inputs)
+    g_ref = grads(combined_loss(ref, coefs), inputs)
+    for name, want in g_ref.items():
+        assert_rel(f"d{name}", g_out[name], want, VALUE_TOL)
+    dh = g_out["hidden"]
+    assert bool((dh[0] == 0).all()) and bool((dh[2] == 0).all())
+    assert bool((dh[3, :17] == 0).all()) and bool((dh[3, 17] != 0).any())
+
+
+@needs_triton
+def test_grads_of_each_output_alone():
+    """Each output as the only loss term (the other outputs get zero upstream gradients)."""
+    c = {**BASE_CASE, "softcap": 5.0, "temperature": 1.3}
+    inputs, kwargs, coefs = build_case(c)
+    out = call(ops.linear_logprob, inputs, kwargs, backend="triton")
+    ref = call(R.linear_logprob, inputs, kwargs)
+    for name in OUTPUTS:
+        g_out = grads((coefs[name] * getattr(out, name)).sum(), inputs, keep=True)
+        g_ref = grads((coefs[name] * getattr(ref, name)).sum(), inputs, keep=True)
+        for k, want in g_ref.items():
+            if want is None:  # token_weights only reach seq_weighted_sum
+                assert g_out[k] is None or not bool(g_out[k].any()), f"d{k} from {name}"
+            else:
+                assert_rel(f"d{k} from {name}", g_out[k], want, VALUE_TOL)
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "trainable",
+    [("hidden",), ("weight",), ("bias",), ("hidden", "bias"), ("weight", "bias"),
+     ("hidden", "weight")],
+)
+def test_grad_w_r_t_some_inputs_only(trainable):
+    """Frozen inputs (needs_input_grad False): e.g. a frozen lm_head, dH only. (Regression: the
+    backward op once returned one empty tensor for two unneeded gradients, which torch.library
+    rejects as aliased outputs.)"""
+    inputs, kwargs, coefs = build_case({**BASE_CASE, "seqs": "none"})
+    args = {k: (v if k in trainable or k == "labels" else v.detach()) if v is not None else None
+            for k, v in inputs.items()}
+    out = call(ops.linear_logprob, args, kwargs, backend="triton")
+    ref = call(R.linear_logprob, args, kwargs)
+    got = torch.autograd.grad(combined_loss(out, coefs), [args[k] for k in trainable])
+    want = torch.autograd.grad(combined_loss(ref, coefs), [args[k] for k in trainable])
+    for name, a, b in zip(trainable, got, want, strict=True):
+        assert_rel(f"d{name}", a, b, VALUE_TOL)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_backward_is_bit_identical_run_to_run(dtype):
+    c = {**BASE_CASE, "tokens": (150,), "V": 333, "dtype": dtype, "softcap": 10.0}
+    inputs, kwargs, coefs = build_case(c)
+    runs = []
+    for _ in range(2):
+        out = call(ops.linear_logprob, inputs, kwargs, backend="triton")
+        runs.append(grads(combined_loss(out, coefs), inputs))
+    for name in ("hidden", "weight", "bias", "token_weights"):
+        assert torch.equal(runs[0][name], runs[1][name]), name
+        assert bool(runs[0][name].abs().sum() > 0), name
+
+
+def launcher_case(dtype=F32):
+    """Inputs for calling the launchers directly: 50 valid rows, picked out of order, of 70."""
+    g = gen(21)
+    N, d, V = 70, 40, 150
+    hidden = torch.randn(N, d, generator=g).to(DEVICE, dtype)
+    weight = (torch.randn(V, d, generator=g) / 3).to(DEVICE, dtype)
+    bias = torch.randn(V, generator=g).to(DEVICE, dtype)
+    labels = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+    rows = torch.randperm(N, generator=g)[:50].to(DEVICE)
+    return hidden, weight, bias, labels, rows
+
+
+@needs_triton
+@pytest.mark.parametrize("blocks", [None, (16, 32, 16)])
+def test_forward_launcher_block_variants(blocks):
+    """Default and small blocks (several K blocks, many splits), on rows given out of order."""
+    hidden, weight, bias, labels, rows = launcher_case()
+    cfg = K.block_config("forward", F32)
+    if blocks is not None:
+        cfg.update(BM=blocks[0], BN=blocks[1], BK=blocks[2])
+    opts = dict(temperature=0.9, softcap=12.0)
+    logp, lse, ent = K.logprob_forward(hidden, weight, bias, labels[rows], rows,
+                                       want_entropy=True, config=cfg, **opts)
+    ref = R.linear_logprob(hidden[rows], weight, labels[rows], bias, return_entropy=True, **opts)
+    assert_rel("logp", logp, ref.logp, VALUE_TOL)
+    assert_rel("lse", lse, ref.lse, VALUE_TOL)
+    assert_rel("entropy", ent, ref.entropy, VALUE_TOL)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_backward_launcher_vocabulary_chunks(dtype):
+    """The backward over several dX chunks (small chunk_bytes, last chunk partial) equals the
+    spec's gradients for given upstream gradients; dW and db are chunk-independent bit for bit."""
+    hidden, weight, bias, labels, rows = launcher_case(dtype)
+    opts = dict(temperature=1.1, softcap=8.0)
+    y = labels[rows]
+    _, lse, ent = K.logprob_forward(hidden, weight, bias, y, rows, want_entropy=True, **opts)
+    g = gen(22)
+    g_logp, g_lse, g_ent = (torch.randn(rows.numel(), generator=g).to(DEVICE) for _ in range(3))
+    results = []
+    for chunk_bytes in (256 << 20, rows.numel() * dtype.itemsize * 64):  # 1 chunk; 3 chunks
+        results.append(K.logprob_backward(
+            hidden, weight, bias, y, rows, lse, ent, g_logp, g_lse, g_ent, need_bias=True,
+            chunk_bytes=chunk_bytes, **opts))
+    h, w, b = (t.detach().clone().requires_grad_() for t in (hidden, weight, bias))
+    ref = R.linear_logprob(h[rows], w, y, b, return_entropy=True, **opts)
+    loss = (g_logp * ref.logp + g_lse * ref.lse + g_ent * ref.entropy).sum()
+    want = torch.autograd.grad(loss, (h, w, b))
+    for dh, dw, db in results:
+        assert_rel("dH", dh, want[0], GRAD_TOL[dtype])
+        assert_rel("dW", dw, want[1], GRAD_TOL[dtype])
+        assert_rel("db", db.to(dtype), want[2], GRAD_TOL[dtype])
+        others = torch.ones(hidden.shape[0], dtype=torch.bool, device=DEVICE)
+        others[rows] = False
+        assert bool((dh[others] == 0).all())
+    assert torch.equal(results[0][1], results[1][1]) and torch.equal(results[0][2], results[1][2])
+
+
+# --------------------------------------------------------------------------------------------
+# Backend dispatch
+# --------------------------------------------------------------------------------------------
+
+
+def small_inputs(dtype=F32, requires_grad=False, device=DEVICE):
+    g = gen(7)
+    hidden = torch.randn(9, 16, generator=g).to(dtype)
+    weight = (torch.randn(21, 16, generator=g) / 4).to(dtype)
+    bias = torch.randn(21, generator=g).to(dtype)
+    labels = torch.tensor([0, 20, 3, -100, 7, 7, 1, 19, -100])
+    out = [hidden, weight, bias]
+    if requires_grad:
+        out = [t.requires_grad_() for t in out]
+    return [t.to(device) for t in (*out, labels)]
+
+
+def test_resolve_backend(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("HYPO_FAST_BACKEND", raising=False)
+    assert ops.resolve_backend(None, cpu) == "cpu"
+    assert ops.resolve_backend(None, cuda) == "triton"
+    for name in ops.BACKENDS:
+        assert ops.resolve_backend(name, cpu) == name
+        assert ops.resolve_backend(name, cuda) == name
+    monkeypatch.setenv("HYPO_FAST_BACKEND", "reference")
+    assert ops.resolve_backend(None, cpu) == "reference"
+    assert ops.resolve_backend(None, cuda) == "reference"
+    assert ops.resolve_backend("triton", cpu) == "triton"  # the argument beats the environment
+    monkeypatch.setenv("HYPO_FAST_BACKEND", "triton")
+    assert ops.resolve_backend(None, cpu) == "triton"
+    assert ops.resolve_backend("cpu", cpu) == "cpu"
+
+
+@pytest.mark.parametrize("where", ["argument", "environment"])
+def test_unknown_backend_raises(monkeypatch, where):
+    forbid_kernels(monkeypatch)
+    hidden, weight, bias, labels = small_inputs()
+    if where == "argument":
+        monkeypatch.delenv("HYPO_FAST_BACKEND", raising=False)
+        kwargs = {"backend": "cuda"}
+    else:
+        monkeypatch.setenv("HYPO_FAST_BACKEND", "tritonn")
+        kwargs = {}
+    with pytest.raises(ValueError, match="backend"):
+        ops.resolve_backend(kwargs.get("backend"), hidden.device)
+    with pytest.raises(ValueError, match="backend"):
+        ops.linear_logprob(hidden, weight, labels, bias, **kwargs)
+
+
+@pytest.mark.parametrize("how", ["default", "cpu", "reference", "env_reference"])
+def test_cpu_tensors_default_to_the_reference(monkeypatch, how):
+    """On CPU tensors the default (and "cpu", "reference") backend serves the reference:
+    bit-identical values and gradients, and no fused kernel runs. (When the C++ CPU backend
+    lands, "default" and "cpu" will no longer be the reference bit for bit.)"""
+    forbid_kernels(monkeypatch)
+    monkeypatch.delenv("HYPO_FAST_BACKEND", raising=False)
+    kwargs = {}
+    if how in ("cpu", "reference"):
+        kwargs["backend"] = how
+    elif how == "env_reference":
+        monkeypatch.setenv("HYPO_FAST_BACKEND", "reference")
+    hidden, weight, bias, labels = small_inputs(requires_grad=True, device="cpu")
+    out = ops.linear_logprob(hidden, weight, labels, bias, return_entropy=True, softcap=3.0,
+                             **kwargs)
+    ref = R.linear_logprob(hidden, weight, labels, bias, return_entropy=True, softcap=3.0)
+    for name in ("logp", "lse", "entropy"):
+        assert torch.equal(getattr(out, name), getattr(ref, name)), name
+    loss = out.logp.sum() + out.lse.sum() + out.entropy.sum()
+    loss_ref = ref.logp.sum() + ref.lse.sum() + ref.entropy.sum()
+    for got, want in zip(torch.autograd.grad(loss, [hidden, weight, bias]),
+                         torch.autograd.grad(loss_ref, [hidden, weight, bias]), strict=True):
+        assert torch.equal(got, want)
+
+
+@needs_triton
+def test_environment_selects_triton(monkeypatch):
+    calls = []
+    real_forward = K.logprob_forward
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(K, "logprob_forward", spy)
+    monkeypatch.setenv("HYPO_FAST_BACKEND", "triton")
+    hidden, weight, bias, labels = small_inputs()
+    out = ops.linear_logprob(hidden, weight, labels, bias)
+    assert calls == [1]
+    ref = R.linear_logprob(hidden, weight, labels, bias)
+    assert_rel("logp", out.logp, ref.logp, VALUE_TOL)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile and torch.library.opcheck
+# --------------------------------------------------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_torch_compile_fullgraph_forward_and_backward(dynamic):
+    """Traces through the custom ops' fake impls (no graph break: fullgraph) and matches eager."""
+    torch._dynamo.reset()
+    c = {**BASE_CASE, "tokens": (3, 20), "V": 70, "d": 32, "softcap": 10.0, "temperature": 0.7}
+    inputs, kwargs, _ = build_case(c)
+    seq_ids = kwargs["seq_ids"]
+
+    def fn(hidden, weight, bias, labels, seq_ids, token_weights):
+        out = ops.linear_logprob(
+            hidden, weight, labels, bias, backend="triton", seq_ids=seq_ids, num_seqs=5,
+            token_weights=token_weights, return_entropy=True, softcap=10.0, temperature=0.7,
+        )
+        return (out.logp.sum() + 0.5 * out.lse.sum() - 0.3 * out.entropy.sum()
+                + (out.seq_sum * torch.arange(5.0, device=out.seq_sum.device)).sum()
+                + 0.2 * out.seq_weighted_sum.sum()
+                + out.seq_count.sum())
+
+    names = ("hidden", "weight", "bias", "token_weights")
+    args = (inputs["hidden"], inputs["weight"], inputs["bias"], inputs["labels"], seq_ids,
+            inputs["token_weights"])
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=dynamic)
+    got = compiled(*args)
+    want = fn(*args)
+    assert_rel("loss", got, want, 1e-6)
+    g_got = torch.autograd.grad(got, [inputs[k] for k in names])
+    g_want = torch.autograd.grad(want, [inputs[k] for k in names])
+    for name, a, b in zip(names, g_got, g_want, strict=True):
+        assert_rel(f"d{name}", a, b, 1e-6)
+    # and eager itself matches the reference
+    ref = R.linear_logprob(inputs["hidden"], inputs["weight"], inputs["labels"], inputs["bias"],
+                           seq_ids=seq_ids, num_seqs=5, token_weights=inputs["token_weights"],
+                           return_entropy=True, softcap=10.0, temperature=0.7)
+    want_ref = (ref.logp.sum() + 0.5 * ref.lse.sum() - 0.3 * ref.entropy.sum()
+                + (ref.seq_sum * torch.arange(5.0, device=DEVICE)).sum()
+                + 0.2 * ref.seq_weighted_sum.sum()
+                + ref.seq_count.sum())
+    assert_rel("loss vs reference", want, want_ref, VALUE_TOL)
+
+
+@needs_triton
+def test_torch_compile_requires_num_seqs_with_seq_ids():
+    torch._dynamo.reset()
+    hidden, weight, _, labels = small_inputs()
+    seq_ids = torch.zeros_like(labels)
+
+    def fn(hidden, weight, labels, seq_ids):
+        return ops.linear_logprob(hidden, weight, labels, backend="triton", seq_ids=seq_ids).logp
+
+    # the ValueError raised while tracing surfaces as dynamo's Unsupported (a RuntimeError)
+    with pytest.raises((ValueError, RuntimeError), match="num_seqs"):
+        torch.compile(fn, backend="aot_eager", fullgraph=True)(hidden, weight, labels, seq_ids)
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    ("use_bias", "softcap", "want_entropy", "dtype"),
+    [(True, 0.0, True, F32), (False, 5.0, False, F32), (True, 3.0, True, BF16)],
+)
+def test_opcheck_forward_op(use_bias, softcap, want_entropy, dtype):
+    hidden, weight, bias, labels = small_inputs(dtype=dtype, requires_grad=True)
+    args = (hidden, weight, labels, bias if use_bias else None, -100, 1.0, softcap, want_entropy)
+    torch.library.opcheck(torch.ops.hypo_fast.linear_logprob.default, args)
+    # 3-D hidden with int32 labels
+    args3 = (hidden.detach()[:8].reshape(2, 4, 16).requires_grad_(), weight,
+             labels[:8].reshape(2, 4).to(torch.int32), None, -100, 0.5, softcap, want_entropy)
+    torch.library.opcheck(torch.ops.hypo_fast.linear_logprob.default, args3)
+
+
+def backward_op_args(hidden, weight, labels, bias, needs):
+    _, lse, ent = torch.ops.hypo_fast.linear_logprob(hidden, weight, labels, bias, -100, 1.0,
+                                                      2.0, True)
+    g = torch.randn(labels.shape, generator=gen(3)).to(lse.device)
+    return (hidden, weight, labels, bias, lse, ent, g, -g, 0.5 * g, -100, 1.0, 2.0, needs)
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "needs",
+    [[True, True, True], [False, True, True], [True, False, False], [False, True, False]],
+)
+def test_opcheck_backward_op(needs):
+    hidden, weight, bias, labels = small_inputs()
+    torch.library.opcheck(torch.ops.hypo_fast.linear_logprob_backward.default,
+                          backward_op_args(hidden, weight, labels, bias, needs))
+
+
+@needs_triton
+def test_opcheck_backward_op_transposed_hidden():
+    hidden, weight, bias, labels = small_inputs()
+    hidden_t = hidden.T.contiguous().T  # dense, but column-major
+    torch.library.opcheck(torch.ops.hypo_fast.linear_logprob_backward.default,
+                          backward_op_args(hidden_t, weight, labels, bias, [True, True, True]))
+
+
+# --------------------------------------------------------------------------------------------
+# Known bugs: non-unit-stride weight / bias, entropy accuracy on peaked rows, filter_eps values
+# --------------------------------------------------------------------------------------------
+
+
+@needs_triton
+def test_transposed_weight():
+    check_case({**BASE_CASE, "weight_layout": "transposed"})
+
+
+@needs_triton
+def test_strided_bias():
+    c = {**BASE_CASE, "use_bias": False}
+    inputs, kwargs, coefs = build_case(c)
+    base = torch.randn(2 * c["V"], generator=gen(5)).to(DEVICE).requires_grad_()
+    inputs["bias"] = base[::2]
+    out = call(ops.linear_logprob, inputs, kwargs, backend="triton")
+    ref = call(R.linear_logprob, inputs, kwargs)
+    for name in OUTPUTS:
+        assert_rel(name, getattr(out, name), getattr(ref, name), VALUE_TOL)
+    g_out = grads(combined_loss(out, coefs), inputs)
+    g_ref = grads(combined_loss(ref, coefs), inputs)
+    for name, want in g_ref.items():
+        assert_rel(f"d{name}", g_out[name], want, VALUE_TOL)
+
+
+@needs_triton
+@pytest.mark.parametrize("z_std", [30.0, 300.0, 1000.0])
+def test_entropy_of_peaked_rows_is_as_accurate_as_the_spec(z_std):
+    g = gen(11)
+    hidden = torch.randn(64, 64, generator=g).to(DEVICE)
+    weight = (torch.randn(500, 64, generator=g) * z_std / 8).to(DEVICE)
+    labels = torch.randint(0, 500, (64,), generator=g).to(DEVICE)
+    out = ops.linear_logprob(hidden, weight, labels, backend="triton", return_entropy=True)
+    ref = R.linear_logprob(hidden, weight, labels, return_entropy=True)
+    exact = R.linear_logprob(hidden.double(), weight.double(), labels, return_entropy=True)
+    err_ref = rel_err(ref.entropy, exact.entropy)
+    err_out = rel_err(out.entropy, exact.entropy)
+    assert err_out <= max(VALUE_TOL, 2 * err_ref), (
+        f"entropy error vs fp64 {err_out:.2g}, the fp32 reference's {err_ref:.2g}"
+    )
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    ("tokens", "d", "V", "softcap", "temperature", "seed"),
+    [(1, 26, 19, 3.0, 1.633, 20), (1, 18, 251, 3.0, 1.327, 52), (1, 55, 307, 30.0, 1.328, 66)],
+)
+def test_softcap_gradient_on_saturated_logits_is_as_accurate_as_the_spec(
+    tokens, d, V, softcap, temperature, seed
+):
+    """Now 20-10000x the spec's own rounding noise; with sech² from x, under 0.5x."""
+    c = {**BASE_CASE, "tokens": (tokens,), "d": d, "V": V, "scale": "extreme", "ignore": "none",
+         "softcap": softcap, "temperature": temperature, "entropy": False, "seed": seed}
+    inputs, kwargs, coefs = build_case(c)
+    out = call(ops.linear_logprob, inputs, kwargs, backend="triton", filter_eps=None)
+    ref = call(R.linear_logprob, inputs, kwargs)
+    judge = Judge(inputs, kwargs, coefs, F32)
+    judge.grads(grads(combined_loss(out, coefs), inputs), grads(combined_loss(ref, coefs), inputs))
+
+
+@pytest.mark.parametrize("eps", [-1e-3, math.nan, math.inf])
+def test_filter_eps_rejects_meaningless_floats(monkeypatch, eps):
+    forbid_kernels(monkeypatch)
+    hidden, weight, bias, labels = small_inputs()
+    with pytest.raises(ValueError, match="filter_eps"):
+        ops.linear_logprob(hidden, weight, labels, bias, backend="triton", filter_eps=eps)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad inputs raise, naming the argument, before any kernel runs
+# --------------------------------------------------------------------------------------------
+
+
+def _set_at(t: torch.Tensor, value=math.nan) -> torch.Tensor:
+    t = t.clone()
+    t.view(-1)[3] = value
+    return t
+
+
+BAD_INPUTS = {
+    # name: (edit of (args dict) -> args dict, exception, text the message must contain)
+    "label_too_large": (lambda a: {**a, "labels": a["labels"].clone().fill_(21)}, ValueError,
+                        "labels"),
+    "label_negative": (lambda a: {**a, "labels": _set_at(a["labels"], -5)}, ValueError, "labels"),
+    "label_float": (lambda a: {**a, "labels": a["labels"].float()}, TypeError, "labels"),
+    "nan_hidden": (lambda a: {**a, "hidden": _set_at(a["hidden"])}, ValueError, "hidden"),
+    "inf_weight": (lambda a: {**a, "weight": _set_at(a["weight"], -math.inf)}, ValueError,
+                   "weight"),
+    "nan_bias": (lambda a: {**a, "bias": _set_at(a["bias"])}, ValueError, "bias"),
+    "nan_token_weights": (lambda a: {**a, "token_weights": _set_at(a["token_weights"])},
+                          ValueError, "token_weights"),
+    "weight_dtype_mismatch": (lambda a: {**a, "weight": a["weight"].to(BF16)}, TypeError,
+                              "weight"),
+    "hidden_int": (lambda a: {**a, "hidden": a["hidden"].long()}, TypeError, "hidden"),
+    "hidden_not_tensor": (lambda a: {**a, "hidden": a["hidden"].tolist()}, TypeError, "hidden"),
+    "hidden_1d": (lambda a: {**a, "hidden": a["hidden"][0], "labels": a["labels"][0]},
+                  ValueError, "hidden"),
+    "weight_3d": (lambda a: {**a, "weight": a["weight"][None]}, ValueError, "weight"),
+    "hidden_size_mismatch": (lambda a: {**a, "hidden": a["hidden"][:, :15]}, ValueError,
+                             "hidden"),
+    "labels_shape": (lambda a: {**a, "labels": a["labels"][:-1]}, ValueError, "labels"),
+    "bias_shape": (lambda a: {**a, "bias": a["bias"][:-1]}, ValueError, "bias"),
+    "seq_ids_shape": (lambda a: {**a, "seq_ids": a["seq_ids"][:-1]}, ValueError, "seq_ids"),
+    "token_weights_shape": (lambda a: {**a, "token_weights": a["token_weights"][None]},
+                            ValueError, "token_weights"),
+    "seq_ids_out_of_range": (lambda a: {**a, "num_seqs": 2}, ValueError, "seq_ids"),
+    "num_seqs_zero": (lambda a: {**a, "num_seqs": 0}, ValueError, "num_seqs"),
+    "empty": (lambda a: {**a, "hidden": a["hidden"][:0], "labels": a["labels"][:0],
+                         "seq_ids": None, "token_weights": None}, ValueError, "labels is empty"),
+    "empty_vocab": (lambda a: {**a, "weight": a["weight"][:0], "bias": None}, ValueError,
+                    "weight"),
+    "empty_hidden_size": (lambda a: {**a, "hidden": a["hidden"][:, :0],
+                                     "weight": a["weight"][:, :0]}, ValueError, "weight"),
+    "all_ignored": (lambda a: {**a, "labels": torch.full_like(a["labels"], -100)}, ValueError,
+                    "ignore_index"),
+    "temperature_zero": (lambda a: {**a, "temperature": 0.0}, ValueError, "temperature"),
+    "temperature_str": (lambda a: {**a, "temperature": "1"}, TypeError, "temperature"),
+    "softcap_negative": (lambda a: {**a, "softcap": -2.0}, ValueError, "softcap"),
+    "labels_other_device": (lambda a: {**a, "labels": a["labels"].to("meta")}, ValueError,
+                            "labels"),
+    "filter_eps_str": (lambda a: {**a, "filter_eps": "exact"}, ValueError, "filter_eps"),
+    "filter_eps_list": (lambda a: {**a, "filter_eps": [1e-3]}, (ValueError, TypeError),
+                        "filter_eps"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs_raise_before_any_kernel(monkeypatch, case):
+    forbid_kernels(monkeypatch)
+    hidden, weight, bias, labels = small_inputs()
+    args = dict(hidden=hidden, weight=weight, bias=bias, labels=labels,
+                seq_ids=torch.tensor([0, 0, 1, 1, 1, 2, 2, 2, 2]).to(DEVICE), num_seqs=None,
+                token_weights=torch.rand(9, generator=gen(1)).to(DEVICE), temperature=1.0,
+                softcap=None, filter_eps="auto")
+    edit, exc, text = BAD_INPUTS[case]
+    args = edit(args)
+    with pytest.raises(exc, match=text):
+        ops.linear_logprob(args.pop("hidden"), args.pop("weight"), args.pop("labels"),
+                           args.pop("bias"), backend="triton", **args)

@@ -1,0 +1,726 @@
+"""The public losses (hypo_fast.losses) against objectives.py composed with naive log-softmax.
+
+Every expected value here is built independently of hypo_fast.losses: full logits ``H W^T + b``,
+``log_softmax``, gather, mask, per-sequence sums, then the objective of hypo_fast.objectives.
+Values, metrics and gradients (input, weight, bias, masks) are compared in fp64 (the reference
+backend computes in fp64 for fp64 inputs), tightly. The triton backend (interpreted on CPU) is
+exercised on a few tiny cases. Equality with Liger-Kernel is in test_losses_liger.py.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+from torch import nn
+
+from hypo_fast import losses, objectives
+from hypo_fast.losses import (
+    DPO_LOSS_TYPES,
+    F_DIVERGENCE_TYPES,
+    LIGER_AUX_FIELDS,
+    FusedLinearCPOLoss,
+    FusedLinearDPOLoss,
+    FusedLinearORPOLoss,
+    FusedLinearSimPOLoss,
+    FusedLinearSparsePOLoss,
+    HPOLoss,
+    HyPOLoss,
+)
+
+F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
+IGN = -100
+SMOOTHING = {"sigmoid": 0.1, "robust": 0.2, "exo_pair": 0.05}
+needs_triton = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="the triton backend needs a CUDA GPU or TRITON_INTERPRET=1 (see tests/conftest.py)",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# data and the independent composition
+
+
+@dataclass
+class Pairs:
+    """A padded pair batch: h [2B, T, d], y [2B, T] (prompt and ragged padding ignored), policy
+    head (w, b) and reference (rh, rw, rb)."""
+
+    h: torch.Tensor
+    w: torch.Tensor
+    b: torch.Tensor | None
+    y: torch.Tensor
+    rh: torch.Tensor
+    rw: torch.Tensor
+    rb: torch.Tensor | None
+
+    @property
+    def num_pairs(self) -> int:
+        return self.h.shape[0] // 2
+
+    def leaves(self) -> Pairs:
+        """A copy whose policy tensors are fresh leaves requiring grad."""
+        fresh = [t.detach().clone().requires_grad_(True) if t is not None else None
+                 for t in (self.h, self.w, self.b)]
+        return replace(self, h=fresh[0], w=fresh[1], b=fresh[2])
+
+    def grads_of(self, loss: torch.Tensor, *extra: torch.Tensor) -> list[torch.Tensor]:
+        inputs = [t for t in (self.h, self.w, self.b) if t is not None] + list(extra)
+        return list(torch.autograd.grad(loss, inputs))
+
+
+def make_pairs(B=2, T=7, d=8, V=16, *, bias=True, dtype=F64, seed=0, prompt=2) -> Pairs:
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    y = torch.randint(0, V, (2 * B, T), generator=g)
+    y[:, :prompt] = IGN
+    for i in range(2 * B):  # ragged completions: row i loses i % 3 trailing tokens to padding
+        if i % 3:
+            y[i, T - i % 3:] = IGN
+    return Pairs(
+        h=rand(2 * B, T, d), w=rand(V, d, scale=2 / d**0.5), b=rand(V, scale=0.5) if bias else None,
+        y=y, rh=rand(2 * B, T, d), rw=rand(V, d, scale=2 / d**0.5),
+        rb=rand(V, scale=0.5) if bias else None,
+    )
+
+
+def logits(h, w, b):
+    z = h @ w.T
+    return z if b is None else z + b
+
+
+def token_logps(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    lp = torch.log_softmax(z, -1).gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(y != IGN, lp, torch.zeros_like(lp))
+
+
+def row_stats(h, w, b, y):
+    """Per-row (Σ logp, count) of a padded batch."""
+    return token_logps(logits(h, w, b), y).sum(-1), (y != IGN).sum(-1).to(h.dtype)
+
+
+def halves(t):
+    n = t.shape[0] // 2
+    return t[:n], t[n:]
+
+
+def expected_logps(p: Pairs, *, average=False, ref=True):
+    """(policy logps [2B], reference logps [2B] or None, sums, counts)."""
+    sums, counts = row_stats(p.h, p.w, p.b, p.y)
+    per = (lambda s, n: s / n.clamp(min=1)) if average else (lambda s, n: s)
+    ref_logps = None
+    if ref:
+        with torch.no_grad():
+            ref_logps = per(*row_stats(p.rh, p.rw, p.rb, p.y))
+    return per(sums, counts), ref_logps, sums, counts
+
+
+def expected_nll(sums, counts):
+    s, _ = halves(sums)
+    n, _ = halves(counts)
+    return -s.sum() / n.sum().clamp(min=1)
+
+
+def assert_metrics(aux, want: dict, keys=None):
+    for k in keys or want:
+        torch.testing.assert_close(aux.metrics[k].to(F64), want[k].detach().to(F64),
+                                   msg=lambda m, k=k: f"metric {k}: {m}")
+
+
+def assert_same(got_loss, got_grads, want_loss, want_grads):
+    torch.testing.assert_close(got_loss, want_loss)
+    assert len(got_grads) == len(want_grads)
+    for i, (g, e) in enumerate(zip(got_grads, want_grads, strict=True)):
+        torch.testing.assert_close(g, e, msg=lambda m, i=i: f"gradient {i}: {m}")
+
+
+def call(module, p: Pairs, **kwargs):
+    return module(p.w, p.h, p.y, p.b, p.rh, p.rw, p.rb, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# DPO family
+
+
+@pytest.mark.parametrize("average", [False, True])
+@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
+def test_dpo_every_loss_type_matches_objectives(loss_type, average):
+    eps = SMOOTHING.get(loss_type, 0.0)
+    p = make_pairs(seed=DPO_LOSS_TYPES.index(loss_type)).leaves()
+    module = FusedLinearDPOLoss(beta=0.3, loss_type=loss_type, label_smoothing=eps,
+                                compute_nll_loss=True, alpha=0.7, average_log_prob=average)
+    loss, aux = call(module, p)
+
+    logps, ref, sums, counts = expected_logps(p, average=average)
+    n = torch.ones_like(counts) if average else counts
+    want, metrics = objectives.dpo_loss(
+        *halves(logps), *halves(ref), beta=0.3, loss_type=loss_type, label_smoothing=eps,
+        chosen_counts=halves(n)[0], rejected_counts=halves(n)[1],
+    )
+    nll = expected_nll(sums, counts)
+    want = want + 0.7 * nll
+    assert_same(loss, p.grads_of(loss), want, p.grads_of(want))
+    metrics.update(nll_loss=nll)
+    assert_metrics(aux, metrics)
+    assert len(aux) == len(LIGER_AUX_FIELDS)
+    for i, name in enumerate(LIGER_AUX_FIELDS):
+        assert aux[i] is aux.metrics[name]
+        assert not aux[i].requires_grad
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"f_divergence_type": f} for f in F_DIVERGENCE_TYPES]
+    + [{"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
+       {"clip_ref_margin": True}, {"clip_ref_margin": True, "loss_type": "ipo"},
+       {"loss_type": "discopop", "discopop_tau": 0.5}],
+)
+def test_dpo_modifiers_match_objectives(options):
+    p = make_pairs(seed=11).leaves()
+    loss, aux = call(FusedLinearDPOLoss(beta=0.2, **options), p)
+    logps, ref, _, counts = expected_logps(p)
+    want, metrics = objectives.dpo_loss(*halves(logps), *halves(ref), beta=0.2,
+                                        chosen_counts=halves(counts)[0],
+                                        rejected_counts=halves(counts)[1], **options)
+    assert_same(loss, p.grads_of(loss), want, p.grads_of(want))
+    assert_metrics(aux, metrics)
+
+
+def test_dpo_logits_means_are_liger_definition():
+    """Mean of H W^T + b over all tokens (ignored included) × vocabulary of each half."""
+    p = make_pairs(B=3, T=5, V=24, seed=3)
+    _, aux = call(FusedLinearDPOLoss(), p)
+    z = logits(p.h, p.w, p.b)
+    torch.testing.assert_close(aux[2].double(), z[:3].mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(aux[3].double(), z[3:].mean(), rtol=1e-5, atol=1e-6)
+    assert aux[2].dtype == F32
+    _, aux = call(FusedLinearDPOLoss(), replace(p, b=None, rb=None))
+    torch.testing.assert_close(aux[2].double(), (p.h[:3] @ p.w.T).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_dpo_precomputed_reference_equals_reference_head():
+    p = make_pairs(seed=5).leaves()
+    module = FusedLinearDPOLoss(beta=0.5, average_log_prob=True)
+    loss, aux = call(module, p)
+    _, ref, _, _ = expected_logps(p, average=True)
+    loss2, aux2 = module(p.w, p.h, p.y, p.b, ref_chosen_logps=ref[:2], ref_rejected_logps=ref[2:])
+    assert_same(loss2, p.grads_of(loss2), loss, p.grads_of(loss))
+    for a, b in zip(aux, aux2, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_dpo_without_reference_model():
+    p = make_pairs(seed=6).leaves()
+    loss, aux = FusedLinearDPOLoss(use_ref_model=False, loss_type="hinge")(
+        p.w, p.h, p.y, p.b, p.rh, p.rw, p.rb  # ignored, as in Liger
+    )
+    logps, _, _, _ = expected_logps(p, ref=False)
+    want, metrics = objectives.dpo_loss(*halves(logps), loss_type="hinge")
+    assert_same(loss, p.grads_of(loss), want, p.grads_of(want))
+    assert_metrics(aux, metrics)
+    assert float(aux.metrics["nll_loss"]) == 0.0
+
+
+def test_sequence_without_completion_tokens_counts_as_zero():
+    """Counts clamp at 1: an all-ignored sequence has log-prob 0 (Liger: NaN with averaging)."""
+    p = make_pairs(seed=8)
+    p.y[1] = IGN
+    p = p.leaves()
+    loss, aux = call(FusedLinearDPOLoss(average_log_prob=True, compute_nll_loss=True), p)
+    assert aux[0][1] == 0.0 and torch.isfinite(aux[0]).all()
+    logps, ref, sums, counts = expected_logps(p, average=True)
+    want = objectives.dpo_loss(*halves(logps), *halves(ref))[0] + expected_nll(sums, counts)
+    assert_same(loss, p.grads_of(loss), want, p.grads_of(want))
+
+
+def test_liger_only_arguments_are_ignored():
+    p = make_pairs(seed=7)
+    base, _ = call(FusedLinearDPOLoss(), p)
+    other, _ = call(FusedLinearDPOLoss(compiled=False, chunk_size=3), p)
+    torch.testing.assert_close(other, base, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# SimPO, CPO, ORPO
+
+
+@pytest.mark.parametrize("nll", [True, False])
+def test_simpo_matches_objectives(nll):
+    p = make_pairs(seed=21).leaves()
+    module = FusedLinearSimPOLoss(beta=2.0, gamma=0.4, label_smoothing=0.1, alpha=0.5,
+                                  compute_nll_loss=nll)
+    loss, aux = module(p.w, p.h, p.y, p.b)
+    _, _, sums, counts = expected_logps(p, ref=False)
+    chosen_nll = expected_nll(sums, counts)
+    want, metrics = objectives.simpo_loss(*halves(sums), *halves(counts), beta=2.0, gamma=0.4,
+                                          label_smoothing=0.1, sft_weight=0.5 if nll else 0.0)
+    assert_same(loss, p.grads_of(loss), want, p.grads_of(want))
+    assert_metrics(aux, metrics, ["chosen_rewards", "rejected_rewards", "margins", "accuracy"])
+    torch.testing.assert_close(aux[0], halves(sums / counts)[0])  # Liger reports A, not S
+    torch.testing.assert_close(aux[4], chosen_nll if nll else torch.zeros((), dtype=F64))
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_cpo_matches_objectives(average):
+    p = make_pairs(seed=22).leaves()
+    module = FusedLinearCPOLoss(beta=0.3, alpha=2.0, label_smoothing=0.2,
+                                average_log_prob=average)
+    loss, aux = module(p.w, p.h, p.y, p.b)
+    logps, _, sums, counts = expected_logps(p, average=average, ref=False)
+    nll = expected_nll(sums, counts)
+    want, metrics = objectives.cpo_loss(*halves(logps), nll, beta=0.3, alpha=2.0,
+                                        label_smoothing=0.2)
+    assert_same(loss, p.grads_of(loss), want, p.grads_of(want))
+    assert_metrics(aux, metrics)
+
+
+@pytest.mark.parametrize("nll_target", [False, True])
+def test_orpo_matches_objectives(nll_target):
+    p = make_pairs(seed=23, prompt=1).leaves()
+    target = None
+    _, _, sums, counts = expected_logps(p, ref=False)
+    nll = expected_nll(sums, counts)
+    if nll_target:  # NLL on other labels: the full chosen rows, prompt included
+        target = torch.randint(0, p.w.shape[0], p.y.shape, generator=torch.Generator())
+        target[:, :1] = IGN
+        nll = expected_nll(*row_stats(p.h, p.w, p.b, target))
+    loss, aux = FusedLinearORPOLoss(beta=0.25)(p.w, p.h, p.y, p.b, target)
+    want, metrics = objectives.orpo_loss(*halves(sums), *halves(counts), beta=0.25,
+                                         chosen_nll=nll)
+    assert_same(loss, p.grads_of(loss), want, p.grads_of(want))
+    del metrics["chosen_logps"], metrics["rejected_logps"]  # Liger reports A, not S
+    assert_metrics(aux, metrics)
+    torch.testing.assert_close(aux[1], halves(sums / counts)[1])
+    torch.testing.assert_close(aux[4], nll)
+    assert len(aux) == 9
+    assert aux[7] is aux.metrics["log_odds_ratio"] and aux[8] is aux.metrics["log_odds_chosen"]
+
+
+def test_orpo_without_nll():
+    p = make_pairs(seed=24, bias=False).leaves()
+    loss, aux = FusedLinearORPOLoss(compute_nll_loss=False)(p.w, p.h, p.y)
+    _, _, sums, counts = expected_logps(p, ref=False)
+    zero = torch.zeros((), dtype=F64)
+    want, _ = objectives.orpo_loss(*halves(sums), *halves(counts), chosen_nll=zero)
+    assert_same(loss, p.grads_of(loss), want, p.grads_of(want))
+    assert float(aux[4]) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# packed layout
+
+
+def pack(p: Pairs, order: list[int] | None = None):
+    """The batch as one token stream without padding (each row cut after its last completion
+    token), sequences in ``order``; returns (h [N, d], y [N], seq_ids [N], cu_seqlens, index of
+    each packed token in the padded [2B*T] grid)."""
+    lengths = [int((row != IGN).nonzero().max()) + 1 for row in p.y]
+    order = order if order is not None else list(range(len(lengths)))
+    T = p.y.shape[1]
+    index = torch.cat([torch.arange(lengths[s]) + s * T for s in order])
+    flat_h = p.h.reshape(-1, p.h.shape[-1])
+    seq_ids = torch.cat([torch.full((lengths[s],), s) for s in order])
+    cu = torch.tensor([0] + [lengths[s] for s in order]).cumsum(0)
+    return flat_h[index], p.y.reshape(-1)[index], seq_ids, cu, index
+
+
+def test_packed_layout_equals_padded():
+    p = make_pairs(B=3, seed=31).leaves()
+    module = FusedLinearDPOLoss(beta=0.2, compute_nll_loss=True, loss_type="ipo")
+    loss, aux = call(module, p)
+    grads = p.grads_of(loss)
+
+    h, y, seq_ids, cu, index = pack(p)
+    rh = p.rh.reshape(-1, p.rh.shape[-1])[index]
+    h = h.detach().requires_grad_(True)
+    variants = {
+        "cu_seqlens": dict(cu_seqlens=cu),
+        "seq_ids": dict(seq_ids=seq_ids),
+        "[1, N, d]": dict(cu_seqlens=cu, shape=(1, -1)),
+    }
+    for name, kw in variants.items():
+        shape = kw.pop("shape", (-1,))
+        hh, yy = h.reshape(*shape, h.shape[-1]), y.reshape(*shape)
+        rr = rh.reshape(*shape, rh.shape[-1])
+        got, got_aux = module(p.w, hh, yy, p.b, rr, p.rw, p.rb, **kw)
+        torch.testing.assert_close(got, loss, msg=name)
+        for k in ("chosen_logps", "rejected_logps", "nll_loss", "chosen_rewards"):
+            torch.testing.assert_close(got_aux.metrics[k], aux.metrics[k], msg=f"{name} {k}")
+        g_h, g_w, g_b = torch.autograd.grad(got, [h, p.w, p.b])
+        torch.testing.assert_close(g_h, grads[0].reshape(-1, h.shape[-1])[index])
+        torch.testing.assert_close(g_w, grads[1])
+        torch.testing.assert_close(g_b, grads[2])
+        z = logits(h, p.w, p.b).detach()  # logits mean: every token of the chosen sequences
+        torch.testing.assert_close(got_aux[2].double(), z[seq_ids < 3].mean(), rtol=1e-5,
+                                   atol=1e-6)
+
+
+def test_packed_sequences_in_any_order():
+    p = make_pairs(B=2, seed=32)
+    loss, aux = call(FusedLinearDPOLoss(), p)
+    h, y, seq_ids, _, index = pack(p, order=[2, 0, 3, 1])  # pairs interleaved in the stream
+    rh = p.rh.reshape(-1, p.rh.shape[-1])[index]
+    got, got_aux = FusedLinearDPOLoss()(p.w, h, y, p.b, rh, p.rw, p.rb, seq_ids=seq_ids)
+    torch.testing.assert_close(got, loss)
+    torch.testing.assert_close(got_aux[5], aux[5])
+
+
+# ---------------------------------------------------------------------------------------------
+# SparsePO
+
+
+def expected_sparsepo(p: Pairs, reward_mask, kl_mask, *, beta, l1_u, l1_d):
+    """objectives.sparsepo_* on per-token ℓ − ℓ_ref and KL(π_ref ‖ π) from full logits."""
+    z, r = logits(p.h, p.w, p.b), logits(p.rh, p.rw, p.rb).detach()
+    valid = (p.y != IGN).to(z.dtype)
+    lp, lq = torch.log_softmax(z, -1), torch.log_softmax(r, -1)
+    kl = (lq.exp() * (lq - lp)).sum(-1) * valid
+    ratio = token_logps(z, p.y) - token_logps(r, p.y)
+    ids = torch.arange(p.y.shape[0])[:, None].expand_as(p.y).reshape(-1)
+    ones = torch.ones_like(valid)
+    mu = (reward_mask if reward_mask is not None else ones) * valid
+    md = (kl_mask if kl_mask is not None else ones) * valid
+    parts = objectives.sparsepo_sequence_sums(ratio.reshape(-1), kl.reshape(-1), ids,
+                                              p.y.shape[0], reward_weights=mu.reshape(-1),
+                                              kl_weights=md.reshape(-1))
+    return objectives.sparsepo_loss(*(x for t in parts for x in halves(t)), beta=beta,
+                                    l1_u=l1_u, l1_d=l1_d)
+
+
+@pytest.mark.parametrize(
+    ("on_reward", "on_kl", "separate"),
+    [(True, True, False), (True, False, False), (False, True, False), (True, True, True)],
+)
+def test_sparsepo_learned_masks_match_objectives(on_reward, on_kl, separate):
+    p = make_pairs(seed=41).leaves()
+    g = torch.Generator().manual_seed(1)
+    token_mask = torch.rand(p.y.shape, generator=g, dtype=F64).requires_grad_(True)
+    kl_mask = torch.rand(p.y.shape, generator=g, dtype=F64).requires_grad_(True)
+    module = FusedLinearSparsePOLoss(beta=0.6, l1_u=0.01, l1_d=0.02, mask_on_reward=on_reward,
+                                     mask_on_kl=on_kl)
+    kwargs = {"token_mask": token_mask, "kl_mask": kl_mask if separate else None}
+    loss, aux = call(module, p, **kwargs)
+
+    m_u = token_mask if on_reward else None
+    m_d = (kl_mask if separate else token_mask) if on_kl else None
+    want, metrics = expected_sparsepo(p, m_u, m_d, beta=0.6, l1_u=0.01, l1_d=0.02)
+    masks = [token_mask] + ([kl_mask] if separate else [])
+    got_g, want_g = p.grads_of(loss, *masks), p.grads_of(want, *masks)
+    assert_same(loss, got_g, want, want_g)
+    assert want_g[-1].abs().sum() > 0  # the masks do receive gradient
+    assert_metrics(aux, metrics)
+    _, _, sums, _ = expected_logps(p)
+    torch.testing.assert_close(aux[0], halves(sums)[0])
+
+
+def test_sparsepo_without_masks_and_with_nll():
+    p = make_pairs(seed=42).leaves()
+    loss, aux = call(FusedLinearSparsePOLoss(compute_nll_loss=True, alpha=0.5), p)
+    want, metrics = expected_sparsepo(p, None, None, beta=0.8, l1_u=0.0, l1_d=0.0)
+    _, _, sums, counts = expected_logps(p)
+    want = want + 0.5 * expected_nll(sums, counts)
+    assert_same(loss, p.grads_of(loss), want, p.grads_of(want))
+    assert_metrics(aux, metrics)
+
+
+# ---------------------------------------------------------------------------------------------
+# HyPO and HPO
+
+
+def online_batch(M=4, T=6, d=8, V=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, V, (M, T), generator=g)
+    y[:, :2] = IGN
+    y[1, -1] = IGN
+    h = torch.randn(M, T, d, generator=g, dtype=F64).requires_grad_(True)
+    rh = torch.randn(M, T, d, generator=g, dtype=F64)
+    return h, y, rh, torch.tensor([0, 0, 1, 1])
+
+
+@pytest.mark.parametrize("estimator", ["reinforce", "rloo", "exact"])
+def test_hypo_matches_objectives(estimator):
+    p = make_pairs(seed=51).leaves()
+    oh, oy, orh, groups = online_batch(seed=52)
+    module = HyPOLoss(beta=0.2, loss_type="robust", label_smoothing=0.1, kl_coef=0.3,
+                      estimator=estimator)
+    loss, aux = call(module, p, online_input=oh, online_target=oy, online_ref_input=orh,
+                     group_ids=groups)
+
+    logps, ref, _, _ = expected_logps(p)
+    dpo, metrics = objectives.dpo_loss(*halves(logps), *halves(ref), beta=0.2,
+                                       loss_type="robust", label_smoothing=0.1)
+    z, r = logits(oh, p.w, p.b), logits(orh, p.rw, p.rb).detach()
+    seq, ref_seq = token_logps(z, oy).sum(-1), token_logps(r, oy).sum(-1)
+    if estimator == "exact":
+        lp, lq = torch.log_softmax(z, -1), torch.log_softmax(r, -1)
+        token_kl = (lp.exp() * (lp - lq)).sum(-1) * (oy != IGN)
+        ids = torch.arange(oy.shape[0])[:, None].expand_as(oy).reshape(-1)
+        term, km = objectives.hypo_kl_term(
+            seq, ref_seq, estimator="exact", token_kl=token_kl.reshape(-1),
+            token_logps=token_logps(z, oy).reshape(-1), token_seq_ids=ids,
+        )
+    else:
+        term, km = objectives.hypo_kl_term(seq, ref_seq, estimator=estimator, group_ids=groups)
+    want = dpo + 0.3 * term
+    got_g, want_g = p.grads_of(loss, oh), p.grads_of(want, oh)
+    assert_same(loss, got_g, want, want_g)
+    assert want_g[-1].abs().sum() > 0  # the online samples do get a gradient
+    metrics.update(dpo_loss=dpo, kl_term=term, online_kl=km["kl"])
+    assert_metrics(aux, metrics)
+
+
+def test_hypo_precomputed_online_reference_and_packed_online():
+    p = make_pairs(seed=53)
+    oh, oy, orh, groups = online_batch(seed=54)
+    module = HyPOLoss(estimator="rloo")
+    loss, aux = call(module, p, online_input=oh, online_target=oy, online_ref_input=orh,
+                     group_ids=groups)
+    ref_seq = token_logps(logits(orh, p.rw, p.rb), oy).sum(-1)
+    T = oy.shape[1]
+    got, got_aux = call(
+        module, p, online_input=oh.reshape(-1, oh.shape[-1]), online_target=oy.reshape(-1),
+        online_ref_logps=ref_seq, group_ids=groups,
+        online_cu_seqlens=torch.arange(0, oy.numel() + 1, T),
+    )
+    torch.testing.assert_close(got, loss)
+    torch.testing.assert_close(got_aux.metrics["online_kl"], aux.metrics["online_kl"])
+
+
+@pytest.mark.parametrize("chosen_only", [False, True])
+def test_hpo_matches_objectives(chosen_only):
+    p = make_pairs(seed=61).leaves()
+    n = p.num_pairs if chosen_only else 2 * p.num_pairs
+    rewards = torch.linspace(-1.0, 2.0, n, dtype=F64)
+    baseline = torch.full((n,), 0.25, dtype=F64)
+    module = HPOLoss(beta=0.2, aux_coef=0.5, aux_tau=0.7, aux_w_max=3.0)
+    loss, aux = call(module, p, aux_rewards=rewards, aux_baseline=baseline)
+    logps, ref, _, _ = expected_logps(p)
+    want, metrics = objectives.hpo_loss(*halves(logps), *halves(ref), logps[:n], rewards,
+                                        alpha=0.5, aux_baseline=baseline, tau=0.7, w_max=3.0,
+                                        beta=0.2)
+    assert_same(loss, p.grads_of(loss), want, p.grads_of(want))
+    assert_metrics(aux, metrics)
+
+
+# ---------------------------------------------------------------------------------------------
+# autocast, frozen head, tied embeddings, triton backend
+
+
+def test_autocast_casts_like_f_linear():
+    p = make_pairs(seed=71, dtype=F32).leaves()
+    module = FusedLinearDPOLoss(compute_nll_loss=True)
+    with torch.autocast("cpu", dtype=BF16):
+        loss, _ = call(module, p)
+    grads = p.grads_of(loss)
+    assert loss.dtype == F32 and all(g.dtype == F32 for g in grads)
+
+    q = replace(p, **{k: getattr(p, k).detach().to(BF16) for k in ("h", "w", "b", "rh", "rw",
+                                                                      "rb")}).leaves()
+    want, _ = call(module, q)
+    torch.testing.assert_close(loss, want, rtol=0, atol=0)
+    for got_g, want_g in zip(grads, q.grads_of(want), strict=True):
+        torch.testing.assert_close(got_g, want_g.float(), rtol=0, atol=0)
+    full, _ = call(module, p)  # and autocast did change the computation
+    assert abs(full.item() - loss.item()) > 1e-6
+
+
+def test_mixed_dtypes_outside_autocast_raise():
+    p = make_pairs(seed=72, dtype=F32)
+    with pytest.raises(TypeError, match="lin_weight dtype"):
+        call(FusedLinearDPOLoss(), replace(p, w=p.w.to(BF16)))
+
+
+def test_frozen_head_gets_no_gradient():
+    p = make_pairs(seed=73).leaves()
+    module = FusedLinearDPOLoss(compute_nll_loss=True)
+    loss, _ = call(module, p)
+    g_h = torch.autograd.grad(loss, p.h)[0]
+    frozen = replace(p, w=p.w.detach(), b=p.b.detach(), h=p.h.detach().requires_grad_(True))
+    loss2, _ = call(module, frozen)
+    loss2.backward()
+    assert frozen.w.grad is None and frozen.b.grad is None
+    torch.testing.assert_close(frozen.h.grad, g_h)
+
+
+def test_tied_embeddings_accumulate_both_paths():
+    torch.manual_seed(0)
+    V, d, B, T = 16, 8, 2, 6
+    emb, body = nn.Embedding(V, d).double(), nn.Linear(d, d).double()
+    ids = torch.randint(0, V, (2 * B, T + 1))
+    target = ids[:, 1:].clone()
+    target[:, :2] = IGN
+
+    def run(loss_fn):
+        emb.zero_grad(), body.zero_grad()
+        hidden = torch.tanh(body(emb(ids[:, :-1])))
+        loss = loss_fn(emb.weight, hidden)
+        loss.backward()
+        return loss.detach(), emb.weight.grad.clone(), body.weight.grad.clone()
+
+    def naive(w, hidden):
+        s = token_logps(hidden @ w.T, target).sum(-1)
+        return objectives.dpo_loss(*halves(s))[0]
+
+    got = run(lambda w, h: FusedLinearDPOLoss(use_ref_model=False)(w, h, target)[0])
+    want = run(naive)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    head_only = torch.autograd.grad(naive(emb.weight, torch.tanh(body(emb(ids[:, :-1]))).detach()),
+                                    emb.weight)[0]
+    assert (want[1] - head_only).abs().max() > 1e-6  # the input path contributes too
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", ["dpo", "sparsepo", "hypo_exact"])
+def test_triton_backend_matches_reference(kind):
+    p = make_pairs(B=2, T=5, d=16, V=40, dtype=F32, seed=81).leaves()
+    oh, oy, orh, _ = online_batch(M=2, T=5, d=16, V=40, seed=82)
+    oh = oh.detach().float().requires_grad_(True)
+    mask = torch.rand(p.y.shape, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    results = []
+    for backend in ("reference", "triton"):
+        if kind == "dpo":
+            loss, aux = call(FusedLinearDPOLoss(compute_nll_loss=True, backend=backend), p)
+            extra = []
+        elif kind == "sparsepo":
+            loss, aux = call(FusedLinearSparsePOLoss(backend=backend), p, token_mask=mask)
+            extra = [mask]
+        else:
+            loss, aux = call(HyPOLoss(estimator="exact", backend=backend), p, online_input=oh,
+                             online_target=oy, online_ref_input=orh.float())
+            extra = [oh]
+        results.append((loss, list(aux), p.grads_of(loss, *extra)))
+    (ref_loss, ref_aux, ref_g), (tri_loss, tri_aux, tri_g) = results
+    torch.testing.assert_close(tri_loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for a, b in zip(tri_aux, ref_aux, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(tri_g, ref_g, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# API surface and bad inputs
+
+
+def test_functional_forms_are_reexported():
+    for name in ("dpo_loss", "simpo_loss", "cpo_loss", "orpo_loss", "sparsepo_loss",
+                 "sparsepo_sequence_sums", "hypo_kl_term", "hpo_aux_term", "hpo_loss"):
+        assert getattr(losses, name) is getattr(objectives, name)
+
+
+def test_preference_output_pickles_and_unpacks():
+    _, aux = call(FusedLinearDPOLoss(), make_pairs(seed=91))
+    back = pickle.loads(pickle.dumps(aux))
+    assert type(back) is type(aux) and len(back) == 7 and set(back.metrics) == set(aux.metrics)
+    *_, chosen_rewards, rejected_rewards = back
+    torch.testing.assert_close(chosen_rewards - rejected_rewards, aux.metrics["margins"])
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: FusedLinearDPOLoss(loss_type="kto"), ValueError, "loss_type"),
+        (lambda: FusedLinearDPOLoss(loss_type="hinge", label_smoothing=0.1), ValueError,
+         "label_smoothing"),
+        (lambda: FusedLinearDPOLoss(loss_type="robust", label_smoothing=0.5), ValueError,
+         "label_smoothing"),
+        (lambda: FusedLinearDPOLoss(beta=0.0), ValueError, "beta"),
+        (lambda: FusedLinearDPOLoss(alpha=-1.0), ValueError, "alpha"),
+        (lambda: FusedLinearDPOLoss(backend="cuda"), ValueError, "backend"),
+        (lambda: FusedLinearSimPOLoss(label_smoothing=0.7), ValueError, "label_smoothing"),
+        (lambda: FusedLinearSparsePOLoss(l1_u=-1.0), ValueError, "l1_u"),
+        (lambda: HyPOLoss(estimator="k3"), ValueError, "estimator"),
+        (lambda: HyPOLoss(kl_coef=-0.1), ValueError, "kl_coef"),
+        (lambda: HPOLoss(aux_tau=0.0), ValueError, "tau"),
+    ],
+)
+def test_bad_hyperparameters_raise_at_construction(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def _bad_calls():
+    p = make_pairs(B=2, T=5, d=8, V=16, seed=99)
+    dpo = FusedLinearDPOLoss()
+    ref = torch.zeros(2, dtype=F64)
+    h_flat, y_flat = p.h.reshape(-1, 8), p.y.reshape(-1)
+    return [
+        ("odd batch", lambda: dpo(p.w, p.h[:3], p.y[:3], p.b, p.rh[:3], p.rw, p.rb),
+         ValueError, "odd number of sequences"),
+        ("target length mismatch", lambda: dpo(p.w, p.h, p.y[:, :4], p.b, p.rh, p.rw),
+         ValueError, "target must have shape"),
+        ("ref_input length mismatch", lambda: dpo(p.w, p.h, p.y, p.b, p.rh[:, :4], p.rw),
+         ValueError, "ref_input must have shape"),
+        ("hidden size", lambda: dpo(p.w, p.h[..., :5], p.y, p.b, p.rh, p.rw),
+         ValueError, "_input has hidden size 5"),
+        ("weight not 2-D", lambda: dpo(p.w[None], p.h, p.y, p.b, p.rh, p.rw),
+         ValueError, "lin_weight must be 2-D"),
+        ("bias shape", lambda: dpo(p.w, p.h, p.y, p.b[:3], p.rh, p.rw),
+         ValueError, "bias must have shape"),
+        ("float target", lambda: dpo(p.w, p.h, p.y.double(), p.b, p.rh, p.rw),
+         TypeError, "target must be an int"),
+        ("padded needs 3-D", lambda: dpo(p.w, h_flat, y_flat, p.b, p.rh, p.rw),
+         ValueError, r"\[num_seqs, T, d\]"),
+        ("missing reference", lambda: dpo(p.w, p.h, p.y, p.b), ValueError,
+         "use_ref_model=True needs the reference"),
+        ("missing ref_weight", lambda: dpo(p.w, p.h, p.y, p.b, p.rh), ValueError,
+         "ref_weight is None"),
+        ("both references", lambda: dpo(p.w, p.h, p.y, p.b, p.rh, p.rw, ref_chosen_logps=ref,
+                                        ref_rejected_logps=ref), ValueError, "not both"),
+        ("one precomputed", lambda: dpo(p.w, p.h, p.y, p.b, ref_chosen_logps=ref), ValueError,
+         "ref_rejected_logps is None"),
+        ("precomputed length", lambda: dpo(p.w, p.h, p.y, p.b, ref_chosen_logps=ref,
+                                           ref_rejected_logps=ref[:1]),
+         ValueError, r"ref_rejected_logps must have shape \(2,\)"),
+        ("precomputed without ref model",
+         lambda: FusedLinearDPOLoss(use_ref_model=False)(p.w, p.h, p.y, ref_chosen_logps=ref,
+                                                         ref_rejected_logps=ref),
+         ValueError, "use_ref_model=False"),
+        ("ref vocabulary", lambda: dpo(p.w, p.h, p.y, p.b, p.rh, p.rw[:5]), ValueError,
+         "ref_weight has vocabulary 5"),
+        ("label out of range", lambda: dpo(p.w, p.h, p.y.clamp(min=0) + 16, p.b, p.rh, p.rw),
+         ValueError, "labels must be in"),
+        ("odd packed", lambda: dpo(p.w, h_flat, y_flat, p.b, p.rh.reshape(-1, 8), p.rw,
+                                   cu_seqlens=torch.tensor([0, 5, 10, 20])),
+         ValueError, "odd number of sequences"),
+        ("cu_seqlens total", lambda: dpo(p.w, h_flat, y_flat, p.b, p.rh.reshape(-1, 8), p.rw,
+                                         cu_seqlens=torch.tensor([0, 5, 10, 15, 19])),
+         ValueError, "cu_seqlens must start at 0, end at N = 20"),
+        ("seq_ids and cu_seqlens", lambda: dpo(p.w, h_flat, y_flat, p.b, p.rh.reshape(-1, 8),
+                                               p.rw, seq_ids=y_flat.clamp(min=0) % 4,
+                                               cu_seqlens=torch.tensor([0, 20])),
+         ValueError, "not both"),
+        ("sparsepo needs the head", lambda: FusedLinearSparsePOLoss()(
+            p.w, p.h, p.y, p.b), ValueError, "FusedLinearSparsePOLoss needs the reference head"),
+        ("sparsepo unused kl_mask", lambda: FusedLinearSparsePOLoss(mask_on_kl=False)(
+            p.w, p.h, p.y, p.b, p.rh, p.rw, kl_mask=torch.ones(p.y.shape, dtype=F64)),
+         ValueError, "kl_mask is given but no term uses it"),
+        ("sparsepo mask shape", lambda: FusedLinearSparsePOLoss()(
+            p.w, p.h, p.y, p.b, p.rh, p.rw, token_mask=torch.ones(4, 4, dtype=F64)),
+         ValueError, "token_mask must have shape"),
+        ("hypo missing online reference", lambda: HyPOLoss()(
+            p.w, p.h, p.y, p.b, p.rh, p.rw, online_input=p.h, online_target=p.y),
+         ValueError, "online_ref_input"),
+        ("hypo exact with precomputed", lambda: HyPOLoss(estimator="exact")(
+            p.w, p.h, p.y, p.b, p.rh, p.rw, online_input=p.h, online_target=p.y,
+            online_ref_logps=torch.zeros(4, dtype=F64)), ValueError, "needs the reference head"),
+        ("hypo rloo without groups", lambda: HyPOLoss(estimator="rloo")(
+            p.w, p.h, p.y, p.b, p.rh, p.rw, online_input=p.h, online_target=p.y,
+            online_ref_input=p.rh), ValueError, "group_ids is required"),
+        ("hpo rewards shape", lambda: HPOLoss()(
+            p.w, p.h, p.y, p.b, p.rh, p.rw, aux_rewards=torch.zeros(3, dtype=F64)),
+         ValueError, r"aux_rewards must have shape \(4,\)"),
+    ]
+
+
+@pytest.mark.parametrize(("name", "run", "error", "match"), _bad_calls(),
+                         ids=[c[0] for c in _bad_calls()])
+def test_bad_inputs_raise_clear_errors(name, run, error, match):
+    with pytest.raises(error, match=match):
+        run()
