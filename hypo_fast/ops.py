@@ -10,12 +10,13 @@ tensors are served by the reference). Default: CUDA tensors → triton, others �
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 
 from . import reference
-from ._checks import check_choice, validate_head
+from ._checks import check_choice, check_tensor, validate_head
 from .reference import LogProbOutput
 
 BACKENDS = ("triton", "cpu", "reference")
@@ -35,8 +36,13 @@ def _valid_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
 
 
 def _rows_view(hidden: torch.Tensor) -> torch.Tensor:
+    """``[rows, d]`` view with unit stride along d (what the kernels index), copying if needed."""
     h = hidden.reshape(-1, hidden.shape[-1])
     return h if h.stride(-1) == 1 else h.contiguous()
+
+
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.contiguous() if t is not None else None
 
 
 @torch.library.custom_op("hypo_fast::linear_logprob", mutates_args=())
@@ -55,7 +61,8 @@ def _linear_logprob_op(
     rows = _valid_rows(labels, ignore_index)
     flat = labels.reshape(-1)
     logp_c, lse_c, ent_c = logprob_forward(
-        _rows_view(hidden), weight, bias, flat.index_select(0, rows), rows,
+        _rows_view(hidden), _rows_view(weight), _contiguous(bias), flat.index_select(0, rows),
+        rows,
         temperature=temperature, softcap=softcap or None, want_entropy=want_entropy,
     )
 
@@ -96,29 +103,27 @@ def _linear_logprob_backward_op(
     def pick(t: torch.Tensor) -> torch.Tensor | None:
         return t.reshape(-1).index_select(0, rows).float() if t.numel() else None
 
-    h2 = _rows_view(hidden)
     dh, dw, db = logprob_backward(
-        h2, weight, bias, labels.reshape(-1).index_select(0, rows), rows, pick(lse),
-        pick(entropy), pick(g_logp), pick(g_lse), pick(g_entropy),
+        _rows_view(hidden), _rows_view(weight), _contiguous(bias),
+        labels.reshape(-1).index_select(0, rows), rows, pick(lse), pick(entropy), pick(g_logp),
+        pick(g_lse), pick(g_entropy),
         temperature=temperature, softcap=softcap or None,
         need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2],
     )
-    empty = hidden.new_empty(0)
     return (
-        dh.reshape(hidden.shape) if dh is not None else empty,
-        dw if dw is not None else empty,
-        db.to(bias.dtype) if db is not None and bias is not None else empty,
+        dh.reshape(hidden.shape) if dh is not None else hidden.new_empty(0),
+        dw if dw is not None else hidden.new_empty(0),
+        db.to(bias.dtype) if db is not None and bias is not None else hidden.new_empty(0),
     )
 
 
 @_linear_logprob_backward_op.register_fake
 def _(hidden, weight, labels, bias, lse, entropy, g_logp, g_lse, g_entropy, ignore_index,
       temperature, softcap, needs):
-    empty = hidden.new_empty(0)
     return (
-        torch.empty_like(hidden) if needs[0] else empty,
-        torch.empty_like(weight) if needs[1] else empty,
-        torch.empty_like(bias) if needs[2] and bias is not None else empty,
+        hidden.new_empty(hidden.shape) if needs[0] else hidden.new_empty(0),
+        torch.empty_like(weight) if needs[1] else hidden.new_empty(0),
+        torch.empty_like(bias) if needs[2] and bias is not None else hidden.new_empty(0),
     )
 
 
@@ -178,9 +183,13 @@ def linear_logprob(
     current triton backward computes every tile (exact) and uses no atomics, so it is already
     bit-identical run to run.
     """
-    if filter_eps not in ("auto", None) and not isinstance(filter_eps, float):
-        raise ValueError(f"filter_eps must be 'auto', None or a float, got {filter_eps!r}")
-    chosen = resolve_backend(backend, hidden.device)
+    if filter_eps not in ("auto", None) and (
+        isinstance(filter_eps, bool) or not isinstance(filter_eps, (int, float))
+        or not math.isfinite(filter_eps) or filter_eps < 0
+    ):
+        raise ValueError(f"filter_eps must be 'auto', None or a finite number >= 0, got "
+                         f"{filter_eps!r}")
+    chosen = resolve_backend(backend, check_tensor("hidden", hidden).device)
     if chosen != "triton":
         return reference.linear_logprob(
             hidden, weight, labels, bias, ignore_index=ignore_index, temperature=temperature,
@@ -205,4 +214,244 @@ def linear_logprob(
         out.seq_sum, out.seq_weighted_sum, out.seq_count = reference.sequence_sums(
             logp, labels != ignore_index, seq_ids, num_seqs, token_weights
         )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# linear_kl: full-vocabulary KL between a policy head and a frozen reference head (op 2)
+# --------------------------------------------------------------------------------------------
+
+k1, k2, k3 = reference.k1, reference.k2, reference.k3
+
+
+def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Per-valid-row fp32 ``values [n]`` placed at ``rows`` of a zero tensor shaped ``shape``."""
+    out = torch.zeros(shape.numel(), dtype=torch.float32, device=values.device)
+    return out.index_copy_(0, rows, values).reshape(shape)
+
+
+def _kl_heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias):
+    """Both heads as the kernels take them: ``[N, d]`` rows and ``[V, d]`` weights with unit
+    stride along d, contiguous biases (copies only where a layout differs)."""
+    from .kernels.linear_kl import Head
+
+    def head(h, w, b):
+        return Head(_rows_view(h), _rows_view(w), _contiguous(b))
+
+    return head(hidden, weight, bias), head(ref_hidden, ref_weight, ref_bias)
+
+
+@torch.library.custom_op("hypo_fast::linear_kl", mutates_args=())
+def _linear_kl_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ref_bias: torch.Tensor | None,
+    valid: torch.Tensor,
+    labels: torch.Tensor | None,
+    reverse: bool,
+    temperature: float,
+    softcap: float,
+    want_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(kl, stats [5, ...], entropy, logp, ref_logp)`` per token, 0 where ``valid`` is False;
+    absent outputs are empty. ``stats`` is the kernels' ``KLStats.norm``, saved for backward."""
+    from .kernels.linear_kl import kl_forward
+
+    rows = valid.reshape(-1).nonzero().squeeze(1)
+    y = labels.reshape(-1).index_select(0, rows) if labels is not None else None
+    st = kl_forward(
+        *_kl_heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias), rows, y,
+        reverse=reverse, temperature=temperature, softcap=softcap or None,
+        want_entropy=want_entropy,
+    )
+    def scatter(values: torch.Tensor | None) -> torch.Tensor:
+        if values is None:  # a fresh empty tensor each: outputs must not alias
+            return valid.new_empty(0, dtype=torch.float32)
+        return _scatter_rows(values, rows, valid.shape)
+
+    stats = torch.stack([scatter(t) for t in st.norm])
+    return scatter(st.kl), stats, scatter(st.entropy), scatter(st.logp), scatter(st.ref_logp)
+
+
+@_linear_kl_op.register_fake
+def _(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, valid, labels, reverse,
+      temperature, softcap, want_entropy):
+    kl = valid.new_empty(valid.shape, dtype=torch.float32)
+
+    def maybe(present: bool) -> torch.Tensor:
+        return torch.empty_like(kl) if present else kl.new_empty(0)
+
+    return (kl, kl.new_empty((5, *valid.shape)), maybe(want_entropy), maybe(labels is not None),
+            maybe(labels is not None))
+
+
+@torch.library.custom_op("hypo_fast::linear_kl_backward", mutates_args=())
+def _linear_kl_backward_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ref_bias: torch.Tensor | None,
+    valid: torch.Tensor,
+    labels: torch.Tensor | None,
+    stats: torch.Tensor,
+    entropy: torch.Tensor,
+    g_kl: torch.Tensor | None,
+    g_entropy: torch.Tensor | None,
+    g_logp: torch.Tensor | None,
+    reverse: bool,
+    temperature: float,
+    softcap: float,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Policy gradients ``(dH, dW, db)`` (empty where not needed) of :func:`_linear_kl_op`."""
+    from .kernels.linear_kl import kl_backward
+
+    rows = valid.reshape(-1).nonzero().squeeze(1)
+
+    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t.reshape(-1).index_select(0, rows).float() if t is not None and t.numel() else None
+
+    dh, dw, db = kl_backward(
+        *_kl_heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias), rows,
+        labels.reshape(-1).index_select(0, rows) if labels is not None else None,
+        stats.reshape(5, -1).index_select(1, rows), pick(entropy), pick(g_kl), pick(g_entropy),
+        pick(g_logp),
+        reverse=reverse, temperature=temperature, softcap=softcap or None,
+        need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2],
+    )
+    # A fresh empty tensor for each absent gradient: outputs must not alias.
+    return (
+        dh.reshape(hidden.shape) if dh is not None else hidden.new_empty(0),
+        dw if dw is not None else hidden.new_empty(0),
+        db.to(bias.dtype) if db is not None and bias is not None else hidden.new_empty(0),
+    )
+
+
+@_linear_kl_backward_op.register_fake
+def _(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, valid, labels, stats, entropy,
+      g_kl, g_entropy, g_logp, reverse, temperature, softcap, needs):
+    # Row-major like the real op's results, whatever the inputs' strides.
+    return (
+        hidden.new_empty(hidden.shape) if needs[0] else hidden.new_empty(0),
+        weight.new_empty(weight.shape) if needs[1] else hidden.new_empty(0),
+        bias.new_empty(bias.shape) if needs[2] and bias is not None else hidden.new_empty(0),
+    )
+
+
+def _kl_setup_context(ctx, inputs, output):
+    *tensors, valid, labels, reverse, temperature, softcap, _ = inputs
+    _, stats, entropy, _, _ = output
+    ctx.save_for_backward(*tensors, valid, labels, stats, entropy)
+    ctx.options = (reverse, temperature, softcap)
+    # Unused outputs then get None, not zeros, and their terms are skipped in the kernel.
+    ctx.set_materialize_grads(False)
+
+
+def _kl_backward(ctx, g_kl, _g_stats, g_entropy, g_logp, _g_ref_logp):
+    hidden, weight, ref_hidden, ref_weight, bias, ref_bias, valid, labels, stats, entropy = (
+        ctx.saved_tensors
+    )
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+             bias is not None and ctx.needs_input_grad[4]]
+    if not any(needs):
+        return (None,) * 12
+    dh, dw, db = _linear_kl_backward_op(
+        hidden, weight, ref_hidden, ref_weight, bias, ref_bias, valid, labels, stats, entropy,
+        g_kl, g_entropy if entropy.numel() else None, g_logp if labels is not None else None,
+        *ctx.options, needs,
+    )
+    return (dh if needs[0] else None, dw if needs[1] else None, None, None,
+            db if needs[2] else None) + (None,) * 7
+
+
+torch.library.register_autograd(
+    "hypo_fast::linear_kl", _kl_backward, setup_context=_kl_setup_context
+)
+
+
+def linear_kl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    direction: str = "reverse",
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    seq_ids: torch.Tensor | None = None,
+    num_seqs: int | None = None,
+    token_weights: torch.Tensor | None = None,
+    return_entropy: bool = False,
+    backend: str | None = None,
+) -> reference.KLOutput:
+    """Exact per-token full-vocabulary KL between the policy head ``z = softcap(H @ W.T + b) / T``
+    and the frozen reference head ``r = softcap(H_ref @ W_ref.T + b_ref) / T``, without
+    materialising either ``[N, V]`` logits tensor on the triton backend.
+
+    Shapes: hidden ``[..., d]``, weight ``[V, d]``, ref_hidden ``[..., d_ref]``, ref_weight
+    ``[V, d_ref]``, biases ``[V]``; labels, mask, seq_ids and token_weights shaped
+    ``hidden.shape[:-1]``. ``direction="reverse"``: ``KL(π‖π_ref) = Σ_v p_v (log p_v -
+    log q_v)``; ``"forward"``: ``KL(π_ref‖π)``. A token counts when ``mask`` is True (default all)
+    and its label, if labels are given, is not ``ignore_index``; other tokens give 0 and cost
+    nothing.
+
+    Returns a :class:`reference.KLOutput`: fp32 per-token ``kl``, optional policy ``entropy``,
+    ``logp``/``ref_logp`` of the labels when given, and with ``seq_ids`` ``seq_kl[s] = Σ w_i·kl_i``
+    (w = 1 without ``token_weights``) and ``seq_count`` over ``num_seqs`` sequences. Gradients
+    flow to hidden, weight, bias and token_weights; the reference tensors must not require grad.
+    """
+    chosen = resolve_backend(backend, check_tensor("hidden", hidden).device)
+    if chosen != "triton":
+        return reference.linear_kl(
+            hidden, weight, ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias,
+            direction=direction, labels=labels, ignore_index=ignore_index, mask=mask,
+            temperature=temperature, softcap=softcap, seq_ids=seq_ids, num_seqs=num_seqs,
+            token_weights=token_weights, return_entropy=return_entropy,
+        )
+    check_choice("direction", direction, reference.KL_DIRECTIONS)
+    for name, t in (("ref_hidden", ref_hidden), ("ref_weight", ref_weight),
+                    ("ref_bias", ref_bias)):
+        if getattr(t, "requires_grad", False):
+            raise ValueError(f"{name} requires grad, but the reference head is frozen on the "
+                             f"triton backend: pass {name}.detach()")
+    if not torch.compiler.is_compiling():
+        num_seqs, valid = reference.validate_kl_inputs(
+            hidden, weight, ref_hidden, ref_weight, bias, ref_bias, labels=labels,
+            ignore_index=ignore_index, mask=mask, temperature=temperature, softcap=softcap,
+            seq_ids=seq_ids, num_seqs=num_seqs, token_weights=token_weights,
+        )
+        for prefix, h, w in (("", hidden, weight), ("ref_", ref_hidden, ref_weight)):
+            if w.dtype != h.dtype:
+                raise TypeError(f"{prefix}weight dtype {w.dtype} must match {prefix}hidden dtype "
+                                f"{h.dtype}")
+    else:
+        if seq_ids is not None and num_seqs is None:
+            raise ValueError("num_seqs must be given with seq_ids under torch.compile")
+        valid = torch.ones(hidden.shape[:-1], dtype=torch.bool, device=hidden.device)
+        if labels is not None:
+            valid = valid & (labels != ignore_index)
+        if mask is not None:
+            valid = valid & mask
+    kl, _, entropy, logp, ref_logp = _linear_kl_op(
+        hidden, weight, ref_hidden, ref_weight, bias, ref_bias, valid, labels,
+        direction == "reverse", float(temperature), float(softcap or 0.0), return_entropy,
+    )
+    out = reference.KLOutput(kl=kl, entropy=entropy if return_entropy else None)
+    if labels is not None:
+        out.logp, out.ref_logp = logp, ref_logp
+    if seq_ids is not None:
+        plain, weighted, out.seq_count = reference.sequence_sums(
+            kl, valid, seq_ids, num_seqs, token_weights
+        )
+        out.seq_kl = plain if weighted is None else weighted
     return out

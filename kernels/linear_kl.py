@@ -1,0 +1,408 @@
+"""Fused policy + reference heads: exact per-token full-vocabulary KL, entropy and label log-probs.
+
+Op 2 of DESIGN.md §3 without either N x V logits tensor. Two heads share the vocabulary V:
+the policy ``z = softcap(H @ W.T + b) / T`` (H ``[N, d]``) and the frozen reference
+``r = softcap(H_ref @ W_ref.T + b_ref) / T`` (H_ref ``[N, d_ref]``, d_ref may differ from d).
+With ``p = softmax(z)``, ``q = softmax(r)``, ``Δ = z - r``:
+
+    reverse  KL(p‖q) = E_p[Δ] - (lse_z - lse_r)
+    forward  KL(q‖p) = (lse_z - lse_r) - E_q[Δ]
+    entropy  H(p)    = lse_z - E_p[z]
+
+Rows are the *valid* tokens only: the launchers receive ``rows`` (int64 indices into both hidden
+tensors) so masked tokens cost no FLOPs.
+
+Forward (:func:`kl_forward`): a split-vocabulary kernel like ``linear_logprob``'s. Program
+(row block, split) streams its range of vocabulary tiles, computes the z and r tiles in fp32 and
+keeps per row the online ``(m_z, s_z = Σ e^{z-m_z}, m_r, s_r, A, B)``. Written naively the KL
+is a difference of O(|z|) terms whose fp32 rounding (~1e-6) swamps a small KL (close heads: KL
+~ 1e-6 comes out 0.5% wrong in the fp32 spec). So everything is kept against the running
+``c = m_z - m_r``, with ``δ = Δ - c = (z - m_z) - (r - m_r)``:
+
+    A = Σ e^{z-m_z}·δ (reverse) or Σ e^{r-m_r}·δ (forward),
+    B = s_z - s_r, summed as e^{r-m_r}·expm1(δ) where |δ| < 1/2,
+    lse_z - lse_r = c + log1p(B / s_r),
+
+and both are shifted exactly (A by -γ·s, B by an expm1 of γ) when the maxima move c by γ.
+Then KL = A/s_z - log1p(B/s_r) (reverse) or log1p(B/s_r) - A/s_r (forward): small terms only.
+Optional: the entropy from ``Σ e^{z-m_z}·(z - m_z)`` (``H = log s_z - that / s_z``, no
+cancellation for large peaked z) and the label logits ``z[y]``, ``r[y]``. A few torch ops merge
+the splits, shifting each split's partials to the global maxima the same way.
+
+Backward (:func:`kl_backward`, policy side only: the reference is frozen): per vocabulary chunk a
+kernel recomputes both tiles and writes ``dX = ∂loss/∂(H @ W.T + b)`` from per-row upstream
+gradients ``g_kl``, ``g_ent``, ``g_logp``, with ``log p = (z - M_z) - log S_z`` from the
+forward's normalisers kept in two parts (M, log S) for accuracy at large |z|:
+
+    dz_j = g_kl·p_j·(δ_j - E_p[δ])            (reverse: p_j(log p_j - log q_j - KL))
+         | g_kl·q_j·expm1(log p_j - log q_j)  (forward: g_kl·(p_j - q_j), no cancellation)
+         - g_ent·p_j·(log p_j + H) + g_logp·([j = y] - p_j),
+    dx_j = dz_j · sech²(x_j/c) / T            (softcap c, from the raw logit x; else dz / T),
+
+then ``chunked_head_backward`` turns dX into dH, dW, db with two library GEMMs per chunk.
+
+GEMM-equivalents (one = N·V·d multiply-adds): forward 2 (policy, reference), backward 4 (policy
+and reference recompute, dH, dW); the reference recompute is skipped when ``g_kl`` is None.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._tiles import (
+    block_config,
+    chunked_head_backward,
+    head_constants,
+    logits_tile,
+    split_vocab,
+    store_grad_tile,
+    swizzle,
+)
+
+
+class Head(NamedTuple):
+    """One linear head: hidden ``[N_all, d]`` (unit stride along d), weight ``[V, d]``,
+    bias ``[V]`` or None."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+class KLStats(NamedTuple):
+    """Per valid row, fp32: ``kl [n]``; ``norm [5, n]``, what the backward needs:
+    ``(M_z, log S_z, M_r, log S_r, center)`` with ``lse = M + log S`` kept in two parts (so that
+    ``log p = (z - M_z) - log S_z`` is as accurate as fp32 allows for large |z|) and ``center``
+    the constant the backward subtracts from ``δ = (z - M_z) - (r - M_r)``: ``E_p[δ]`` (reverse)
+    or ``log S_z/S_r`` (forward); ``entropy`` of the policy, ``logp``/``ref_logp`` of the labels,
+    or None."""
+
+    kl: torch.Tensor
+    norm: torch.Tensor
+    entropy: torch.Tensor | None
+    logp: torch.Tensor | None
+    ref_logp: torch.Tensor | None
+
+
+@triton.jit
+def _online_step(m, s, x, col_mask):
+    """One tile of an online softmax over ``x [BM, BN]``: returns the new row max, the factor that
+    rescales accumulators kept against the old max, ``e = e^{x - m_new}`` (0 off the vocabulary)
+    and the new ``s = Σ e``."""
+    x = tl.where(col_mask[None, :], x, float("-inf"))
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    scale = tl.exp(m - m_new)
+    e = tl.exp(x - m_new[:, None])
+    return m_new, scale, e, s * scale + tl.sum(e, axis=1)
+
+
+@triton.jit
+def _exp_diff(a, b, x):
+    """``a - b`` for ``a = b·e^x`` without cancellation: ``b·expm1(x)`` for |x| < 1/2, by its
+    Taylor series to x⁹/9! (truncation < 1e-9 relative; mul/add only, as the GPU's exp and log
+    are approximations), and ``a - b`` otherwise (at most ~2.5x the rounding of a or b)."""
+    xs = tl.minimum(tl.maximum(x, -0.5), 0.5)
+    em1 = xs * (1.0 / 9.0) + 1.0
+    for i in tl.static_range(7):
+        em1 = em1 * xs * (1.0 / (8 - i)) + 1.0
+    return tl.where(tl.abs(x) < 0.5, b * (em1 * xs), a - b)
+
+
+@triton.jit
+def _softcap_with_slope(x, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
+    """``(z, ∂z/∂x)`` of ``z = c·tanh(x/c) / T`` from the raw logit ``x``: the slope is
+    ``sech²(x/c) / T = 4e/(1+e)² / T`` with ``e = e^{-2|x|/c}``, accurate where tanh saturates
+    (``1 - tanh²`` would cancel to 0). Without a softcap: ``(x / T, 1 / T)``."""
+    if HAS_SOFTCAP:
+        z = softcap * (1.0 - 2.0 / (tl.exp(2.0 * x / softcap) + 1.0)) * inv_temp
+        e = tl.exp(-2.0 * tl.abs(x) / softcap)
+        slope = 4.0 * e / ((1.0 + e) * (1.0 + e)) * inv_temp
+    else:
+        z = x * inv_temp
+        slope = tl.zeros_like(x) + inv_temp
+    return z, slope
+
+
+@triton.jit
+def _forward_kernel(
+    H, W, B, D, stride_h, stride_w, HR, WR, BR, DR, stride_hr, stride_wr,
+    Y, ROWS, OUT, N, V, stride_out, n_splits, tiles_per_split, inv_temp, softcap,
+    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    REVERSE: tl.constexpr, WANT_ENTROPY: tl.constexpr, HAS_LABELS: tl.constexpr,
+    CAST_F32: tl.constexpr, PRECISION: tl.constexpr,
+    REF_CAST_F32: tl.constexpr, REF_PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    rb, split = swizzle(tl.program_id(0), tl.cdiv(N, BM), n_splits, GROUP_M)
+    offs_m = rb * BM + tl.arange(0, BM)
+    row_mask = offs_m < N
+    # Padding rows repeat the last row (finite, consistent statistics) and are never stored.
+    own = tl.minimum(offs_m, N - 1)
+    live = own < N
+    rows = tl.load(ROWS + own)
+    if HAS_LABELS:
+        labels = tl.load(Y + own).to(tl.int64)
+    # A finite "no tile yet" max: every shift below is then 0·finite, never inf - inf.
+    m_z = tl.full((BM,), -3.0e38, tl.float32)
+    m_r = tl.full((BM,), -3.0e38, tl.float32)
+    s_z = tl.zeros((BM,), tl.float32)
+    s_r = tl.zeros((BM,), tl.float32)
+    a_i = tl.zeros((BM,), tl.float32)
+    b_i = tl.zeros((BM,), tl.float32)
+    ent = tl.zeros((BM,), tl.float32)
+    t_z = tl.zeros((BM,), tl.float32)
+    t_r = tl.zeros((BM,), tl.float32)
+    first_tile = split * tiles_per_split
+    last_tile = tl.minimum(first_tile + tiles_per_split, tl.cdiv(V, BN))
+    for tile in range(first_tile, last_tile):
+        offs_n = tl.arange(0, BN).to(tl.int64) + tile * BN
+        col_mask = offs_n < V
+        # Off the vocabulary z and r are finite (zero-padded W rows) and e_z = e_r = 0.
+        z = logits_tile(H, W, B, rows, live, offs_n, col_mask, D, stride_h, stride_w,
+                         inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, CAST_F32, PRECISION, BM, BN, BK)
+        r = logits_tile(HR, WR, BR, rows, live, offs_n, col_mask, DR, stride_hr, stride_wr,
+                         inv_temp, softcap, HAS_REF_BIAS, HAS_SOFTCAP, REF_CAST_F32,
+                         REF_PRECISION, BM, BN, BK)
+        m_z_new, scale_z, e_z, s_z_new = _online_step(m_z, s_z, z, col_mask)
+        m_r_new, scale_r, e_r, s_r_new = _online_step(m_r, s_r, r, col_mask)
+        # δ = Δ - c with c = m_z - m_r; γ = how much c moved. a, b are kept against c.
+        delta = (z - m_z_new[:, None]) - (r - m_r_new[:, None])
+        gamma = (m_z_new - m_z) - (m_r_new - m_r)
+        b_i = (scale_z * b_i + _exp_diff(scale_z, scale_r, -gamma) * s_r
+               + tl.sum(_exp_diff(e_z, e_r, delta), axis=1))
+        if REVERSE:
+            a_i = scale_z * (a_i - gamma * s_z) + tl.sum(e_z * delta, axis=1)
+        else:
+            a_i = scale_r * (a_i - gamma * s_r) + tl.sum(e_r * delta, axis=1)
+        if WANT_ENTROPY:
+            ent = (scale_z * (ent + (m_z - m_z_new) * s_z)
+                   + tl.sum(e_z * (z - m_z_new[:, None]), axis=1))
+        m_z, s_z, m_r, s_r = m_z_new, s_z_new, m_r_new, s_r_new
+        if HAS_LABELS:
+            hit = offs_n[None, :] == labels[:, None]
+            t_z += tl.sum(tl.where(hit, z, 0.0), axis=1)
+            t_r += tl.sum(tl.where(hit, r, 0.0), axis=1)
+    out = OUT + split.to(tl.int64) * N + offs_m
+    tl.store(out, m_z, mask=row_mask)
+    tl.store(out + stride_out, s_z, mask=row_mask)
+    tl.store(out + 2 * stride_out, m_r, mask=row_mask)
+    tl.store(out + 3 * stride_out, s_r, mask=row_mask)
+    tl.store(out + 4 * stride_out, a_i, mask=row_mask)
+    tl.store(out + 5 * stride_out, b_i, mask=row_mask)
+    if WANT_ENTROPY:
+        tl.store(out + 6 * stride_out, ent, mask=row_mask)
+    if HAS_LABELS:
+        tl.store(out + 7 * stride_out, t_z, mask=row_mask)
+        tl.store(out + 8 * stride_out, t_r, mask=row_mask)
+
+
+@triton.jit
+def _grad_logits_kernel(
+    H, W, B, D, stride_h, stride_w, HR, WR, BR, DR, stride_hr, stride_wr,
+    Y, ROWS, NORM, ENT, G_KL, G_ENT, G_LOGP, DX, DB_PART,
+    N, V, col_start, n_cols, stride_norm, stride_dx, stride_db, inv_temp, softcap,
+    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_G_KL: tl.constexpr, HAS_G_ENT: tl.constexpr,
+    HAS_G_LOGP: tl.constexpr, WANT_DB: tl.constexpr,
+    CAST_F32: tl.constexpr, PRECISION: tl.constexpr,
+    REF_CAST_F32: tl.constexpr, REF_PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    rb, ct = swizzle(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(n_cols, BN), GROUP_M)
+    offs_m = rb * BM + tl.arange(0, BM)
+    row_mask = offs_m < N
+    local_n = ct * BN + tl.arange(0, BN)
+    offs_n = col_start + local_n.to(tl.int64)
+    col_mask = (local_n < n_cols) & (offs_n < V)
+    # Padding rows repeat the last row (finite, consistent statistics) and are never stored.
+    own = tl.minimum(offs_m, N - 1)
+    live = own < N
+    rows = tl.load(ROWS + own)
+    x = logits_tile(H, W, B, rows, live, offs_n, col_mask, D, stride_h, stride_w,
+                     1.0, softcap, HAS_BIAS, False, CAST_F32, PRECISION, BM, BN, BK)
+    z, slope = _softcap_with_slope(x, inv_temp, softcap, HAS_SOFTCAP)
+    # Off the vocabulary z is finite but meaningless: p = 0 there, and every term stays finite.
+    z_c = tl.where(col_mask[None, :], z - tl.load(NORM + own)[:, None], -1.0e30)
+    log_p = z_c - tl.load(NORM + stride_norm + own)[:, None]
+    p = tl.exp(log_p)
+    dz = tl.zeros_like(z)
+    if HAS_G_KL:
+        r = logits_tile(HR, WR, BR, rows, live, offs_n, col_mask, DR, stride_hr, stride_wr,
+                         inv_temp, softcap, HAS_REF_BIAS, HAS_SOFTCAP, REF_CAST_F32,
+                         REF_PRECISION, BM, BN, BK)
+        g_kl = tl.load(G_KL + own)[:, None]
+        r_c = tl.where(col_mask[None, :], r - tl.load(NORM + 2 * stride_norm + own)[:, None],
+                       -1.0e30)
+        # reverse: δ - E_p[δ] = log p - log q - KL; forward: δ - log S_z/S_r = log p - log q
+        d = (z_c - r_c) - tl.load(NORM + 4 * stride_norm + own)[:, None]
+        if REVERSE:
+            dz = g_kl * p * d
+        else:
+            q = tl.exp(r_c - tl.load(NORM + 3 * stride_norm + own)[:, None])
+            dz = g_kl * _exp_diff(p, q, d)
+    if HAS_G_ENT:
+        ent = tl.load(ENT + own)
+        g_ent = tl.load(G_ENT + own)
+        dz -= g_ent[:, None] * p * (log_p + ent[:, None])
+    if HAS_G_LOGP:
+        labels = tl.load(Y + own).to(tl.int64)
+        g_logp = tl.load(G_LOGP + own)[:, None]
+        dz += g_logp * (tl.where(offs_n[None, :] == labels[:, None], 1.0, 0.0) - p)
+    store_grad_tile(DX, DB_PART, dz * slope, rb, offs_m, row_mask, local_n, col_mask, n_cols,
+                    stride_dx, stride_db, WANT_DB)
+
+
+def _head_args(head: Head) -> tuple:
+    h, w, b = head
+    return h, w, b if b is not None else h, w.shape[1], h.stride(0), w.stride(0)
+
+
+def _constants(policy: Head, ref: Head, temperature: float, softcap: float | None) -> dict:
+    consts = head_constants(policy.hidden.dtype, temperature, softcap)
+    ref_consts = head_constants(ref.hidden.dtype, temperature, softcap)
+    return {**consts, "REF_CAST_F32": ref_consts["CAST_F32"],
+            "REF_PRECISION": ref_consts["PRECISION"],
+            "HAS_BIAS": policy.bias is not None, "HAS_REF_BIAS": ref.bias is not None}
+
+
+def forward_config(dtype: torch.dtype) -> dict:
+    """The forward's blocks: ``linear_logprob``'s with BN capped at 128. A program holds two fp32
+    ``[BM, BN]`` logits tiles here; at 128 x 256 (16-bit inputs) they spill registers (H200, bf16,
+    N=4096, d=4096, V=128256: 69 ms at 128 x 256, 25 ms at 128 x 128, 4.1 GEMM-equivalents)."""
+    cfg = block_config("forward", dtype)
+    return {**cfg, "BN": min(cfg["BN"], 128)}
+
+
+def _merge_splits(
+    m: torch.Tensor, s: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(M, S, w)`` of split partials ``m, s [splits, n]``: ``M = max_k m_k``,
+    ``w_k = e^{m_k - M}`` and ``S = Σ_k w_k s_k``, so ``lse = M + log S``."""
+    m_max = m.max(dim=0).values
+    w = torch.exp(m - m_max)
+    return m_max, (s * w).sum(dim=0), w
+
+
+def kl_forward(
+    policy: Head,
+    ref: Head,
+    rows: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    reverse: bool = True,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    want_entropy: bool = False,
+    config: dict | None = None,
+) -> KLStats:
+    """Per valid row statistics of the two heads (:class:`KLStats`), fp32 ``[n]``.
+
+    ``rows [n]`` int64 indices into both hidden tensors; ``labels [n]`` (the valid rows' labels,
+    in ``[0, V)``) or None for no ``logp``/``ref_logp``. KL is clamped at 0 (it is ≥ 0 exactly;
+    only rounding makes it negative).
+    """
+    n, V = rows.numel(), policy.weight.shape[0]
+    dev = policy.hidden.device
+    if n == 0:
+        zero = torch.zeros(0, dtype=torch.float32, device=dev)
+        has_labels = labels is not None
+        return KLStats(zero, zero.new_zeros(5, 0), zero if want_entropy else None,
+                       zero if has_labels else None, zero if has_labels else None)
+    cfg = config or forward_config(policy.hidden.dtype)
+    n_row_blocks, n_tiles = triton.cdiv(n, cfg["BM"]), triton.cdiv(V, cfg["BN"])
+    splits, tiles_per_split = split_vocab(n_row_blocks, n_tiles, dev)
+    part = torch.empty((9, splits, n), dtype=torch.float32, device=dev)
+    _forward_kernel[(n_row_blocks * splits,)](
+        *_head_args(policy), *_head_args(ref), labels if labels is not None else rows, rows,
+        part, n, V, part.stride(0), splits, tiles_per_split,
+        REVERSE=reverse, WANT_ENTROPY=want_entropy, HAS_LABELS=labels is not None,
+        **_constants(policy, ref, temperature, softcap), **cfg,
+    )
+    m_z, s_z, m_r, s_r, a, b, ent, t_z, t_r = part
+    max_z, sum_z, w_z = _merge_splits(m_z, s_z)
+    max_r, sum_r, w_r = _merge_splits(m_r, s_r)
+    log_sum_z, log_sum_r = torch.log(sum_z), torch.log(sum_r)
+    # Shift each split's a, b from its c_k = m_z,k - m_r,k to c = M_z - M_r, then
+    # S_z - S_r = Σ_k w_z,k b_k + (w_z,k - w_r,k) s_r,k with w_z,k - w_r,k = w_r,k·expm1(-γ_k).
+    gamma = (max_z - m_z) - (max_r - m_r)
+    w_diff = torch.where(gamma.abs() < 1, w_r * torch.expm1(-gamma), w_z - w_r)
+    ratio = (w_z * b + w_diff * s_r).sum(dim=0) / sum_r  # S_z / S_r - 1
+    # log S_z/S_r = lse_z - lse_r - c, accurate both for close heads and far ones
+    log_ratio = torch.where(ratio.abs() < 0.5, torch.log1p(ratio), log_sum_z - log_sum_r)
+    if reverse:  # KL = E_p[δ] - log S_z/S_r
+        mean = (w_z * (a - gamma * s_z)).sum(dim=0) / sum_z
+        kl = mean - log_ratio
+    else:  # KL = log S_z/S_r - E_q[δ]
+        mean = (w_r * (a - gamma * s_r)).sum(dim=0) / sum_r
+        kl = log_ratio - mean
+    norm = torch.stack([max_z, log_sum_z, max_r, log_sum_r, mean if reverse else log_ratio])
+    # H = log S - E[z - M], the split partials Σ e^{z-m_k}·(z - m_k) shifted to M
+    entropy = None
+    if want_entropy:
+        entropy = log_sum_z - (w_z * (ent + s_z * (m_z - max_z))).sum(dim=0) / sum_z
+    logp = ref_logp = None
+    if labels is not None:
+        logp = (t_z.sum(dim=0) - max_z) - log_sum_z
+        ref_logp = (t_r.sum(dim=0) - max_r) - log_sum_r
+    return KLStats(kl.clamp_min(0.0), norm, entropy, logp, ref_logp)
+
+
+def kl_backward(
+    policy: Head,
+    ref: Head,
+    rows: torch.Tensor,
+    labels: torch.Tensor | None,
+    norm: torch.Tensor,
+    entropy: torch.Tensor | None,
+    g_kl: torch.Tensor | None,
+    g_entropy: torch.Tensor | None,
+    g_logp: torch.Tensor | None,
+    *,
+    reverse: bool = True,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    need_hidden: bool = True,
+    need_weight: bool = True,
+    need_bias: bool = False,
+    chunk_bytes: int = 256 << 20,
+    config: dict | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Policy gradients ``(dH [N_all, d], dW [V, d], db [V] fp32)`` (None where not needed) from
+    per-valid-row upstream gradients ``g_kl``, ``g_entropy``, ``g_logp`` (fp32 ``[n]``; None =
+    zero) and the forward's :class:`KLStats` fields ``norm [5, n]`` (unit stride along n) and
+    ``entropy`` (read only with ``g_entropy``).
+
+    Rows of dH not in ``rows`` are zero. ``chunk_bytes`` bounds the dX chunk buffer.
+    """
+    h, w = policy.hidden, policy.weight
+    n, V = rows.numel(), w.shape[0]
+    if n == 0 or (g_kl is None and g_entropy is None and g_logp is None):
+        dev = h.device
+        return (torch.zeros_like(h) if need_hidden else None,
+                torch.zeros_like(w) if need_weight else None,
+                torch.zeros(V, dtype=torch.float32, device=dev) if need_bias else None)
+    if g_logp is not None and labels is None:
+        raise ValueError("g_logp needs the labels")
+    cfg = config or block_config("backward", h.dtype)
+    constants = _constants(policy, ref, temperature, softcap)
+    # Any fp32 tensor stands in for an absent one: the kernel never reads it (HAS_* flag off).
+    grads = [t if t is not None else norm for t in (g_kl, g_entropy, g_logp)]
+
+    def fill(dx: torch.Tensor, db_part: torch.Tensor, start: int, cols: int) -> None:
+        grid = (triton.cdiv(n, cfg["BM"]) * triton.cdiv(cols, cfg["BN"]),)
+        _grad_logits_kernel[grid](
+            *_head_args(policy), *_head_args(ref), labels if labels is not None else rows, rows,
+            norm, entropy if entropy is not None else norm, *grads,
+            dx, db_part, n, V, start, cols, norm.stride(0), dx.stride(0), db_part.stride(0),
+            REVERSE=reverse, HAS_G_KL=g_kl is not None, HAS_G_ENT=g_entropy is not None,
+            HAS_G_LOGP=g_logp is not None, WANT_DB=need_bias, **constants, **cfg,
+        )
+
+    return chunked_head_backward(
+        h, w, rows, fill, cfg=cfg, need_hidden=need_hidden, need_weight=need_weight,
+        need_bias=need_bias, chunk_bytes=chunk_bytes,
+    )
