@@ -44,9 +44,42 @@ def logits_tile(
     if HAS_BIAS:
         acc += tl.load(B + offs_n, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:
-        # tanh(u) = 1 - 2 / (e^{2u} + 1): exact limits ±1 when e^{2u} under/overflows.
-        acc = softcap * (1.0 - 2.0 / (tl.exp(2.0 * acc / softcap) + 1.0))
+        acc = softcap_tanh(acc, softcap)
     return acc * inv_temp
+
+
+@triton.jit
+def softcap_tanh(x, softcap):
+    """``c·tanh(x/c)`` as ``c·(1 - 2/(e^{2x/c} + 1))``: exact limits ±c when the exp
+    under/overflows."""
+    return softcap * (1.0 - 2.0 / (tl.exp(2.0 * x / softcap) + 1.0))
+
+
+@triton.jit
+def softcap_with_slope(x, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
+    """``(z, ∂z/∂x)`` of ``z = c·tanh(x/c) / T`` from the raw logit ``x``: the slope is
+    ``sech²(x/c) / T = 4e/(1+e)² / T`` with ``e = e^{-2|x|/c}``, accurate where tanh saturates
+    (``1 - tanh²`` would cancel to 0). Without a softcap: ``(x / T, 1 / T)``."""
+    if HAS_SOFTCAP:
+        z = softcap_tanh(x, softcap) * inv_temp
+        e = tl.exp(-2.0 * tl.abs(x) / softcap)
+        slope = 4.0 * e / ((1.0 + e) * (1.0 + e)) * inv_temp
+    else:
+        z = x * inv_temp
+        slope = tl.zeros_like(x) + inv_temp
+    return z, slope
+
+
+@triton.jit
+def online_softmax_step(m, s, x, col_mask):
+    """One tile of an online softmax over ``x [BM, BN]``: returns the new row max, the factor that
+    rescales accumulators kept against the old max, ``e = e^{x - m_new}`` (0 off the vocabulary)
+    and the new ``s = Σ e``."""
+    x = tl.where(col_mask[None, :], x, float("-inf"))
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    scale = tl.exp(m - m_new)
+    e = tl.exp(x - m_new[:, None])
+    return m_new, scale, e, s * scale + tl.sum(e, axis=1)
 
 
 @triton.jit
@@ -130,6 +163,16 @@ def split_vocab(n_row_blocks: int, n_tiles: int, device: torch.device) -> tuple[
         if splits == 1:
             break
     return best[1], best[2]
+
+
+def merge_splits(
+    m: torch.Tensor, s: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(M, S, w)`` of split partials ``m, s [splits, n]``: ``M = max_k m_k``,
+    ``w_k = e^{m_k - M}`` and ``S = Σ_k w_k s_k``, so ``lse = M + log S``."""
+    m_max = m.max(dim=0).values
+    w = torch.exp(m - m_max)
+    return m_max, (s * w).sum(dim=0), w
 
 
 def mm_accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

@@ -58,6 +58,9 @@ from ._tiles import (
     chunked_head_backward,
     head_constants,
     logits_tile,
+    merge_splits,
+    online_softmax_step,
+    softcap_with_slope,
     split_vocab,
     store_grad_tile,
     swizzle,
@@ -89,18 +92,6 @@ class KLStats(NamedTuple):
 
 
 @triton.jit
-def _online_step(m, s, x, col_mask):
-    """One tile of an online softmax over ``x [BM, BN]``: returns the new row max, the factor that
-    rescales accumulators kept against the old max, ``e = e^{x - m_new}`` (0 off the vocabulary)
-    and the new ``s = Σ e``."""
-    x = tl.where(col_mask[None, :], x, float("-inf"))
-    m_new = tl.maximum(m, tl.max(x, axis=1))
-    scale = tl.exp(m - m_new)
-    e = tl.exp(x - m_new[:, None])
-    return m_new, scale, e, s * scale + tl.sum(e, axis=1)
-
-
-@triton.jit
 def _exp_diff(a, b, x):
     """``a - b`` for ``a = b·e^x`` without cancellation: ``b·expm1(x)`` for |x| < 1/2, by its
     Taylor series to x⁹/9! (truncation < 1e-9 relative; mul/add only, as the GPU's exp and log
@@ -110,21 +101,6 @@ def _exp_diff(a, b, x):
     for i in tl.static_range(7):
         em1 = em1 * xs * (1.0 / (8 - i)) + 1.0
     return tl.where(tl.abs(x) < 0.5, b * (em1 * xs), a - b)
-
-
-@triton.jit
-def _softcap_with_slope(x, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
-    """``(z, ∂z/∂x)`` of ``z = c·tanh(x/c) / T`` from the raw logit ``x``: the slope is
-    ``sech²(x/c) / T = 4e/(1+e)² / T`` with ``e = e^{-2|x|/c}``, accurate where tanh saturates
-    (``1 - tanh²`` would cancel to 0). Without a softcap: ``(x / T, 1 / T)``."""
-    if HAS_SOFTCAP:
-        z = softcap * (1.0 - 2.0 / (tl.exp(2.0 * x / softcap) + 1.0)) * inv_temp
-        e = tl.exp(-2.0 * tl.abs(x) / softcap)
-        slope = 4.0 * e / ((1.0 + e) * (1.0 + e)) * inv_temp
-    else:
-        z = x * inv_temp
-        slope = tl.zeros_like(x) + inv_temp
-    return z, slope
 
 
 @triton.jit
@@ -167,8 +143,8 @@ def _forward_kernel(
         r = logits_tile(HR, WR, BR, rows, live, offs_n, col_mask, DR, stride_hr, stride_wr,
                          inv_temp, softcap, HAS_REF_BIAS, HAS_SOFTCAP, REF_CAST_F32,
                          REF_PRECISION, BM, BN, BK)
-        m_z_new, scale_z, e_z, s_z_new = _online_step(m_z, s_z, z, col_mask)
-        m_r_new, scale_r, e_r, s_r_new = _online_step(m_r, s_r, r, col_mask)
+        m_z_new, scale_z, e_z, s_z_new = online_softmax_step(m_z, s_z, z, col_mask)
+        m_r_new, scale_r, e_r, s_r_new = online_softmax_step(m_r, s_r, r, col_mask)
         # δ = Δ - c with c = m_z - m_r; γ = how much c moved. a, b are kept against c.
         delta = (z - m_z_new[:, None]) - (r - m_r_new[:, None])
         gamma = (m_z_new - m_z) - (m_r_new - m_r)
@@ -224,7 +200,7 @@ def _grad_logits_kernel(
     rows = tl.load(ROWS + own)
     x = logits_tile(H, W, B, rows, live, offs_n, col_mask, D, stride_h, stride_w,
                      1.0, softcap, HAS_BIAS, False, CAST_F32, PRECISION, BM, BN, BK)
-    z, slope = _softcap_with_slope(x, inv_temp, softcap, HAS_SOFTCAP)
+    z, slope = softcap_with_slope(x, inv_temp, softcap, HAS_SOFTCAP)
     # Off the vocabulary z is finite but meaningless: p = 0 there, and every term stays finite.
     z_c = tl.where(col_mask[None, :], z - tl.load(NORM + own)[:, None], -1.0e30)
     log_p = z_c - tl.load(NORM + stride_norm + own)[:, None]
@@ -277,16 +253,6 @@ def forward_config(dtype: torch.dtype) -> dict:
     return {**cfg, "BN": min(cfg["BN"], 128)}
 
 
-def _merge_splits(
-    m: torch.Tensor, s: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(M, S, w)`` of split partials ``m, s [splits, n]``: ``M = max_k m_k``,
-    ``w_k = e^{m_k - M}`` and ``S = Σ_k w_k s_k``, so ``lse = M + log S``."""
-    m_max = m.max(dim=0).values
-    w = torch.exp(m - m_max)
-    return m_max, (s * w).sum(dim=0), w
-
-
 def kl_forward(
     policy: Head,
     ref: Head,
@@ -323,8 +289,8 @@ def kl_forward(
         **_constants(policy, ref, temperature, softcap), **cfg,
     )
     m_z, s_z, m_r, s_r, a, b, ent, t_z, t_r = part
-    max_z, sum_z, w_z = _merge_splits(m_z, s_z)
-    max_r, sum_r, w_r = _merge_splits(m_r, s_r)
+    max_z, sum_z, w_z = merge_splits(m_z, s_z)
+    max_r, sum_r, w_r = merge_splits(m_r, s_r)
     log_sum_z, log_sum_r = torch.log(sum_z), torch.log(sum_r)
     # Shift each split's a, b from its c_k = m_z,k - m_r,k to c = M_z - M_r, then
     # S_z - S_r = Σ_k w_z,k b_k + (w_z,k - w_r,k) s_r,k with w_z,k - w_r,k = w_r,k·expm1(-γ_k).

@@ -36,6 +36,9 @@ from ._tiles import (
     chunked_head_backward,
     head_constants,
     logits_tile,
+    merge_splits,
+    online_softmax_step,
+    softcap_with_slope,
     split_vocab,
     store_grad_tile,
     swizzle,
@@ -66,18 +69,13 @@ def _forward_kernel(
         col_mask = offs_n < V
         z = logits_tile(H, W, B, rows, row_mask, offs_n, col_mask, D, stride_h, stride_w,
                          inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, CAST_F32, PRECISION, BM, BN, BK)
-        z = tl.where(col_mask[None, :], z, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(z, axis=1))
-        scale = tl.exp(m_i - m_new)
-        p = tl.exp(z - m_new[:, None])
-        s_old = s_i
-        s_i = s_i * scale + tl.sum(p, axis=1)
+        m_new, scale, p, s_new = online_softmax_step(m_i, s_i, z, col_mask)
         if WANT_ENTROPY:
-            shift = tl.where(s_old > 0, (m_i - m_new) * s_old, 0.0)
+            shift = tl.where(s_i > 0, (m_i - m_new) * s_i, 0.0)
             a_i = (a_i + shift) * scale + tl.sum(
                 p * tl.where(col_mask[None, :], z - m_new[:, None], 0.0), axis=1)
         t_i += tl.sum(tl.where(offs_n[None, :] == labels[:, None], z, 0.0), axis=1)
-        m_i = m_new
+        m_i, s_i = m_new, s_new
     out = split.to(tl.int64) * N + offs_m
     tl.store(M_OUT + out, m_i, mask=row_mask)
     tl.store(S_OUT + out, s_i, mask=row_mask)
@@ -104,12 +102,7 @@ def _grad_logits_kernel(
     rows = tl.load(ROWS + offs_m, mask=row_mask, other=0)
     x = logits_tile(H, W, B, rows, row_mask, offs_n, col_mask, D, stride_h, stride_w,
                      1.0, softcap, HAS_BIAS, False, CAST_F32, PRECISION, BM, BN, BK)
-    if HAS_SOFTCAP:
-        z = softcap * (1.0 - 2.0 / (tl.exp(2.0 * x / softcap) + 1.0)) * inv_temp
-        e = tl.exp(-2.0 * tl.abs(x) / softcap)
-        sech2 = 4.0 * e / ((1.0 + e) * (1.0 + e))
-    else:
-        z = x * inv_temp
+    z, slope = softcap_with_slope(x, inv_temp, softcap, HAS_SOFTCAP)
     labels = tl.load(Y + offs_m, mask=row_mask, other=-1).to(tl.int64)
     lse = tl.load(LSE + offs_m, mask=row_mask, other=0.0)
     g_logp = tl.load(G_LOGP + offs_m, mask=row_mask, other=0.0)
@@ -122,11 +115,8 @@ def _grad_logits_kernel(
         g_ent = tl.load(G_ENT + offs_m, mask=row_mask, other=0.0)
         coef -= g_ent[:, None] * (z - lse[:, None] + ent[:, None])
     dz = p * coef + tl.where(offs_n[None, :] == labels[:, None], g_logp[:, None], 0.0)
-    if HAS_SOFTCAP:
-        dz = dz * sech2
-    dx = dz * inv_temp
-    store_grad_tile(DX, DB_PART, dx, rb, offs_m, row_mask, local_n, col_mask, n_cols, stride_dx,
-                    stride_db, WANT_DB)
+    store_grad_tile(DX, DB_PART, dz * slope, rb, offs_m, row_mask, local_n, col_mask, n_cols,
+                    stride_dx, stride_db, WANT_DB)
 
 
 def logprob_forward(
@@ -160,9 +150,7 @@ def logprob_forward(
         HAS_BIAS=bias is not None, WANT_ENTROPY=want_entropy,
         **head_constants(hidden.dtype, temperature, softcap), **cfg,
     )
-    m_max = m.max(dim=0).values
-    w = torch.exp(m - m_max)
-    s_tot = (s * w).sum(dim=0)
+    m_max, s_tot, w = merge_splits(m, s)
     lse = m_max + torch.log(s_tot)
     logp = t.sum(dim=0) - lse
     entropy = (torch.log(s_tot) - ((a + (m - m_max) * s) * w).sum(dim=0) / s_tot
