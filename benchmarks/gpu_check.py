@@ -115,6 +115,8 @@ def correctness(quick: bool):
     d, v = HEADS["llama3-8b"]
     check_case("llama3-head-fp32", 1024 if quick else 2048, d, v, torch.float32, entropy=True)
     check_case("llama3-head-bf16", 1024 if quick else 4096, d, v, torch.bfloat16, entropy=True)
+    check_case("llama3-head-bf16-softcap", 1024, d, v, torch.bfloat16, softcap=30.0, bias=True,
+               entropy=True)
 
 
 def check_kl_case(name, n, d, d_ref, v, dtype, *, direction="reverse", bias=False,
@@ -151,14 +153,15 @@ def check_kl_case(name, n, d, d_ref, v, dtype, *, direction="reverse", bias=Fals
 
 
 @guarded("kl-correctness")
-def kl_correctness():
+def kl_correctness(quick: bool):
     check_kl_case("kl-rev-odd", 300, 128, 96, 1000, torch.float32, bias=True, softcap=20.0)
     check_kl_case("kl-fwd-odd", 257, 64, 128, 777, torch.float32, direction="forward",
                   temperature=0.8)
     check_kl_case("kl-rev-bf16", 300, 128, 128, 1000, torch.bfloat16)
     d, v = HEADS["llama3-8b"]
-    check_kl_case("kl-rev-llama3-bf16", 2048, d, d, v, torch.bfloat16)
-    check_kl_case("kl-fwd-llama3-bf16", 2048, d, d, v, torch.bfloat16, direction="forward")
+    n = 1024 if quick else 2048
+    check_kl_case("kl-rev-llama3-bf16", n, d, d, v, torch.bfloat16)
+    check_kl_case("kl-fwd-llama3-bf16", n, d, d, v, torch.bfloat16, direction="forward")
 
 
 def naive_kl(h, w, hr, wr):
@@ -367,7 +370,8 @@ def markdown() -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smaller shapes")
+    p.add_argument("--quick", action="store_true",
+                   help="smaller correctness shapes; time only 16384 tokens, bf16")
     p.add_argument("--sweep", action="store_true", help="also sweep block configurations")
     args = p.parse_args(argv)
     RESULTS["env"] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -375,12 +379,13 @@ def main(argv=None) -> int:
                       "date": time.strftime("%Y-%m-%d")}
     correctness(args.quick)
     d, v = HEADS["llama3-8b"]
-    sizes = [4096] if args.quick else [4096, 16384]
+    sizes = [16384] if args.quick else [4096, 16384]
     rate = matmul_rate(sizes[-1] // 2, d, v)
     for n in sizes:
         timings(n, d, v, torch.bfloat16, "llama3-8b", rate)
-    timings(4096, d, v, torch.float32, "llama3-8b", rate)
-    kl_correctness()
+    if not args.quick:
+        timings(4096, d, v, torch.float32, "llama3-8b", rate)
+    kl_correctness(args.quick)
     kl_timings(8192, d, v, torch.bfloat16, "llama3-8b", rate)
     if args.sweep:
         sweep(sizes[-1], d, v)
