@@ -55,15 +55,19 @@ def _linear_logprob_op(
     temperature: float,
     softcap: float,
     want_entropy: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    filter_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logp, lse, entropy, tile_max)``; entropy empty unless wanted, ``tile_max`` (per-row
+    maxima of every vocabulary tile, for the filtered backward) empty unless ``filter_eps > 0``."""
     from .kernels.linear_logprob import logprob_forward
 
     rows = _valid_rows(labels, ignore_index)
     flat = labels.reshape(-1)
+    tile_max = _tile_max_buffer(hidden, weight, labels, filter_eps)
     logp_c, lse_c, ent_c = logprob_forward(
         _rows_view(hidden), _rows_view(weight), _contiguous(bias), flat.index_select(0, rows),
-        rows,
-        temperature=temperature, softcap=softcap or None, want_entropy=want_entropy,
+        rows, temperature=temperature, softcap=softcap or None, want_entropy=want_entropy,
+        tile_max=tile_max if tile_max.numel() else None,
     )
 
     def scatter(values: torch.Tensor) -> torch.Tensor:
@@ -71,13 +75,25 @@ def _linear_logprob_op(
         return out.index_copy_(0, rows, values).reshape(labels.shape)
 
     entropy = scatter(ent_c) if want_entropy else labels.new_empty(0, dtype=torch.float32)
-    return scatter(logp_c), scatter(lse_c), entropy
+    return scatter(logp_c), scatter(lse_c), entropy, tile_max
+
+
+def _tile_max_buffer(hidden, weight, labels, filter_eps: float) -> torch.Tensor:
+    if filter_eps <= 0:
+        return labels.new_empty(0, dtype=torch.float32)
+    from .kernels.linear_logprob import tile_width
+
+    n_tiles = -(-weight.shape[0] // tile_width(hidden.dtype))
+    return labels.new_empty((n_tiles, labels.numel()), dtype=torch.float32)
 
 
 @_linear_logprob_op.register_fake
-def _(hidden, weight, labels, bias, ignore_index, temperature, softcap, want_entropy):
+def _(hidden, weight, labels, bias, ignore_index, temperature, softcap, want_entropy,
+      filter_eps):
     out = labels.new_empty(labels.shape, dtype=torch.float32)
-    return out, torch.empty_like(out), torch.empty_like(out) if want_entropy else out.new_empty(0)
+    entropy = torch.empty_like(out) if want_entropy else out.new_empty(0)
+    return out, torch.empty_like(out), entropy, _tile_max_buffer(hidden, weight, labels,
+                                                                 filter_eps)
 
 
 @torch.library.custom_op("hypo_fast::linear_logprob_backward", mutates_args=())
@@ -88,12 +104,14 @@ def _linear_logprob_backward_op(
     bias: torch.Tensor | None,
     lse: torch.Tensor,
     entropy: torch.Tensor,
+    tile_max: torch.Tensor,
     g_logp: torch.Tensor,
     g_lse: torch.Tensor,
     g_entropy: torch.Tensor,
     ignore_index: int,
     temperature: float,
     softcap: float,
+    filter_eps: float,
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from .kernels.linear_logprob import logprob_backward
@@ -109,6 +127,7 @@ def _linear_logprob_backward_op(
         pick(g_lse), pick(g_entropy),
         temperature=temperature, softcap=softcap or None,
         need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2],
+        tile_max=tile_max if tile_max.numel() else None, filter_eps=filter_eps,
     )
     return (
         dh.reshape(hidden.shape) if dh is not None else hidden.new_empty(0),
@@ -118,8 +137,8 @@ def _linear_logprob_backward_op(
 
 
 @_linear_logprob_backward_op.register_fake
-def _(hidden, weight, labels, bias, lse, entropy, g_logp, g_lse, g_entropy, ignore_index,
-      temperature, softcap, needs):
+def _(hidden, weight, labels, bias, lse, entropy, tile_max, g_logp, g_lse, g_entropy,
+      ignore_index, temperature, softcap, filter_eps, needs):
     return (
         hidden.new_empty(hidden.shape) if needs[0] else hidden.new_empty(0),
         torch.empty_like(weight) if needs[1] else hidden.new_empty(0),
@@ -128,22 +147,23 @@ def _(hidden, weight, labels, bias, lse, entropy, g_logp, g_lse, g_entropy, igno
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, labels, bias, ignore_index, temperature, softcap, _ = inputs
-    _, lse, entropy = output
-    ctx.save_for_backward(hidden, weight, labels, bias, lse, entropy)
-    ctx.options = (ignore_index, temperature, softcap)
+    hidden, weight, labels, bias, ignore_index, temperature, softcap, _, filter_eps = inputs
+    _, lse, entropy, tile_max = output
+    ctx.save_for_backward(hidden, weight, labels, bias, lse, entropy, tile_max)
+    ctx.options = (ignore_index, temperature, softcap, filter_eps)
+    ctx.mark_non_differentiable(tile_max)
 
 
-def _backward(ctx, g_logp, g_lse, g_entropy):
-    hidden, weight, labels, bias, lse, entropy = ctx.saved_tensors
+def _backward(ctx, g_logp, g_lse, g_entropy, _):
+    hidden, weight, labels, bias, lse, entropy, tile_max = ctx.saved_tensors
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
              bias is not None and ctx.needs_input_grad[3]]
     dh, dw, db = _linear_logprob_backward_op(
-        hidden, weight, labels, bias, lse, entropy, g_logp, g_lse,
+        hidden, weight, labels, bias, lse, entropy, tile_max, g_logp, g_lse,
         g_entropy if entropy.numel() else entropy, *ctx.options, needs,
     )
     return (dh if needs[0] else None, dw if needs[1] else None, None,
-            db if needs[2] else None, None, None, None, None)
+            db if needs[2] else None, None, None, None, None, None)
 
 
 torch.library.register_autograd(
@@ -179,9 +199,15 @@ def linear_logprob(
     ``max(seq_ids) + 1``). Every output is differentiable w.r.t. hidden, weight, bias and
     token_weights.
 
-    ``filter_eps`` and ``deterministic`` are accepted for the planned filtered backward: the
-    current triton backward computes every tile (exact) and uses no atomics, so it is already
-    bit-identical run to run.
+    Gradient filtering (triton backend): with ``filter_eps`` a number ε > 0, or ``"auto"``
+    (ε = the input dtype's machine epsilon / 32: 2⁻¹² for bf16, 2⁻¹⁵ for fp16, 2⁻²⁸ for fp32, as
+    Cut Cross-Entropy), the backward skips — neither recomputes nor multiplies — every
+    (row block, vocabulary tile) whose logits-gradient entries are provably all below ε times
+    their row's gradient scale ``|g_lse − g_logp| + |g_entropy|`` (bound from per-tile logit
+    maxima the forward records; see ``kernels.linear_logprob.filter_tiles``), when enough
+    tiles are skipped for the block-sparse path to pay; otherwise, and with ``filter_eps=None``
+    or 0, it is exact. Either way no atomics are used: gradients are bit-identical run to run,
+    so ``deterministic`` needs no separate mode.
     """
     if filter_eps not in ("auto", None) and (
         isinstance(filter_eps, bool) or not isinstance(filter_eps, (int, float))
@@ -205,9 +231,13 @@ def linear_logprob(
             raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
     elif seq_ids is not None and num_seqs is None:
         raise ValueError("num_seqs must be given with seq_ids under torch.compile")
-    logp, lse, entropy = _linear_logprob_op(
+    if filter_eps == "auto":
+        filter_eps = torch.finfo(hidden.dtype).eps / 32
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    logp, lse, entropy, _ = _linear_logprob_op(
         hidden, weight, labels, bias, ignore_index, float(temperature), float(softcap or 0.0),
-        return_entropy,
+        return_entropy, float(filter_eps or 0.0) if needs_grad else 0.0,
     )
     out = LogProbOutput(logp=logp, lse=lse, entropy=entropy if return_entropy else None)
     if seq_ids is not None:

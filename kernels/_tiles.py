@@ -114,8 +114,8 @@ def block_config(kind: str, dtype: torch.dtype) -> dict:
     if kind == "forward":
         return {"BM": 128, "BN": 128 if wide else 256, "BK": 32 if wide else 64, "GROUP_M": 16,
                 "num_warps": 8, "num_stages": 3}
-    return {"BM": 128, "BN": 128, "BK": 32 if wide else 64, "GROUP_M": 8,
-            "num_warps": 8, "num_stages": 3}
+    return {"BM": 128, "BN": 128 if wide else 256, "BK": 32 if wide else 64,
+            "GROUP_M": 8 if wide else 16, "num_warps": 8, "num_stages": 3}
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -185,17 +185,112 @@ def mm_accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
+@triton.jit
+def _sparse_dw_kernel(
+    DX, H, ROWS, DW, TILE_PTR, TILE_RB, n, D, tile0, stride_dx, stride_h, stride_dw, V,
+    CAST_F32: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+):
+    """``dW[tile, d block] = Σ_{kept row blocks rb} dX[rb, tile]ᵀ @ H[rows of rb, d block]``."""
+    t_local = tl.program_id(0)
+    offs_d = tl.program_id(1) * BD + tl.arange(0, BD)
+    d_mask = offs_d < D
+    local_n = t_local * BN + tl.arange(0, BN)
+    offs_n = (tile0 + t_local).to(tl.int64) * BN + tl.arange(0, BN)
+    start = tl.load(TILE_PTR + tile0 + t_local)
+    end = tl.load(TILE_PTR + tile0 + t_local + 1)
+    acc = tl.zeros((BN, BD), dtype=tl.float32)
+    for k in range(start, end):
+        offs_m = tl.load(TILE_RB + k) * BM + tl.arange(0, BM)
+        m_mask = offs_m < n
+        rows = tl.load(ROWS + offs_m, mask=m_mask, other=0)
+        dx = tl.load(DX + offs_m.to(tl.int64)[:, None] * stride_dx + local_n[None, :],
+                     mask=m_mask[:, None], other=0.0)
+        h = tl.load(H + rows[:, None] * stride_h + offs_d[None, :],
+                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        if CAST_F32:
+            dx = dx.to(tl.float32)
+            h = h.to(tl.float32)
+        acc = tl.dot(tl.trans(dx), h, acc, input_precision=PRECISION)
+    tl.store(DW + offs_n[:, None] * stride_dw + offs_d[None, :], acc.to(DW.dtype.element_ty),
+             mask=(offs_n < V)[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _sparse_dh_kernel(
+    DX, W, DH, SEG_PTR, SEG_LEN, ROW_TILE, n, D, tile0, stride_dx, stride_w, stride_dh,
+    stride_seg, V,
+    CAST_F32: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+):
+    """``dH[rows of rb, d block] += Σ_{kept tiles t of the chunk} dX[rb, t] @ W[t, d block]``,
+    fp32, each output block owned by one program (no atomics)."""
+    rb = tl.program_id(0)
+    offs_d = tl.program_id(1) * BD + tl.arange(0, BD)
+    d_mask = offs_d < D
+    offs_m = rb * BM + tl.arange(0, BM)
+    m_mask = offs_m < n
+    start = tl.load(SEG_PTR + rb * stride_seg)
+    count = tl.load(SEG_LEN + rb * stride_seg)
+    acc = tl.zeros((BM, BD), dtype=tl.float32)
+    for k in range(start, start + count):
+        t = tl.load(ROW_TILE + k)
+        local_n = (t - tile0) * BN + tl.arange(0, BN)
+        offs_n = t.to(tl.int64) * BN + tl.arange(0, BN)
+        # Columns past V were never written: mask them, or garbage · 0 could give NaN.
+        dx = tl.load(DX + offs_m.to(tl.int64)[:, None] * stride_dx + local_n[None, :],
+                     mask=m_mask[:, None] & (offs_n < V)[None, :], other=0.0)
+        w = tl.load(W + offs_n[:, None] * stride_w + offs_d[None, :],
+                    mask=(offs_n < V)[:, None] & d_mask[None, :], other=0.0)
+        if CAST_F32:
+            dx = dx.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(dx, w, acc, input_precision=PRECISION)
+    ptrs = DH + offs_m.to(tl.int64)[:, None] * stride_dh + offs_d[None, :]
+    mask = m_mask[:, None] & d_mask[None, :]
+    tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + acc, mask=mask)
+
+
+class TileSet:
+    """The kept ``(row block, vocabulary tile)`` pairs of a filtered backward, indexed both ways.
+
+    ``keep [n_rb, n_tiles]`` bool. ``by_tile``: pairs sorted by tile, ``tile_ptr [n_tiles + 1]``
+    (on the host too, to cut them into chunks); ``by_rb``: the tiles of each row block in order,
+    with ``seg_ptr``/``seg_len [n_rb, n_chunks]`` the segment of each row block in each chunk.
+    """
+
+    def __init__(self, keep: torch.Tensor, tiles_per_chunk: int) -> None:
+        n_rb, n_tiles = keep.shape
+        self.pairs = keep.T.nonzero().flip(1).to(torch.int32).contiguous()  # sorted by tile
+        self.pair_rb = self.pairs[:, 0].contiguous()
+        counts = keep.sum(0)
+        self.tile_ptr = torch.zeros(n_tiles + 1, dtype=torch.int32, device=keep.device)
+        self.tile_ptr[1:] = counts.cumsum(0)
+        self.tile_ptr_host = self.tile_ptr.tolist()
+        self.row_tile = keep.nonzero()[:, 1].to(torch.int32)  # tiles, sorted by row block
+        n_chunks = triton.cdiv(n_tiles, tiles_per_chunk)
+        padded = torch.zeros((n_rb, n_chunks * tiles_per_chunk), dtype=torch.int32,
+                             device=keep.device)
+        padded[:, :n_tiles] = keep
+        self.seg_len = padded.view(n_rb, n_chunks, tiles_per_chunk).sum(2, dtype=torch.int32)
+        flat = self.seg_len.reshape(-1).cumsum(0, dtype=torch.int32) - self.seg_len.reshape(-1)
+        self.seg_ptr = flat.view(n_rb, n_chunks).contiguous()
+        self.fraction = self.tile_ptr_host[-1] / max(1, n_rb * n_tiles)
+
+
 def chunked_head_backward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     rows: torch.Tensor,
-    fill: Callable[[torch.Tensor, torch.Tensor, int, int], None],
+    fill: Callable[..., None],
     *,
     cfg: dict,
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
     chunk_bytes: int,
+    keep: torch.Tensor | None = None,
+    max_fraction: float = 1.0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(dH [N_all, d], dW [V, d], db [V] fp32)`` of one head, None where not needed.
 
@@ -204,26 +299,54 @@ def chunked_head_backward(
     column sums ``db_part [cdiv(n, BM), chunk]`` (fp32); then ``dW[chunk] = dXᵀ @ H[rows]``
     (complete, no accumulation) and ``dH[rows] += dX @ W[chunk]`` in fp32. No atomics: results
     are bit-identical run to run. ``chunk_bytes`` bounds the dX buffer.
+
+    With ``keep [cdiv(n, BM), cdiv(V, BN)]`` (a filtered backward) and at most ``max_fraction``
+    of it True, only the kept ``[BM, BN]`` tiles exist: ``fill(dx, db_part, start, cols, pairs)``
+    writes just the tiles in ``pairs [k, 2]`` (row block, tile) and two block-sparse kernels
+    replace the library GEMMs, skipping the others.
     """
     n, (V, D) = rows.numel(), weight.shape
     dtype, device = hidden.dtype, hidden.device
-    h_rows = hidden.index_select(0, rows) if need_weight else None
+    bm, bn = cfg["BM"], cfg["BN"]
+    chunk = max(1, chunk_bytes // max(1, n * dtype.itemsize) // bn) * bn
+    chunk = min(chunk, triton.cdiv(V, bn) * bn)
+    tiles = TileSet(keep, chunk // bn) if keep is not None else None
+    sparse = tiles is not None and tiles.fraction <= max_fraction
+    h_rows = hidden.index_select(0, rows) if need_weight and not sparse else None
     dh_acc = torch.zeros((n, D), dtype=torch.float32, device=device) if need_hidden else None
     dw = torch.empty_like(weight) if need_weight else None
     db = torch.empty(V, dtype=torch.float32, device=device) if need_bias else None
-    chunk = max(1, chunk_bytes // max(1, n * dtype.itemsize) // cfg["BN"]) * cfg["BN"]
-    chunk = min(chunk, triton.cdiv(V, cfg["BN"]) * cfg["BN"])
     dx = torch.empty((n, chunk), dtype=dtype, device=device)
-    db_part = torch.empty((triton.cdiv(n, cfg["BM"]) if need_bias else 1, chunk),
+    db_part = torch.empty((triton.cdiv(n, bm) if need_bias else 1, chunk),
                           dtype=torch.float32, device=device)
-    for start in range(0, V, chunk):
+    consts = {"CAST_F32": INTERPRET and dtype == torch.bfloat16,
+              "PRECISION": dot_precision(dtype), "BM": bm, "BN": bn, "BD": cfg.get("BD", 64)}
+    for chunk_index, start in enumerate(range(0, V, chunk)):
         cols = min(chunk, V - start)
-        fill(dx, db_part, start, cols)
-        dx_c = dx[:, :cols]
-        if need_weight:
-            torch.mm(dx_c.T, h_rows, out=dw[start:start + cols])
-        if need_hidden:
-            mm_accumulate(dh_acc, dx_c, weight[start:start + cols])
+        if not sparse:
+            fill(dx, db_part, start, cols)
+            dx_c = dx[:, :cols]
+            if need_weight:
+                torch.mm(dx_c.T, h_rows, out=dw[start:start + cols])
+            if need_hidden:
+                mm_accumulate(dh_acc, dx_c, weight[start:start + cols])
+        else:
+            tile0, n_tiles = start // bn, triton.cdiv(cols, bn)
+            lo, hi = tiles.tile_ptr_host[tile0], tiles.tile_ptr_host[tile0 + n_tiles]
+            if need_bias:
+                db_part.zero_()
+            if hi > lo:
+                fill(dx, db_part, start, cols, tiles.pairs[lo:hi])
+            d_blocks = triton.cdiv(D, consts["BD"])
+            if need_weight:
+                _sparse_dw_kernel[(n_tiles, d_blocks)](
+                    dx, hidden, rows, dw, tiles.tile_ptr, tiles.pair_rb, n, D, tile0,
+                    dx.stride(0), hidden.stride(0), dw.stride(0), V, **consts)
+            if need_hidden:
+                _sparse_dh_kernel[(triton.cdiv(n, bm), d_blocks)](
+                    dx, weight, dh_acc, tiles.seg_ptr[:, chunk_index],
+                    tiles.seg_len[:, chunk_index], tiles.row_tile, n, D, tile0, dx.stride(0),
+                    weight.stride(0), dh_acc.stride(0), tiles.seg_ptr.stride(0), V, **consts)
         if need_bias:
             db[start:start + cols] = db_part[:, :cols].sum(dim=0)
     dh = None

@@ -245,11 +245,11 @@ def _constants(policy: Head, ref: Head, temperature: float, softcap: float | Non
             "HAS_BIAS": policy.bias is not None, "HAS_REF_BIAS": ref.bias is not None}
 
 
-def forward_config(dtype: torch.dtype) -> dict:
-    """The forward's blocks: ``linear_logprob``'s with BN capped at 128. A program holds two fp32
-    ``[BM, BN]`` logits tiles here; at 128 x 256 (16-bit inputs) they spill registers (H200, bf16,
-    N=4096, d=4096, V=128256: 69 ms at 128 x 256, 25 ms at 128 x 128, 4.1 GEMM-equivalents)."""
-    cfg = block_config("forward", dtype)
+def two_head_config(kind: str, dtype: torch.dtype) -> dict:
+    """``linear_logprob``'s blocks with BN capped at 128: a program holds two fp32 ``[BM, BN]``
+    logits tiles here, and at 128 x 256 (16-bit inputs) they spill registers (forward, H200,
+    bf16, N=4096, d=4096, V=128256: 69 ms at 128 x 256, 25 ms at 128 x 128)."""
+    cfg = block_config(kind, dtype)
     return {**cfg, "BN": min(cfg["BN"], 128)}
 
 
@@ -278,7 +278,7 @@ def kl_forward(
         has_labels = labels is not None
         return KLStats(zero, zero.new_zeros(5, 0), zero if want_entropy else None,
                        zero if has_labels else None, zero if has_labels else None)
-    cfg = config or forward_config(policy.hidden.dtype)
+    cfg = config or two_head_config("forward", policy.hidden.dtype)
     n_row_blocks, n_tiles = triton.cdiv(n, cfg["BM"]), triton.cdiv(V, cfg["BN"])
     splits, tiles_per_split = split_vocab(n_row_blocks, n_tiles, dev)
     part = torch.empty((9, splits, n), dtype=torch.float32, device=dev)
@@ -353,7 +353,7 @@ def kl_backward(
                 torch.zeros(V, dtype=torch.float32, device=dev) if need_bias else None)
     if g_logp is not None and labels is None:
         raise ValueError("g_logp needs the labels")
-    cfg = config or block_config("backward", h.dtype)
+    cfg = config or two_head_config("backward", h.dtype)
     constants = _constants(policy, ref, temperature, softcap)
     # Any fp32 tensor stands in for an absent one: the kernel never reads it (HAS_* flag off).
     grads = [t if t is not None else norm for t in (g_kl, g_entropy, g_logp)]

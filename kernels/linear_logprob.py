@@ -23,6 +23,13 @@ with ``sech²(u) = 4e/(1+e)², e = e^{-2|u|}`` from the raw logit (accurate wher
 then two library GEMMs finish the chunk: ``dW[chunk] = dXᵀ @ H`` (complete over all rows, no
 accumulation across chunks) and ``dH += dX @ W[chunk]`` into an fp32 accumulator. No atomics:
 the result is bit-identical run to run. 4 GEMM-equivalents in all (forward, recompute, dH, dW).
+
+Filtered backward: the forward can also record every row's maximum logit per vocabulary tile
+(``tile_max``). From it and the upstream gradients, :func:`filter_tiles` bounds each
+(row block, tile) of dX and drops those provably below ``filter_eps`` times the rows' gradient
+scale; the kept tiles alone are recomputed and fed to two block-sparse kernels
+(``_tiles.chunked_head_backward``), so a tile that is skipped costs nothing at all:
+``1 + 3f`` GEMM-equivalents for a kept fraction f.
 """
 
 from __future__ import annotations
@@ -47,9 +54,10 @@ from ._tiles import (
 
 @triton.jit
 def _forward_kernel(
-    H, W, B, Y, ROWS, M_OUT, S_OUT, A_OUT, T_OUT,
-    N, V, D, stride_h, stride_w, n_splits, tiles_per_split, inv_temp, softcap,
+    H, W, B, Y, ROWS, M_OUT, S_OUT, A_OUT, T_OUT, TMAX,
+    N, V, D, stride_h, stride_w, stride_tmax, n_splits, tiles_per_split, inv_temp, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WANT_ENTROPY: tl.constexpr,
+    WANT_TILE_MAX: tl.constexpr,
     CAST_F32: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -70,6 +78,9 @@ def _forward_kernel(
         z = logits_tile(H, W, B, rows, row_mask, offs_n, col_mask, D, stride_h, stride_w,
                          inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, CAST_F32, PRECISION, BM, BN, BK)
         m_new, scale, p, s_new = online_softmax_step(m_i, s_i, z, col_mask)
+        if WANT_TILE_MAX:
+            tile_max = tl.max(tl.where(col_mask[None, :], z, float("-inf")), axis=1)
+            tl.store(TMAX + tile * stride_tmax + rows, tile_max, mask=row_mask)
         if WANT_ENTROPY:
             shift = tl.where(s_i > 0, (m_i - m_new) * s_i, 0.0)
             a_i = (a_i + shift) * scale + tl.sum(
@@ -86,14 +97,18 @@ def _forward_kernel(
 
 @triton.jit
 def _grad_logits_kernel(
-    H, W, B, Y, ROWS, LSE, ENT, G_LOGP, G_LSE, G_ENT, DX, DB_PART,
+    H, W, B, Y, ROWS, LSE, ENT, G_LOGP, G_LSE, G_ENT, DX, DB_PART, PAIRS,
     N, V, D, col_start, n_cols, stride_h, stride_w, stride_dx, stride_db, inv_temp, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_G_LSE: tl.constexpr,
     HAS_G_ENT: tl.constexpr, WANT_DB: tl.constexpr, CAST_F32: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SPARSE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    rb, ct = swizzle(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(n_cols, BN), GROUP_M)
+    if SPARSE:  # one program per kept (row block, tile) pair of the chunk
+        rb = tl.load(PAIRS + 2 * tl.program_id(0))
+        ct = tl.load(PAIRS + 2 * tl.program_id(0) + 1) - col_start // BN
+    else:
+        rb, ct = swizzle(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(n_cols, BN), GROUP_M)
     offs_m = rb * BM + tl.arange(0, BM)
     row_mask = offs_m < N
     local_n = ct * BN + tl.arange(0, BN)
@@ -119,6 +134,11 @@ def _grad_logits_kernel(
                     stride_dx, stride_db, WANT_DB)
 
 
+def tile_width(dtype: torch.dtype) -> int:
+    """Vocabulary width of the tiles whose per-row maxima the forward records for filtering."""
+    return block_config("forward", dtype)["BN"]
+
+
 def logprob_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -129,15 +149,20 @@ def logprob_forward(
     temperature: float = 1.0,
     softcap: float | None = None,
     want_entropy: bool = False,
+    tile_max: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per valid row ``(logp, lse, entropy or None)``, fp32, each ``[n]``.
 
     hidden ``[N_all, d]`` (rows with unit stride), weight ``[V, d]``, bias ``[V]``, labels ``[n]``
     (the labels of the valid rows, in ``[0, V)``), rows ``[n]`` int64 indices into hidden.
+    ``tile_max [cdiv(V, tile_width), N_all]`` (fp32, optional) receives ``max_j z_ij`` over each
+    vocabulary tile for every valid row i (at row ``rows[i]``): what a filtered backward needs.
     """
     n, (V, D) = rows.numel(), weight.shape
     cfg = config or block_config("forward", hidden.dtype)
+    if tile_max is not None and (config is not None or tile_max.stride(1) != 1):
+        raise ValueError("tile_max needs the default blocks and unit stride along rows")
     n_row_blocks, n_tiles = triton.cdiv(n, cfg["BM"]), triton.cdiv(V, cfg["BN"])
     splits, tiles_per_split = split_vocab(n_row_blocks, n_tiles, hidden.device)
     part = torch.empty((4 if want_entropy else 3, splits, n), dtype=torch.float32,
@@ -146,8 +171,11 @@ def logprob_forward(
     a = part[3] if want_entropy else t
     _forward_kernel[(n_row_blocks * splits,)](
         hidden, weight, bias if bias is not None else hidden, labels, rows, m, s, a, t,
-        n, V, D, hidden.stride(0), weight.stride(0), splits, tiles_per_split,
+        tile_max if tile_max is not None else m,
+        n, V, D, hidden.stride(0), weight.stride(0),
+        tile_max.stride(0) if tile_max is not None else 0, splits, tiles_per_split,
         HAS_BIAS=bias is not None, WANT_ENTROPY=want_entropy,
+        WANT_TILE_MAX=tile_max is not None,
         **head_constants(hidden.dtype, temperature, softcap), **cfg,
     )
     m_max, s_tot, w = merge_splits(m, s)
@@ -156,6 +184,47 @@ def logprob_forward(
     entropy = (torch.log(s_tot) - ((a + (m - m_max) * s) * w).sum(dim=0) / s_tot
                if want_entropy else None)
     return logp, lse, entropy
+
+
+def filter_tiles(
+    tile_max: torch.Tensor,
+    rows: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    g_logp: torch.Tensor,
+    g_lse: torch.Tensor | None,
+    g_entropy: torch.Tensor | None,
+    eps: float,
+    block_m: int,
+    tile_w: int,
+) -> torch.Tensor:
+    """``keep [cdiv(n, block_m), n_tiles]`` bool: the (row block, tile) pairs a filtered backward
+    computes. For a non-label column j of row i, with ``a = |g_lse − g_logp|``,
+    ``b = |g_ent|`` and ``P = max_{j in tile} p_ij = e^{tile_max − lse}``,
+
+        dz_ij = p_ij·(g_lse − g_logp − g_ent·(log p_ij + H_i)),
+        |dz_ij| ≤ P·(a + b·(|log P| + H_i))      (p|log p| increases on [0, 1/e])
+
+    A tile is skipped when, for every row of the block, that bound is below ``eps·(a + b)`` and
+    ``P ≤ 1/e``, and no row's label falls in it. So every skipped entry of the logits gradient
+    obeys ``|dz_ij| < eps·(a_i + b_i)`` — relative to the row's own gradient scale, as Cut
+    Cross-Entropy's filter is relative to ``softmax − onehot`` — and
+    ``|dx_ij| < eps·(a_i + b_i)/T``.
+    """
+    log_p = tile_max.index_select(1, rows) - lse[None, :]
+    a = (g_lse - g_logp).abs() if g_lse is not None else g_logp.abs()
+    b = g_entropy.abs() if g_entropy is not None else torch.zeros_like(a)
+    h = entropy if entropy is not None and g_entropy is not None else 0.0
+    scale = a + b
+    bound = log_p.exp() * (a + b * (h - log_p))
+    keep = ((bound >= eps * scale) | (log_p > -1.0)) & (scale > 0)
+    n_tiles, n = keep.shape
+    keep[labels.long() // tile_w, torch.arange(n, device=keep.device)] = True
+    n_rb = triton.cdiv(n, block_m)
+    padded = torch.zeros((n_tiles, n_rb * block_m), dtype=torch.bool, device=keep.device)
+    padded[:, :n] = keep
+    return padded.view(n_tiles, n_rb, block_m).any(dim=2).T.contiguous()
 
 
 def logprob_backward(
@@ -175,6 +244,9 @@ def logprob_backward(
     need_hidden: bool = True,
     need_weight: bool = True,
     need_bias: bool = False,
+    tile_max: torch.Tensor | None = None,
+    filter_eps: float = 0.0,
+    max_fraction: float = 0.5,
     chunk_bytes: int = 256 << 20,
     config: dict | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
@@ -182,26 +254,42 @@ def logprob_backward(
     upstream gradients ``g_logp``, ``g_lse``, ``g_entropy`` (fp32 ``[n]``; None = zero).
 
     Rows of dH that are not in ``rows`` are zero. ``chunk_bytes`` bounds the dX chunk buffer.
+    With ``tile_max`` (the forward's) and ``filter_eps > 0``, the tiles :func:`filter_tiles`
+    rejects are neither recomputed nor multiplied: every dropped entry of dX is below
+    ``filter_eps`` times its row's gradient scale (see there), so e.g.
+    ``|ΔdH_ik| < filter_eps·(a_i + b_i)/T · Σ_{j dropped} |W_jk|``. When more than
+    ``max_fraction`` of the tiles survive, the dense (exact) path runs instead: the block-sparse
+    products only pay when most tiles are skipped.
     """
     cfg = config or block_config("backward", hidden.dtype)
     n, (V, D) = rows.numel(), weight.shape
     constants = head_constants(hidden.dtype, temperature, softcap)
     zero = lse  # any fp32 tensor: the kernel never reads a pointer whose HAS_* flag is off
+    keep = None
+    if tile_max is not None and filter_eps > 0:
+        cfg = {**cfg, "BN": tile_width(hidden.dtype)}
+        keep = filter_tiles(tile_max, rows, labels, lse, entropy, g_logp, g_lse, g_entropy,
+                            filter_eps, cfg["BM"], cfg["BN"])
 
-    def fill(dx: torch.Tensor, db_part: torch.Tensor, start: int, cols: int) -> None:
-        grid = (triton.cdiv(n, cfg["BM"]) * triton.cdiv(cols, cfg["BN"]),)
+    def fill(dx: torch.Tensor, db_part: torch.Tensor, start: int, cols: int,
+             pairs: torch.Tensor | None = None) -> None:
+        if pairs is None:
+            grid = (triton.cdiv(n, cfg["BM"]) * triton.cdiv(cols, cfg["BN"]),)
+        else:
+            grid = (pairs.shape[0],)
         _grad_logits_kernel[grid](
             hidden, weight, bias if bias is not None else hidden, labels, rows, lse,
             entropy if entropy is not None else zero, g_logp,
             g_lse if g_lse is not None else zero, g_entropy if g_entropy is not None else zero,
-            dx, db_part, n, V, D, start, cols, hidden.stride(0), weight.stride(0), dx.stride(0),
+            dx, db_part, pairs if pairs is not None else rows,
+            n, V, D, start, cols, hidden.stride(0), weight.stride(0), dx.stride(0),
             db_part.stride(0),
             HAS_BIAS=bias is not None, HAS_G_LSE=g_lse is not None,
-            HAS_G_ENT=g_entropy is not None, WANT_DB=need_bias,
+            HAS_G_ENT=g_entropy is not None, WANT_DB=need_bias, SPARSE=pairs is not None,
             **constants, **cfg,
         )
 
     return chunked_head_backward(
         hidden, weight, rows, fill, cfg=cfg, need_hidden=need_hidden, need_weight=need_weight,
-        need_bias=need_bias, chunk_bytes=chunk_bytes,
+        need_bias=need_bias, chunk_bytes=chunk_bytes, keep=keep, max_fraction=max_fraction,
     )

@@ -1,0 +1,171 @@
+"""Gradient filtering of the fused log-prob backward (``filter_eps``), under the interpreter.
+
+The filtered backward must equal the exact one restricted to the kept tiles — ``dH = (dX ⊙ K) W``,
+``dW = (dX ⊙ K)ᵀ H``, ``db = Σ_i (dX ⊙ K)`` with K the kept-tile mask of ``filter_tiles`` and
+dX the spec's logits gradient — and every dropped entry must obey the stated bound
+``|dx_ij| < eps·(|g_lse,i − g_logp,i| + |g_ent,i|)/T``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import triton
+from hypo_fast.kernels import linear_logprob as K
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hypo_fast import ops
+from hypo_fast import reference as R
+
+
+def peaked_case(seed, n, d, v, *, hot=24, dtype=torch.float32, bias_gap=10.0):
+    """A head whose softmax mass sits on a few "frequent" tokens (as a trained LM's does after
+    sorting the vocabulary): a bias of +bias_gap/2 on ``hot`` tokens spread over two ranges and
+    −bias_gap/2 elsewhere, plus a small h·w term. Labels are mostly hot tokens."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g).to(dtype)
+    weight = (torch.randn(v, d, generator=g) * 0.7 / d**0.5).to(dtype)
+    bias = torch.full((v,), -bias_gap / 2)
+    hot_ids = torch.cat([torch.arange(min(hot, v)), torch.arange(v // 2, min(v, v // 2 + 4))])
+    bias[hot_ids] = bias_gap / 2
+    bias = bias.to(dtype)
+    labels = hot_ids[torch.randint(0, len(hot_ids), (n,), generator=g)]
+    labels[torch.rand(n, generator=g) < 0.05] = torch.randint(0, v, (1,), generator=g).item()
+    labels[torch.rand(n, generator=g) < 0.25] = -100
+    return hidden, weight, bias, labels, g
+
+
+def spec_logits_grad(hidden, weight, bias, labels, rows, coefs, *, temperature, softcap, entropy):
+    """``dX = ∂L/∂(H W^T + b)`` of the spec for ``L = Σ c·(logp, lse, entropy)`` on the valid
+    rows, fp64."""
+    x = (hidden[rows].double() @ weight.double().T + bias.double()).requires_grad_()
+    z = x if softcap is None else softcap * torch.tanh(x / softcap)
+    z = z / temperature
+    logp, lse = R.logprob_from_logits(z, labels[rows])
+    loss = (coefs[0] * logp).sum() + (coefs[1] * lse).sum()
+    if entropy:
+        loss = loss + (coefs[2] * R.entropy_from_logits(z)).sum()
+    return torch.autograd.grad(loss, x)[0]
+
+
+def run_filtered(hidden, weight, bias, labels, coefs, *, eps, temperature, softcap, entropy,
+                 max_fraction=1.0):
+    rows = (labels != -100).nonzero().squeeze(1)
+    lab = labels[rows]
+    width = K.tile_width(hidden.dtype)
+    tile_max = torch.empty(triton.cdiv(weight.shape[0], width), hidden.shape[0])
+    opts = dict(temperature=temperature, softcap=softcap)
+    _, lse, ent = K.logprob_forward(hidden, weight, bias, lab, rows, want_entropy=entropy,
+                                    tile_max=tile_max, **opts)
+    g_logp, g_lse = coefs[0].float(), coefs[1].float()
+    g_ent = coefs[2].float() if entropy else None
+    grads = K.logprob_backward(hidden, weight, bias, lab, rows, lse, ent, g_logp, g_lse, g_ent,
+                               need_bias=True, tile_max=tile_max, filter_eps=eps,
+                               max_fraction=max_fraction, **opts)
+    bm = K.block_config("backward", hidden.dtype)["BM"]
+    keep = K.filter_tiles(tile_max, rows, lab, lse, ent, g_logp, g_lse, g_ent, eps, bm, width)
+    element_keep = keep.repeat_interleave(bm, 0)[: rows.numel()]
+    element_keep = element_keep.repeat_interleave(width, 1)[:, : weight.shape[0]]
+    return rows, grads, keep, element_keep
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
+
+
+@settings(max_examples=12, deadline=None, database=None)
+@given(
+    seed=st.integers(0, 2**20),
+    n=st.integers(40, 200),
+    v=st.integers(100, 700),
+    temperature=st.sampled_from([1.0, 0.7]),
+    softcap=st.sampled_from([None, 15.0]),
+    entropy=st.booleans(),
+    eps=st.sampled_from([2.0**-12, 1e-3, 1e-2]),
+)
+def test_filtered_equals_exact_on_kept_tiles_and_drops_only_small_entries(
+    seed, n, v, temperature, softcap, entropy, eps
+):
+    hidden, weight, bias, labels, g = peaked_case(seed, n, 32, v)
+    rows = (labels != -100).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return
+    coefs = torch.randn(3, rows.numel(), generator=g, dtype=torch.float64)
+    _, (dh, dw, db), _, element_keep = run_filtered(
+        hidden, weight, bias, labels, coefs, eps=eps, temperature=temperature, softcap=softcap,
+        entropy=entropy)
+    dx = spec_logits_grad(hidden, weight, bias, labels, rows, coefs, temperature=temperature,
+                          softcap=softcap, entropy=entropy)
+    kept = dx * element_keep
+    want_dh = torch.zeros_like(hidden, dtype=torch.float64)
+    want_dh[rows] = kept @ weight.double()
+    assert rel(dh, want_dh) <= 1e-5
+    assert rel(dw, kept.T @ hidden[rows].double()) <= 1e-5
+    assert rel(db, kept.sum(0)) <= 1e-5
+    # the bound on every dropped entry
+    scale = (coefs[1] - coefs[0]).abs() + (coefs[2].abs() if entropy else 0.0)
+    dropped = dx.abs() * (~element_keep)
+    assert bool((dropped < eps * scale[:, None] / temperature).all())
+
+
+def test_filtering_skips_most_tiles_of_a_peaked_head():
+    """Not a vacuous filter: on the peaked head most tiles go, and the result moves by little."""
+    hidden, weight, bias, labels, g = peaked_case(0, 256, 32, 1000)
+    rows = (labels != -100).nonzero().squeeze(1)
+    coefs = torch.randn(3, rows.numel(), generator=g, dtype=torch.float64)
+    opts = dict(temperature=1.0, softcap=None, entropy=True)
+    _, filtered, keep, _ = run_filtered(hidden, weight, bias, labels, coefs, eps=2.0**-12, **opts)
+    _, exact, _, _ = run_filtered(hidden, weight, bias, labels, coefs, eps=0.0, **opts)
+    assert keep.float().mean() < 0.5
+    for a, b in zip(filtered, exact, strict=True):
+        assert 0 < rel(a, b) < 1e-2
+
+
+def test_dense_fallback_is_the_exact_backward_bit_for_bit():
+    hidden, weight, bias, labels, g = peaked_case(1, 128, 32, 600)
+    rows = (labels != -100).nonzero().squeeze(1)
+    coefs = torch.randn(3, rows.numel(), generator=g, dtype=torch.float64)
+    opts = dict(temperature=1.0, softcap=None, entropy=False)
+    _, dense, _, _ = run_filtered(hidden, weight, bias, labels, coefs, eps=2.0**-12,
+                                  max_fraction=0.0, **opts)
+    _, exact, _, _ = run_filtered(hidden, weight, bias, labels, coefs, eps=0.0, **opts)
+    for a, b in zip(dense, exact, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_public_op_filters_deterministically(dtype):
+    """``filter_eps`` through ``ops.linear_logprob``: bit-identical across runs, close to exact
+    (bf16: its own rounding), and ``filter_eps=None`` differs from the filtered result."""
+    hidden, weight, bias, labels, g = peaked_case(2, 192, 32, 800, dtype=dtype)
+    coef = torch.randn(labels.shape, generator=g)
+
+    def grads(filter_eps):
+        h, w, b = (t.detach().requires_grad_() for t in (hidden, weight, bias))
+        out = ops.linear_logprob(h, w, labels, b, backend="triton", filter_eps=filter_eps)
+        return torch.autograd.grad((out.logp * coef).sum(), (h, w, b))
+
+    first, second, exact = grads(1e-3), grads(1e-3), grads(None)
+    tol = 1e-3 if dtype == torch.float32 else 2e-2
+    for a, b, c in zip(first, second, exact, strict=True):
+        assert torch.equal(a, b)
+        assert rel(a, c) < tol
+    assert any(not torch.equal(a, c) for a, c in zip(first, exact, strict=True))
+
+
+def test_auto_eps_is_a_fraction_of_the_dtype_resolution():
+    """``"auto"`` is machine epsilon / 32 (2^-12 for bf16): with it, a bf16 peaked head stays
+    within two bf16 roundings (2^-7, relative) of the exact backward."""
+    hidden, weight, bias, labels, g = peaked_case(3, 160, 32, 700, dtype=torch.bfloat16)
+    coef = torch.randn(labels.shape, generator=g)
+    out = {}
+    for mode in ("auto", None):
+        h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+        res = ops.linear_logprob(h, w, labels, bias, backend="triton", filter_eps=mode)
+        out[mode] = torch.autograd.grad((res.logp * coef).sum(), (h, w))
+    assert math.isclose(torch.finfo(torch.bfloat16).eps / 32, 2.0**-12)
+    for a, b in zip(out["auto"], out[None], strict=True):
+        assert rel(a, b) < 2.0**-7
