@@ -35,24 +35,40 @@ def mean_entropy(hidden: torch.Tensor, weight: torch.Tensor, rows: int = 256) ->
 
 def realistic_inputs(
     n: int, d: int, v: int, dtype: torch.dtype, device: str, *, target_entropy: float = 3.0,
-    prompt_fraction: float = 0.5, seed: int = 0,
+    prompt_fraction: float = 0.5, zipf: float = 0.0, seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """``(hidden [n, d], weight [v, d], labels [n], entropy)`` with the weight scaled so the mean
     entropy is near ``target_entropy``, labels drawn from the head's own softmax (so the label
     is usually a likely token, as for a trained model), and a leading ``prompt_fraction`` of
     every 512-token sequence ignored.
+
+    ``zipf > 0`` adds a token-frequency prior ``-zipf·log(1 + j)`` to every logit (through a
+    constant hidden coordinate, so the head stays bias-free): low token ids are frequent, as in
+    BPE vocabularies whose early merges are the common tokens. That shared structure is what
+    gradient filtering exploits; without it the likely tokens of different rows scatter over
+    the whole vocabulary.
     """
     g = torch.Generator(device=device).manual_seed(seed)
     hidden = torch.randn(n, d, generator=g, device=device, dtype=torch.float32)
-    weight = torch.randn(v, d, generator=g, device=device, dtype=torch.float32) / d**0.5
-    lo, hi = 0.1, 50.0
-    for _ in range(20):
+    base = torch.randn(v, d, generator=g, device=device, dtype=torch.float32) / d**0.5
+    prior = -zipf * torch.log1p(torch.arange(v, device=device, dtype=torch.float32))
+    if zipf > 0:
+        hidden[:, 0] = 1.0
+
+    def head(scale: float) -> torch.Tensor:
+        w = base * scale
+        if zipf > 0:
+            w[:, 0] = prior
+        return w
+
+    lo, hi = 0.01, 50.0
+    for _ in range(24):
         scale = (lo * hi) ** 0.5
-        if mean_entropy(hidden, weight * scale) > target_entropy:
+        if mean_entropy(hidden, head(scale)) > target_entropy:
             lo = scale
         else:
             hi = scale
-    weight = (weight * scale).to(dtype)
+    weight = head(scale).to(dtype)
     hidden = hidden.to(dtype)
     labels = torch.empty(n, dtype=torch.long, device=device)
     for start in range(0, n, 4096):

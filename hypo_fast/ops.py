@@ -84,7 +84,9 @@ def _tile_max_buffer(hidden, weight, labels, filter_eps: float) -> torch.Tensor:
     from .kernels.linear_logprob import tile_width
 
     n_tiles = -(-weight.shape[0] // tile_width(hidden.dtype))
-    return labels.new_empty((n_tiles, labels.numel()), dtype=torch.float32)
+    # zeros, not empty: the rows of ignored tokens are never written, and an op's outputs must
+    # not depend on uninitialised memory
+    return labels.new_zeros((n_tiles, labels.numel()), dtype=torch.float32)
 
 
 @_linear_logprob_op.register_fake
@@ -201,13 +203,13 @@ def linear_logprob(
 
     Gradient filtering (triton backend): with ``filter_eps`` a number ε > 0, or ``"auto"``
     (ε = the input dtype's machine epsilon / 32: 2⁻¹² for bf16, 2⁻¹⁵ for fp16, 2⁻²⁸ for fp32, as
-    Cut Cross-Entropy), the backward skips — neither recomputes nor multiplies — every
-    (row block, vocabulary tile) whose logits-gradient entries are provably all below ε times
-    their row's gradient scale ``|g_lse − g_logp| + |g_entropy|`` (bound from per-tile logit
-    maxima the forward records; see ``kernels.linear_logprob.filter_tiles``), when enough
-    tiles are skipped for the block-sparse path to pay; otherwise, and with ``filter_eps=None``
-    or 0, it is exact. Either way no atomics are used: gradients are bit-identical run to run,
-    so ``deterministic`` needs no separate mode.
+    Cut Cross-Entropy), the backward skips — neither recomputes nor multiplies — the
+    (row block, vocabulary tile) pairs whose logits-gradient entries provably add up, per row,
+    to at most ε times the row's gradient scale ``|g_lse − g_logp| + |g_entropy|`` (bounds from
+    per-tile logit maxima the forward records; see ``kernels.linear_logprob.filter_tiles``),
+    when enough tiles are skipped for the block-sparse path to pay; otherwise, and with
+    ``filter_eps=None`` or 0, it is exact. Either way no atomics are used: gradients are
+    bit-identical run to run, so ``deterministic`` needs no separate mode.
     """
     if filter_eps not in ("auto", None) and (
         isinstance(filter_eps, bool) or not isinstance(filter_eps, (int, float))
