@@ -287,6 +287,58 @@ def timings(n, d, v, dtype, head, rate):
     print(json.dumps(row), flush=True)
 
 
+@guarded("losses")
+def losses_check():
+    """Every ``hypo_fast.losses`` module on CUDA: the triton backend against the reference
+    backend on the same inputs (loss, aux outputs, gradients), fp32 and under bf16 autocast."""
+    from hypo_fast import losses as L
+
+    g = torch.Generator(device=DEV).manual_seed(0)
+    b_, t_, d, v = 4, 64, 256, 1000
+
+    def rnd(*shape, k=1.0):
+        return torch.randn(*shape, generator=g, device=DEV) * k
+
+    h, w, bias = rnd(2 * b_, t_, d), rnd(v, d, k=2 / d**0.5), rnd(v, k=0.5)
+    y = torch.randint(0, v, (2 * b_, t_), device=DEV, generator=g)
+    y[:, : t_ // 2] = -100
+    ref_h, ref_w, ref_b = rnd(2 * b_, t_, d), rnd(v, d, k=2 / d**0.5), rnd(v, k=0.5)
+    online, online_ref = rnd(4, t_, d), rnd(4, t_, d)
+    mask = torch.rand(2 * b_, t_, device=DEV, generator=g)
+    groups = torch.tensor([0, 0, 1, 1], device=DEV)
+    cases = {
+        "dpo": (lambda be: L.FusedLinearDPOLoss(compute_nll_loss=True, backend=be), {}, False),
+        "dpo-ipo-autocast": (lambda be: L.FusedLinearDPOLoss(loss_type="ipo", backend=be), {},
+                             True),
+        "simpo-autocast": (lambda be: L.FusedLinearSimPOLoss(backend=be), None, True),
+        "orpo": (lambda be: L.FusedLinearORPOLoss(backend=be), None, False),
+        "sparsepo": (lambda be: L.FusedLinearSparsePOLoss(l1_u=0.01, backend=be),
+                     {"token_mask": mask}, False),
+        "hypo-exact": (lambda be: L.HyPOLoss(estimator="exact", backend=be),
+                       {"online_input": online, "online_target": y[:4],
+                        "online_ref_input": online_ref}, False),
+        "hypo-rloo-autocast": (lambda be: L.HyPOLoss(backend=be),
+                               {"online_input": online, "online_target": y[:4],
+                                "online_ref_input": online_ref, "group_ids": groups}, True),
+    }
+    for name, (make, extra, autocast) in cases.items():
+        results = []
+        for backend in ("triton", "reference"):
+            hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                if extra is None:  # reference-free pair losses
+                    loss, aux = make(backend)(ww, hh, y, bias)
+                else:
+                    loss, aux = make(backend)(ww, hh, y, bias, ref_h, ref_w, ref_b, **extra)
+            results.append((loss, aux, torch.autograd.grad(loss, (hh, ww))))
+        (l1, a1, g1), (l2, a2, g2) = results
+        row = {"case": name, "loss": rel(l1, l2),
+               "aux": max(rel(x, y_) for x, y_ in zip(a1, a2, strict=True) if y_.norm() > 0),
+               "dH": rel(g1[0], g2[0]), "dW": rel(g1[1], g2[1])}
+        RESULTS.setdefault("losses", []).append(row)
+        print(json.dumps(row), flush=True)
+
+
 @guarded("filtered")
 def filtered_timings(n, d, v, zipf, rate):
     """Forward+backward with ``filter_eps="auto"`` against the exact backward on inputs with a
@@ -391,6 +443,11 @@ def markdown() -> str:
                      f"{100 * (t['cublas_3gemm_frac'] or 0):.0f} | | |")
         lines.append(f"| {t['head']} | {t['N']} ({t['N_valid']}) | {t['dtype']} | | "
                      f"input validation | {t['validate_ms']:.2f} | | | | | |")
+    if RESULTS.get("losses"):
+        lines += ["", "| losses: triton vs reference | loss | aux | dH | dW |", "|---" * 5 + "|"]
+        for c in RESULTS["losses"]:
+            lines.append(f"| {c['case']} | {c['loss']:.1e} | {c['aux']:.1e} | {c['dH']:.1e} | "
+                         f"{c['dW']:.1e} |")
     if RESULTS.get("filtered"):
         lines += ["", "| zipf | N (valid) | entropy | kept tiles | exact fwd+bwd ms | "
                   "filtered fwd+bwd ms | cuBLAS 3 GEMMs ms | dH vs exact | dW vs exact |",
@@ -433,6 +490,7 @@ def main(argv=None) -> int:
     kl_timings(8192, d, v, torch.bfloat16, "llama3-8b", rate)
     for zipf in (1.5, 2.0):
         filtered_timings(sizes[-1], d, v, zipf, rate)
+    losses_check()
     if args.sweep:
         sweep(sizes[-1], d, v)
     save()
