@@ -10,6 +10,7 @@ tensors are served by the reference). Default: CUDA tensors â†’ triton, others â
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -28,7 +29,21 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     if chosen is None:
         return "triton" if device.type == "cuda" else "cpu"
     check_choice("backend", chosen, BACKENDS)
+    if chosen == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend 'triton' needs CUDA tensors, got {device.type} ones (on the CPU "
+                         "the kernels run only under TRITON_INTERPRET=1, for testing)")
     return chosen
+
+
+def _on_device(t: torch.Tensor):
+    """Make t's GPU the current one while kernels launch (Triton launches on the current
+    device, not on the tensors')."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _fp32_if_fp64(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The kernels compute in fp32: fp64 inputs are cast (autograd casts the gradients back)."""
+    return tuple(t.float() if t is not None and t.dtype == torch.float64 else t for t in tensors)
 
 
 def _valid_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -64,11 +79,12 @@ def _linear_logprob_op(
     rows = _valid_rows(labels, ignore_index)
     flat = labels.reshape(-1)
     tile_max = _tile_max_buffer(hidden, weight, labels, filter_eps)
-    logp_c, lse_c, ent_c = logprob_forward(
-        _rows_view(hidden), _rows_view(weight), _contiguous(bias), flat.index_select(0, rows),
-        rows, temperature=temperature, softcap=softcap or None, want_entropy=want_entropy,
-        tile_max=tile_max if tile_max.numel() else None,
-    )
+    with _on_device(hidden):
+        logp_c, lse_c, ent_c = logprob_forward(
+            _rows_view(hidden), _rows_view(weight), _contiguous(bias),
+            flat.index_select(0, rows), rows, temperature=temperature, softcap=softcap or None,
+            want_entropy=want_entropy, tile_max=tile_max if tile_max.numel() else None,
+        )
 
     def scatter(values: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
@@ -123,14 +139,15 @@ def _linear_logprob_backward_op(
     def pick(t: torch.Tensor) -> torch.Tensor | None:
         return t.reshape(-1).index_select(0, rows).float() if t.numel() else None
 
-    dh, dw, db = logprob_backward(
-        _rows_view(hidden), _rows_view(weight), _contiguous(bias),
-        labels.reshape(-1).index_select(0, rows), rows, pick(lse), pick(entropy), pick(g_logp),
-        pick(g_lse), pick(g_entropy),
-        temperature=temperature, softcap=softcap or None,
-        need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2],
-        tile_max=tile_max if tile_max.numel() else None, filter_eps=filter_eps,
-    )
+    with _on_device(hidden):
+        dh, dw, db = logprob_backward(
+            _rows_view(hidden), _rows_view(weight), _contiguous(bias),
+            labels.reshape(-1).index_select(0, rows), rows, pick(lse), pick(entropy),
+            pick(g_logp), pick(g_lse), pick(g_entropy),
+            temperature=temperature, softcap=softcap or None,
+            need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2],
+            tile_max=tile_max if tile_max.numel() else None, filter_eps=filter_eps,
+        )
     return (
         dh.reshape(hidden.shape) if dh is not None else hidden.new_empty(0),
         dw if dw is not None else hidden.new_empty(0),
@@ -143,8 +160,8 @@ def _(hidden, weight, labels, bias, lse, entropy, tile_max, g_logp, g_lse, g_ent
       ignore_index, temperature, softcap, filter_eps, needs):
     return (
         hidden.new_empty(hidden.shape) if needs[0] else hidden.new_empty(0),
-        torch.empty_like(weight) if needs[1] else hidden.new_empty(0),
-        torch.empty_like(bias) if needs[2] and bias is not None else hidden.new_empty(0),
+        weight.new_empty(weight.shape) if needs[1] else hidden.new_empty(0),
+        bias.new_empty(bias.shape) if needs[2] and bias is not None else hidden.new_empty(0),
     )
 
 
@@ -233,6 +250,7 @@ def linear_logprob(
             raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
     elif seq_ids is not None and num_seqs is None:
         raise ValueError("num_seqs must be given with seq_ids under torch.compile")
+    hidden, weight, bias = _fp32_if_fp64(hidden, weight, bias)
     if filter_eps == "auto":
         filter_eps = torch.finfo(hidden.dtype).eps / 32
     needs_grad = torch.is_grad_enabled() and any(
@@ -294,11 +312,13 @@ def _linear_kl_op(
 
     rows = valid.reshape(-1).nonzero().squeeze(1)
     y = labels.reshape(-1).index_select(0, rows) if labels is not None else None
-    st = kl_forward(
-        *_kl_heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias), rows, y,
-        reverse=reverse, temperature=temperature, softcap=softcap or None,
-        want_entropy=want_entropy,
-    )
+    with _on_device(hidden):
+        st = kl_forward(
+            *_kl_heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias), rows, y,
+            reverse=reverse, temperature=temperature, softcap=softcap or None,
+            want_entropy=want_entropy,
+        )
+
     def scatter(values: torch.Tensor | None) -> torch.Tensor:
         if values is None:  # a fresh empty tensor each: outputs must not alias
             return valid.new_empty(0, dtype=torch.float32)
@@ -348,14 +368,15 @@ def _linear_kl_backward_op(
     def pick(t: torch.Tensor | None) -> torch.Tensor | None:
         return t.reshape(-1).index_select(0, rows).float() if t is not None and t.numel() else None
 
-    dh, dw, db = kl_backward(
-        *_kl_heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias), rows,
-        labels.reshape(-1).index_select(0, rows) if labels is not None else None,
-        stats.reshape(5, -1).index_select(1, rows), pick(entropy), pick(g_kl), pick(g_entropy),
-        pick(g_logp),
-        reverse=reverse, temperature=temperature, softcap=softcap or None,
-        need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2],
-    )
+    with _on_device(hidden):
+        dh, dw, db = kl_backward(
+            *_kl_heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias), rows,
+            labels.reshape(-1).index_select(0, rows) if labels is not None else None,
+            stats.reshape(5, -1).index_select(1, rows), pick(entropy), pick(g_kl), pick(g_entropy),
+            pick(g_logp),
+            reverse=reverse, temperature=temperature, softcap=softcap or None,
+            need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2],
+        )
     # A fresh empty tensor for each absent gradient: outputs must not alias.
     return (
         dh.reshape(hidden.shape) if dh is not None else hidden.new_empty(0),
@@ -474,6 +495,8 @@ def linear_kl(
             valid = valid & (labels != ignore_index)
         if mask is not None:
             valid = valid & mask
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias = _fp32_if_fp64(
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
     kl, _, entropy, logp, ref_logp = _linear_kl_op(
         hidden, weight, ref_hidden, ref_weight, bias, ref_bias, valid, labels,
         direction == "reverse", float(temperature), float(softcap or 0.0), return_entropy,

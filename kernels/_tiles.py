@@ -205,7 +205,7 @@ def _sparse_dw_kernel(
         m_mask = offs_m < n
         rows = tl.load(ROWS + offs_m, mask=m_mask, other=0)
         dx = tl.load(DX + offs_m.to(tl.int64)[:, None] * stride_dx + local_n[None, :],
-                     mask=m_mask[:, None], other=0.0)
+                     mask=m_mask[:, None] & (offs_n < V)[None, :], other=0.0)
         h = tl.load(H + rows[:, None] * stride_h + offs_d[None, :],
                     mask=m_mask[:, None] & d_mask[None, :], other=0.0)
         if CAST_F32:
@@ -275,7 +275,6 @@ class TileSet:
         self.seg_len = padded.view(n_rb, n_chunks, tiles_per_chunk).sum(2, dtype=torch.int32)
         flat = self.seg_len.reshape(-1).cumsum(0, dtype=torch.int32) - self.seg_len.reshape(-1)
         self.seg_ptr = flat.view(n_rb, n_chunks).contiguous()
-        self.fraction = self.tile_ptr_host[-1] / max(1, n_rb * n_tiles)
 
 
 def chunked_head_backward(
@@ -310,8 +309,8 @@ def chunked_head_backward(
     bm, bn = cfg["BM"], cfg["BN"]
     chunk = max(1, chunk_bytes // max(1, n * dtype.itemsize) // bn) * bn
     chunk = min(chunk, triton.cdiv(V, bn) * bn)
-    tiles = TileSet(keep, chunk // bn) if keep is not None else None
-    sparse = tiles is not None and tiles.fraction <= max_fraction
+    sparse = keep is not None and float(keep.float().mean()) <= max_fraction
+    tiles = TileSet(keep, chunk // bn) if sparse else None
     h_rows = hidden.index_select(0, rows) if need_weight and not sparse else None
     dh_acc = torch.zeros((n, D), dtype=torch.float32, device=device) if need_hidden else None
     dw = torch.empty_like(weight) if need_weight else None

@@ -1,0 +1,74 @@
+"""Edge cases of the public ops' triton path: fp64 inputs, backend misuse, layouts of the
+backward op's outputs, empty launches (under ``torch.compile`` validation is skipped)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypo_fast.kernels import linear_logprob as K
+
+from hypo_fast import ops
+from hypo_fast import reference as R
+
+
+def small(dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2, 9, 16, generator=g, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(50, 16, generator=g, dtype=dtype) / 4).requires_grad_()
+    labels = torch.randint(0, 50, (2, 9), generator=g)
+    labels[0, :3] = -100
+    return hidden, weight, labels
+
+
+def test_fp64_inputs_run_in_fp32_and_get_fp64_gradients():
+    hidden, weight, labels = small()
+    out = ops.linear_logprob(hidden, weight, labels, backend="triton", return_entropy=True)
+    ref = R.linear_logprob(hidden, weight, labels, return_entropy=True)
+    assert out.logp.dtype == torch.float32
+    torch.testing.assert_close(out.logp.double(), ref.logp, rtol=1e-5, atol=1e-5)
+    g_ours = torch.autograd.grad((out.logp + out.entropy).sum(), (hidden, weight))
+    g_ref = torch.autograd.grad((ref.logp + ref.entropy).sum(), (hidden, weight))
+    for a, b in zip(g_ours, g_ref, strict=True):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_fp64_kl_runs_in_fp32():
+    hidden, weight, labels = small()
+    ref_hidden, ref_weight = hidden.detach() * 0.9, weight.detach() * 1.1
+    out = ops.linear_kl(hidden, weight, ref_hidden, ref_weight, labels=labels, backend="triton")
+    ref = R.linear_kl(hidden, weight, ref_hidden, ref_weight, labels=labels)
+    torch.testing.assert_close(out.kl.double(), ref.kl, rtol=1e-4, atol=1e-6)
+    (grad,) = torch.autograd.grad(out.kl.sum(), (weight,))
+    assert grad.dtype == torch.float64
+
+
+def test_triton_backend_on_cpu_tensors_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="backend 'triton' needs CUDA tensors"):
+        ops.resolve_backend("triton", torch.device("cpu"))
+
+
+def test_backward_op_returns_row_major_gradients_for_column_major_inputs():
+    """The fake impl must describe the real outputs: row-major dH and dW even when hidden and
+    weight are column-major views (the real op copies them)."""
+    hidden, weight, labels = small(torch.float32)
+    hidden_t = hidden.detach().reshape(18, 16).T.contiguous().T
+    weight_t = weight.detach().T.contiguous().T
+    labels = labels.reshape(18)
+    _, lse, ent, tile_max = torch.ops.hypo_fast.linear_logprob(
+        hidden_t, weight_t, labels, None, -100, 1.0, 0.0, True, 0.0)
+    g = torch.randn(18)
+    args = (hidden_t, weight_t, labels, None, lse, ent, tile_max, g, -g, g, -100, 1.0, 0.0, 0.0,
+            [True, True, False])
+    torch.library.opcheck(torch.ops.hypo_fast.linear_logprob_backward.default, args)
+    dh, dw, _ = torch.ops.hypo_fast.linear_logprob_backward(*args)
+    assert dh.is_contiguous() and dw.is_contiguous()
+
+
+def test_forward_launcher_with_no_valid_row_returns_empties():
+    hidden, weight, _ = small(torch.float32)
+    rows = torch.zeros(0, dtype=torch.long)
+    logp, lse, ent = K.logprob_forward(hidden.detach().reshape(18, 16), weight.detach(), None,
+                                       rows, rows, want_entropy=True)
+    assert logp.shape == lse.shape == ent.shape == (0,)
