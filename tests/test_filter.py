@@ -16,16 +16,17 @@ import triton
 from hypo_fast.kernels import linear_logprob as K
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_helpers import BF16, F32, F64, gen
 
 from hypo_fast import ops
 from hypo_fast import reference as R
 
 
-def peaked_case(seed, n, d, v, *, hot=24, dtype=torch.float32, bias_gap=10.0):
+def peaked_case(seed, n, d, v, *, hot=24, dtype=F32, bias_gap=10.0):
     """A head whose softmax mass sits on a few "frequent" tokens (as a trained LM's does after
     sorting the vocabulary): a bias of +bias_gap/2 on ``hot`` tokens spread over two ranges and
     −bias_gap/2 elsewhere, plus a small h·w term. Labels are mostly hot tokens."""
-    g = torch.Generator().manual_seed(seed)
+    g = gen(seed)
     hidden = torch.randn(n, d, generator=g).to(dtype)
     weight = (torch.randn(v, d, generator=g) * 0.7 / d**0.5).to(dtype)
     bias = torch.full((v,), -bias_gap / 2)
@@ -94,14 +95,14 @@ def test_filtered_equals_exact_on_kept_tiles_and_drops_only_small_entries(
     rows = (labels != -100).nonzero().squeeze(1)
     if rows.numel() == 0:
         return
-    coefs = torch.randn(3, rows.numel(), generator=g, dtype=torch.float64)
+    coefs = torch.randn(3, rows.numel(), generator=g, dtype=F64)
     _, (dh, dw, db), _, element_keep = run_filtered(
         hidden, weight, bias, labels, coefs, eps=eps, temperature=temperature, softcap=softcap,
         entropy=entropy)
     dx = spec_logits_grad(hidden, weight, bias, labels, rows, coefs, temperature=temperature,
                           softcap=softcap, entropy=entropy)
     kept = dx * element_keep
-    want_dh = torch.zeros_like(hidden, dtype=torch.float64)
+    want_dh = torch.zeros_like(hidden, dtype=F64)
     want_dh[rows] = kept @ weight.double()
     assert rel(dh, want_dh) <= 1e-5
     assert rel(dw, kept.T @ hidden[rows].double()) <= 1e-5
@@ -116,7 +117,7 @@ def test_filtering_skips_most_tiles_of_a_peaked_head():
     """Not a vacuous filter: on the peaked head most tiles go, and the result moves by little."""
     hidden, weight, bias, labels, g = peaked_case(0, 256, 32, 1000, bias_gap=30.0)
     rows = (labels != -100).nonzero().squeeze(1)
-    coefs = torch.randn(3, rows.numel(), generator=g, dtype=torch.float64)
+    coefs = torch.randn(3, rows.numel(), generator=g, dtype=F64)
     opts = dict(temperature=1.0, softcap=None, entropy=True)
     _, filtered, keep, _ = run_filtered(hidden, weight, bias, labels, coefs, eps=2.0**-12, **opts)
     _, exact, _, _ = run_filtered(hidden, weight, bias, labels, coefs, eps=0.0, **opts)
@@ -128,7 +129,7 @@ def test_filtering_skips_most_tiles_of_a_peaked_head():
 def test_dense_fallback_is_the_exact_backward_bit_for_bit():
     hidden, weight, bias, labels, g = peaked_case(1, 128, 32, 600)
     rows = (labels != -100).nonzero().squeeze(1)
-    coefs = torch.randn(3, rows.numel(), generator=g, dtype=torch.float64)
+    coefs = torch.randn(3, rows.numel(), generator=g, dtype=F64)
     opts = dict(temperature=1.0, softcap=None, entropy=False)
     _, dense, _, _ = run_filtered(hidden, weight, bias, labels, coefs, eps=2.0**-12,
                                   max_fraction=0.0, **opts)
@@ -137,7 +138,7 @@ def test_dense_fallback_is_the_exact_backward_bit_for_bit():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [F32, BF16])
 def test_public_op_filters_deterministically(dtype):
     """``filter_eps`` through ``ops.linear_logprob``: bit-identical across runs, close to exact
     (bf16: its own rounding), and ``filter_eps=None`` differs from the filtered result."""
@@ -150,7 +151,7 @@ def test_public_op_filters_deterministically(dtype):
         return torch.autograd.grad((out.logp * coef).sum(), (h, w, b))
 
     first, second, exact = grads(1e-3), grads(1e-3), grads(None)
-    tol = 1e-3 if dtype == torch.float32 else 2e-2
+    tol = 1e-3 if dtype == F32 else 2e-2
     for a, b, c in zip(first, second, exact, strict=True):
         assert torch.equal(a, b)
         assert rel(a, c) < tol
@@ -160,14 +161,13 @@ def test_public_op_filters_deterministically(dtype):
 def test_auto_eps_is_a_fraction_of_the_dtype_resolution():
     """``"auto"`` is machine epsilon / 32 (2^-12 for bf16): with it, a bf16 peaked head stays
     within two bf16 roundings (2^-7, relative) of the exact backward."""
-    hidden, weight, bias, labels, g = peaked_case(3, 160, 32, 700, dtype=torch.bfloat16,
-                                                  bias_gap=30.0)
+    hidden, weight, bias, labels, g = peaked_case(3, 160, 32, 700, dtype=BF16, bias_gap=30.0)
     coef = torch.randn(labels.shape, generator=g)
     out = {}
     for mode in ("auto", None):
         h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
         res = ops.linear_logprob(h, w, labels, bias, backend="triton", filter_eps=mode)
         out[mode] = torch.autograd.grad((res.logp * coef).sum(), (h, w))
-    assert math.isclose(torch.finfo(torch.bfloat16).eps / 32, 2.0**-12)
+    assert math.isclose(torch.finfo(BF16).eps / 32, 2.0**-12)
     for a, b in zip(out["auto"], out[None], strict=True):
         assert rel(a, b) < 2.0**-7

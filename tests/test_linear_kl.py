@@ -20,12 +20,33 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
+from functools import partial
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_helpers import (
+    BF16,
+    DEVICE,
+    F16,
+    F32,
+    GRAD_TOL,
+    HYP_BASE,
+    INPUTS,
+    INTERPRET,
+    SIZE_EDGES,
+    VALUE_TOL,
+    assert_comparable,
+    assert_rel,
+    combined_loss,
+    gen,
+    kernel_forbidder,
+    layout,
+    needs_triton,
+    rel_err,
+)
+from kernel_helpers import grads as input_grads
 
 from hypo_fast import ops
 from hypo_fast import reference as R
@@ -33,53 +54,11 @@ from hypo_fast import reference as R
 # hypo_fast.kernels is installed from kernels/ (a package-dir mapping ruff's isort cannot see)
 K = importlib.import_module("hypo_fast.kernels.linear_kl")
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRET else "cpu")
-needs_triton = pytest.mark.skipif(
-    DEVICE.type == "cpu" and not INTERPRET,
-    reason="the triton backend needs a CUDA GPU or TRITON_INTERPRET=1 (see tests/conftest.py)",
-)
-
-F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
-VALUE_TOL = 1e-5
-GRAD_TOL = {F32: 1e-5, BF16: 2e-2, F16: 2e-2}
-HYP = settings(
-    max_examples=40,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+HYP = settings(HYP_BASE, max_examples=40)
 OUTPUTS = ("kl", "entropy", "logp", "ref_logp", "seq_kl")
-INPUTS = ("hidden", "weight", "bias", "token_weights")  # the differentiable ones
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a − b‖ / ‖b‖ in fp64 (the absolute ‖a − b‖ when b is exactly 0)."""
-    a, b = a.detach().to("cpu", F64), b.detach().to("cpu", F64)
-    diff, norm = (a - b).norm().item(), b.norm().item()
-    return diff / norm if norm > 0 else diff
-
-
-def assert_rel(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != {want.dtype}"
-    assert bool(torch.isfinite(got).all()), f"{name}: not finite"
-    err = rel_err(got, want)
-    assert err <= tol, f"{name}: relative error {err:.3g} > {tol:g}"
-
-
-def forbid_kernels(monkeypatch) -> None:
-    """Make any launch of the fused KL kernels fail the test."""
-
-    def boom(*args, **kwargs):
-        raise AssertionError("a fused kernel ran")
-
-    monkeypatch.setattr(K, "kl_forward", boom)
-    monkeypatch.setattr(K, "kl_backward", boom)
+forbid_kernels = kernel_forbidder(K, "kl_forward", "kl_backward")
+# gradients w.r.t. every differentiable input present, zeros where unused (e.g. ref_logp alone)
+grads = partial(input_grads, unused="zeros")
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,29 +66,6 @@ def forbid_kernels(monkeypatch) -> None:
 # --------------------------------------------------------------------------------------------
 
 LOGIT_SCALES = {"normal": 1.0, "peaked": 6.0, "extreme": 300.0}  # std of z
-SIZE_EDGES = [1, 2, 31, 32, 33, 63, 64, 65, 127, 129]
-
-
-def layout(t: torch.Tensor, kind: str, grad: bool) -> torch.Tensor:
-    """The values of ``t`` in another memory layout (a fresh leaf is the base): ``contig``;
-    ``transposed`` (last dim not unit-stride); ``sliced`` (a window of a larger buffer);
-    ``rowstep`` (every other row of a taller buffer)."""
-    t = t.detach()
-    if kind == "contig":
-        base, view = t.clone(), lambda b: b
-    elif kind == "transposed":
-        perm = list(range(t.dim()))[::-1]
-        base, view = t.permute(perm).contiguous(), lambda b: b.permute(perm)
-    elif kind == "sliced":
-        window = tuple(slice(1, 1 + n) for n in t.shape)
-        base = torch.zeros([n + 3 for n in t.shape], dtype=t.dtype)
-        base[window] = t
-        view = lambda b: b[window]  # noqa: E731
-    else:
-        base = torch.zeros((*t.shape[:-2], 2 * t.shape[-2], t.shape[-1]), dtype=t.dtype)
-        base[..., ::2, :] = t
-        view = lambda b: b[..., ::2, :]  # noqa: E731
-    return view(base.to(DEVICE).requires_grad_(grad))
 
 
 @st.composite
@@ -199,11 +155,11 @@ def build_case(c):
         return torch.randn(V, generator=g).to(DEVICE, dt).requires_grad_(grad) if use else None
 
     inputs = dict(
-        hidden=layout(hidden.to(dtype), c["hidden_layout"], True),
-        weight=layout(weight.to(dtype), c["weight_layout"], True),
+        hidden=layout(hidden.to(DEVICE, dtype), c["hidden_layout"]),
+        weight=layout(weight.to(DEVICE, dtype), c["weight_layout"]),
         bias=bias(c["use_bias"], True, dtype),
-        ref_hidden=layout(ref_hidden.to(ref_dtype), c["hidden_layout"], False),
-        ref_weight=layout(ref_weight.to(ref_dtype), c["weight_layout"], False),
+        ref_hidden=layout(ref_hidden.to(DEVICE, ref_dtype), c["hidden_layout"], grad=False),
+        ref_weight=layout(ref_weight.to(DEVICE, ref_dtype), c["weight_layout"], grad=False),
         ref_bias=bias(c["use_ref_bias"], False, ref_dtype),
         token_weights=token_weights,
     )
@@ -223,27 +179,6 @@ def call(fn, inputs, kwargs, **extra) -> R.KLOutput:
     return fn(inputs["hidden"], inputs["weight"], inputs["ref_hidden"], inputs["ref_weight"],
               bias=inputs["bias"], ref_bias=inputs["ref_bias"],
               token_weights=inputs["token_weights"], **kwargs, **extra)
-
-
-def combined_loss(out: R.KLOutput, coefs, names=OUTPUTS) -> torch.Tensor:
-    """A random linear combination of the outputs ``names`` that are present."""
-    loss = torch.zeros((), device=out.kl.device)
-    for name in names:
-        value = getattr(out, name)
-        if value is not None:
-            loss = loss + (coefs[name] * value).sum()
-    return loss
-
-
-def grads(loss: torch.Tensor, inputs) -> dict[str, torch.Tensor]:
-    """Gradients w.r.t. every differentiable input present (zeros where unused)."""
-    names = [k for k in INPUTS if inputs[k] is not None]
-    if not loss.requires_grad:  # e.g. ref_logp alone in the spec: a constant
-        return {k: torch.zeros_like(inputs[k]) for k in names}
-    got = torch.autograd.grad(loss, [inputs[k] for k in names], retain_graph=True,
-                              allow_unused=True)
-    return {k: torch.zeros_like(inputs[k]) if v is None else v
-            for k, v in zip(names, got, strict=True)}
 
 
 def counted(kwargs) -> torch.Tensor:
@@ -277,8 +212,7 @@ def check_against_reference(c):
     exact = {}
 
     def check(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
-        assert got.shape == want.shape and got.dtype == want.dtype, name
-        assert bool(torch.isfinite(got).all()), f"{name}: not finite"
+        assert_comparable(name, got, want)
         if rel_err(got, want) <= tol:
             return
         if not exact:

@@ -18,12 +18,31 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_helpers import (
+    BF16,
+    DEVICE,
+    F16,
+    F32,
+    GRAD_TOL,
+    HYP_BASE,
+    INPUTS,
+    SIZE_EDGES,
+    VALUE_TOL,
+    assert_comparable,
+    assert_rel,
+    combined_loss,
+    gen,
+    grads,
+    kernel_forbidder,
+    layout,
+    needs_triton,
+    rel_err,
+)
 
 from hypo_fast import ops
 from hypo_fast import reference as R
@@ -31,42 +50,8 @@ from hypo_fast import reference as R
 # hypo_fast.kernels is installed from kernels/ (a package-dir mapping ruff's isort cannot see)
 K = importlib.import_module("hypo_fast.kernels.linear_logprob")
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRET else "cpu")
-needs_triton = pytest.mark.skipif(
-    DEVICE.type == "cpu" and not INTERPRET,
-    reason="the triton backend needs a CUDA GPU or TRITON_INTERPRET=1 (see tests/conftest.py)",
-)
-
-F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
-VALUE_TOL = 1e-5
-GRAD_TOL = {F32: 1e-5, BF16: 2e-2, F16: 2e-2}
-HYP = settings(
-    max_examples=100,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor, scale: float | None = None) -> float:
-    """‖a − b‖ / ‖b‖ (or / scale) in fp64; the absolute ‖a − b‖ where the denominator is 0."""
-    a, b = a.detach().to("cpu", F64), b.detach().to("cpu", F64)
-    diff = (a - b).norm().item()
-    norm = b.norm().item() if scale is None else scale
-    return diff / norm if norm > 0 else diff
-
-
-def assert_rel(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != {want.dtype}"
-    assert bool(torch.isfinite(got).all()), f"{name}: not finite"
-    err = rel_err(got, want)
-    assert err <= tol, f"{name}: relative error {err:.3g} > {tol:g}"
+HYP = settings(HYP_BASE, max_examples=100)
+forbid_kernels = kernel_forbidder(K, "logprob_forward", "logprob_backward")
 
 
 # Where the problem itself is ill-conditioned in fp32, the fp32 spec is no 1e-5 yardstick: with z
@@ -131,9 +116,7 @@ class Judge:
     def check(self, name, got, want, tol, pick, scale=None):
         """``pick((outputs, gradients))`` selects the same quantity from the truth/variants;
         ``scale`` replaces ‖want‖ as the denominator (sums with cancellation)."""
-        assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-        assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != {want.dtype}"
-        assert bool(torch.isfinite(got).all()), f"{name}: not finite"
+        assert_comparable(name, got, want)
         err = rel_err(got, want, scale)
         if err <= tol:
             return
@@ -170,45 +153,11 @@ class Judge:
             self.check(f"d{name}", g_out[name], want, tol, lambda r, n=name: r[1][n])
 
 
-def forbid_kernels(monkeypatch) -> None:
-    """Make any launch of the fused kernels fail the test."""
-
-    def boom(*args, **kwargs):
-        raise AssertionError("a fused kernel ran")
-
-    monkeypatch.setattr(K, "logprob_forward", boom)
-    monkeypatch.setattr(K, "logprob_backward", boom)
-
-
 # --------------------------------------------------------------------------------------------
 # Building cases
 # --------------------------------------------------------------------------------------------
 
 LOGIT_SCALES = {"normal": 1.0, "peaked": 6.0, "extreme": 350.0}  # std of z (≈ ±1e3 at extreme)
-SIZE_EDGES = [1, 2, 31, 32, 33, 63, 64, 65, 127, 129]
-
-
-def layout(t: torch.Tensor, kind: str) -> torch.Tensor:
-    """The same values as ``t`` (a fresh leaf requiring grad is the base) in another layout:
-    ``contig``; ``transposed`` (last dim not unit-stride); ``sliced`` (a window of a wider and
-    longer buffer); ``rowstep`` (every other row of a taller buffer)."""
-    t = t.detach()
-    if kind == "contig":
-        return t.clone().requires_grad_()
-    if kind == "transposed":
-        perm = list(range(t.dim()))[::-1]
-        return t.permute(perm).contiguous().requires_grad_().permute(perm)
-    if kind == "sliced":
-        big = torch.zeros([n + 3 for n in t.shape], dtype=t.dtype, device=t.device)
-        window = tuple(slice(1, 1 + n) for n in t.shape)
-        big[window] = t
-        return big.requires_grad_()[window]
-    if kind == "rowstep":
-        big = torch.zeros((*t.shape[:-2], 2 * t.shape[-2], t.shape[-1]), dtype=t.dtype,
-                          device=t.device)
-        big[..., ::2, :] = t
-        return big.requires_grad_()[..., ::2, :]
-    raise AssertionError(kind)
 
 
 @st.composite
@@ -313,24 +262,6 @@ def call(fn, inputs, kwargs, **extra):
 
 
 OUTPUTS = ("logp", "lse", "entropy", "seq_sum", "seq_weighted_sum")
-
-
-def combined_loss(out: R.LogProbOutput, coefs) -> torch.Tensor:
-    """A random linear combination of every output present."""
-    loss = torch.zeros((), device=out.logp.device)
-    for name in OUTPUTS:
-        value = getattr(out, name)
-        if value is not None:
-            loss = loss + (coefs[name] * value).sum()
-    return loss
-
-
-def grads(loss: torch.Tensor, inputs, keep: bool = False) -> dict[str, torch.Tensor | None]:
-    """Gradients w.r.t. every differentiable input (``keep``: retain the graph, allow unused)."""
-    names = [k for k in ("hidden", "weight", "bias", "token_weights") if inputs[k] is not None]
-    got = torch.autograd.grad(loss, [inputs[k] for k in names], retain_graph=keep,
-                              allow_unused=keep)
-    return dict(zip(names, got, strict=True))
 
 
 # --------------------------------------------------------------------------------------------
@@ -452,8 +383,8 @@ def test_grads_of_each_output_alone():
     out = call(ops.linear_logprob, inputs, kwargs, backend="triton")
     ref = call(R.linear_logprob, inputs, kwargs)
     for name in OUTPUTS:
-        g_out = grads((coefs[name] * getattr(out, name)).sum(), inputs, keep=True)
-        g_ref = grads((coefs[name] * getattr(ref, name)).sum(), inputs, keep=True)
+        g_out = grads((coefs[name] * getattr(out, name)).sum(), inputs, unused="none")
+        g_ref = grads((coefs[name] * getattr(ref, name)).sum(), inputs, unused="none")
         for k, want in g_ref.items():
             if want is None:  # token_weights only reach seq_weighted_sum
                 assert g_out[k] is None or not bool(g_out[k].any()), f"d{k} from {name}"
@@ -491,7 +422,7 @@ def test_backward_is_bit_identical_run_to_run(dtype):
     for _ in range(2):
         out = call(ops.linear_logprob, inputs, kwargs, backend="triton")
         runs.append(grads(combined_loss(out, coefs), inputs))
-    for name in ("hidden", "weight", "bias", "token_weights"):
+    for name in INPUTS:
         assert torch.equal(runs[0][name], runs[1][name]), name
         assert bool(runs[0][name].abs().sum() > 0), name
 
@@ -672,7 +603,7 @@ def test_torch_compile_fullgraph_forward_and_backward(dynamic):
                 + 0.2 * out.seq_weighted_sum.sum()
                 + out.seq_count.sum())
 
-    names = ("hidden", "weight", "bias", "token_weights")
+    names = INPUTS
     args = (inputs["hidden"], inputs["weight"], inputs["bias"], inputs["labels"], seq_ids,
             inputs["token_weights"])
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=dynamic)
