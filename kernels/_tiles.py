@@ -348,6 +348,8 @@ def chunked_head_backward(
                     weight.stride(0), dh_acc.stride(0), tiles.seg_ptr.stride(0), V, **consts)
         if need_bias:
             db[start:start + cols] = db_part[:, :cols].sum(dim=0)
+    # The chunk buffers go before dH is assembled: the peak stays that of the loop.
+    del dx, db_part, h_rows, tiles
     dh = None
     if need_hidden:
         dh = torch.zeros_like(hidden).index_copy_(0, rows, dh_acc.to(dtype))
