@@ -60,6 +60,26 @@ def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.contiguous() if t is not None else None
 
 
+def _head_grads(hidden, bias, dh, dw, db):
+    """A backward op's outputs ``(dH, dW, db)``: the gradients shaped like their inputs, a fresh
+    empty tensor for each absent one (an op's outputs must not alias)."""
+    return (
+        dh.reshape(hidden.shape) if dh is not None else hidden.new_empty(0),
+        dw if dw is not None else hidden.new_empty(0),
+        db.to(bias.dtype) if db is not None and bias is not None else hidden.new_empty(0),
+    )
+
+
+def _fake_head_grads(hidden, weight, bias, needs):
+    """What :func:`_head_grads` returns, for the fake impls: dense row-major gradients (the real
+    ops copy strided inputs)."""
+    return (
+        hidden.new_empty(hidden.shape) if needs[0] else hidden.new_empty(0),
+        weight.new_empty(weight.shape) if needs[1] else hidden.new_empty(0),
+        bias.new_empty(bias.shape) if needs[2] and bias is not None else hidden.new_empty(0),
+    )
+
+
 @torch.library.custom_op("hypo_fast::linear_logprob", mutates_args=())
 def _linear_logprob_op(
     hidden: torch.Tensor,
@@ -148,21 +168,13 @@ def _linear_logprob_backward_op(
             need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2],
             tile_max=tile_max if tile_max.numel() else None, filter_eps=filter_eps,
         )
-    return (
-        dh.reshape(hidden.shape) if dh is not None else hidden.new_empty(0),
-        dw if dw is not None else hidden.new_empty(0),
-        db.to(bias.dtype) if db is not None and bias is not None else hidden.new_empty(0),
-    )
+    return _head_grads(hidden, bias, dh, dw, db)
 
 
 @_linear_logprob_backward_op.register_fake
 def _(hidden, weight, labels, bias, lse, entropy, tile_max, g_logp, g_lse, g_entropy,
       ignore_index, temperature, softcap, filter_eps, needs):
-    return (
-        hidden.new_empty(hidden.shape) if needs[0] else hidden.new_empty(0),
-        weight.new_empty(weight.shape) if needs[1] else hidden.new_empty(0),
-        bias.new_empty(bias.shape) if needs[2] and bias is not None else hidden.new_empty(0),
-    )
+    return _fake_head_grads(hidden, weight, bias, needs)
 
 
 def _setup_context(ctx, inputs, output):
@@ -377,23 +389,14 @@ def _linear_kl_backward_op(
             reverse=reverse, temperature=temperature, softcap=softcap or None,
             need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2],
         )
-    # A fresh empty tensor for each absent gradient: outputs must not alias.
-    return (
-        dh.reshape(hidden.shape) if dh is not None else hidden.new_empty(0),
-        dw if dw is not None else hidden.new_empty(0),
-        db.to(bias.dtype) if db is not None and bias is not None else hidden.new_empty(0),
-    )
+    return _head_grads(hidden, bias, dh, dw, db)
 
 
 @_linear_kl_backward_op.register_fake
 def _(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, valid, labels, stats, entropy,
       g_kl, g_entropy, g_logp, reverse, temperature, softcap, needs):
     # Row-major like the real op's results, whatever the inputs' strides.
-    return (
-        hidden.new_empty(hidden.shape) if needs[0] else hidden.new_empty(0),
-        weight.new_empty(weight.shape) if needs[1] else hidden.new_empty(0),
-        bias.new_empty(bias.shape) if needs[2] and bias is not None else hidden.new_empty(0),
-    )
+    return _fake_head_grads(hidden, weight, bias, needs)
 
 
 def _kl_setup_context(ctx, inputs, output):
