@@ -287,6 +287,31 @@ def timings(n, d, v, dtype, head, rate):
     print(json.dumps(row), flush=True)
 
 
+@guarded("profile")
+def profile_forward(n, d, v):
+    """Where the public forward's time goes beyond the kernel: a torch.profiler table of one
+    ``ops.linear_logprob`` call (no grad) and of one forward+backward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    h, w, y, _ = realistic_inputs(n, d, v, torch.bfloat16, DEV)
+    w.requires_grad_()
+    for _ in range(2):  # warm-up: compilation, allocator
+        ops.linear_logprob(h, w, y, backend="triton").logp.sum().backward()
+    tables = {}
+    for name, fn in [
+        ("forward", lambda: ops.linear_logprob(h, w, y, backend="triton").logp.detach()),
+        ("forward+backward",
+         lambda: ops.linear_logprob(h, w, y, backend="triton").logp.sum().backward()),
+    ]:
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        tables[name] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14)
+        print(f"--- profile: {name}\n{tables[name]}", flush=True)
+    RESULTS["profile"] = tables
+
+
 @guarded("losses")
 def losses_check():
     """Every ``hypo_fast.losses`` module on CUDA: the triton backend against the reference
@@ -491,6 +516,7 @@ def main(argv=None) -> int:
     for zipf in (1.5, 2.0):
         filtered_timings(sizes[-1], d, v, zipf, rate)
     losses_check()
+    profile_forward(sizes[-1], d, v)
     if args.sweep:
         sweep(sizes[-1], d, v)
     save()
