@@ -3,7 +3,8 @@
 ``hypo-fast quickstart`` runs one DPO step (forward + backward) on random hidden states at a
 realistic shape: per-sequence summed log-probs of the policy and reference heads, then
 :func:`hypo_fast.objectives.dpo_loss`. It prints the loss, the accuracy, the shape, the wall time
-and the peak memory of the log-prob path of the chosen backend.
+and the peak memory of the log-prob path of the chosen backend (``--backend``: ``auto`` = triton
+for CUDA tensors, the reference on the CPU).
 """
 
 from __future__ import annotations
@@ -12,26 +13,17 @@ import argparse
 import math
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from . import reference
 from .objectives import dpo_loss
+from .ops import BACKENDS, linear_logprob, resolve_backend
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BETA = 0.1
 REF_NOISE = 0.05  # reference head = policy head + REF_NOISE x (its scale) x N(0, 1/d) noise
 TARGET_ENTROPY = 3.0  # nats per completion token, capped at log(V)/2 for small vocabularies
-
-
-def _reference_logprob(hidden, weight, labels, *, seq_ids, num_seqs):
-    return reference.linear_logprob(hidden, weight, labels, seq_ids=seq_ids, num_seqs=num_seqs)
-
-
-# name -> fn(hidden, weight, labels, *, seq_ids, num_seqs) returning an object with .seq_sum
-BACKENDS: dict[str, Callable] = {"reference": _reference_logprob}
 
 
 @dataclass
@@ -104,7 +96,11 @@ def run_quickstart(args: argparse.Namespace) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     inp = build_inputs(args.pairs, args.seq_len, args.hidden, args.vocab,
                        dtype=DTYPES[args.dtype], device=device, seed=args.seed)
-    logprob = BACKENDS[args.backend]
+    backend = resolve_backend(None if args.backend == "auto" else args.backend, device)
+
+    def logprob(h, w, labels, **kwargs):
+        return linear_logprob(h, w, labels, backend=backend, **kwargs)
+
     hidden = inp.hidden.requires_grad_()
     weight = inp.weight.requires_grad_()
     n_seq, P = 2 * inp.pairs, inp.pairs
@@ -136,6 +132,7 @@ def run_quickstart(args: argparse.Namespace) -> dict:
         peak_label = "RSS (ru_maxrss high-water mark, CPU)"
     return dict(
         loss=float(loss.detach()), accuracy=float(metrics["accuracy"]), wall_s=wall,
+        backend=backend,
         peak_bytes=peak, peak_label=peak_label, device=str(device), inputs=inp,
         grad_norms=(float(hidden.grad.norm()), float(weight.grad.norm())),
     )
@@ -144,7 +141,7 @@ def run_quickstart(args: argparse.Namespace) -> dict:
 def _print_quickstart(args: argparse.Namespace, r: dict) -> None:
     inp, L = r["inputs"], args.seq_len
     n_seq = 2 * args.pairs
-    print(f"hypo-fast quickstart: DPO (sigmoid, beta={BETA}), backend={args.backend}, "
+    print(f"hypo-fast quickstart: DPO (sigmoid, beta={BETA}), backend={r['backend']}, "
           f"device={r['device']}, dtype={args.dtype}")
     print(f"shape: {args.pairs} pairs x 2 x {L} tokens ({L // 2} prompt, ignored) = "
           f"N={n_seq * L} tokens, d={args.hidden}, V={args.vocab}")
@@ -177,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     q.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--backend", choices=sorted(BACKENDS), default="reference")
+    q.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
+                   help="auto: triton for CUDA tensors, else the CPU path (the reference)")
     return parser
 
 

@@ -90,3 +90,12 @@ def test_quickstart_rejects_bad_flags(bad, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main([*ARGV, *bad])
     assert e.value.code != 0
+
+
+def test_quickstart_on_the_triton_backend_prints_the_same_loss(capsys):
+    """``--backend triton`` (interpreted here) runs the fused kernels: same loss as the spec."""
+    want, _, _ = direct_loss(1, 16, 32, 100)
+    assert cli.main([*ARGV, "--backend", "triton"]) == 0
+    out = capsys.readouterr().out
+    assert "backend=triton" in out
+    assert math.isclose(printed(out, "loss"), want, rel_tol=1e-5)
