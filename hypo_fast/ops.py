@@ -35,6 +35,12 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     return chosen
 
 
+def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Per-valid-row fp32 ``values [n]`` placed at ``rows`` of a zero tensor shaped ``shape``."""
+    out = torch.zeros(shape.numel(), dtype=torch.float32, device=values.device)
+    return out.index_copy_(0, rows, values).reshape(shape)
+
+
 def _on_device(t: torch.Tensor):
     """Make t's GPU the current one while kernels launch (Triton launches on the current
     device, not on the tensors')."""
@@ -106,12 +112,10 @@ def _linear_logprob_op(
             want_entropy=want_entropy, tile_max=tile_max if tile_max.numel() else None,
         )
 
-    def scatter(values: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
-        return out.index_copy_(0, rows, values).reshape(labels.shape)
-
-    entropy = scatter(ent_c) if want_entropy else labels.new_empty(0, dtype=torch.float32)
-    return scatter(logp_c), scatter(lse_c), entropy, tile_max
+    entropy = (_scatter_rows(ent_c, rows, labels.shape) if want_entropy
+               else labels.new_empty(0, dtype=torch.float32))
+    return (_scatter_rows(logp_c, rows, labels.shape), _scatter_rows(lse_c, rows, labels.shape),
+            entropy, tile_max)
 
 
 def _tile_max_buffer(hidden, weight, labels, filter_eps: float) -> torch.Tensor:
@@ -284,12 +288,6 @@ def linear_logprob(
 # --------------------------------------------------------------------------------------------
 
 k1, k2, k3 = reference.k1, reference.k2, reference.k3
-
-
-def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Per-valid-row fp32 ``values [n]`` placed at ``rows`` of a zero tensor shaped ``shape``."""
-    out = torch.zeros(shape.numel(), dtype=torch.float32, device=values.device)
-    return out.index_copy_(0, rows, values).reshape(shape)
 
 
 def _kl_heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias):
