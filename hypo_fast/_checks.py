@@ -156,6 +156,8 @@ def validate_head(
         check_float(b, bias)
         check_shape(b, bias, (V,), f"[V] with V = {w}.shape[0]")
     if token_weights is not None:
+        if seq_ids is None:
+            raise ValueError("token_weights weight the per-sequence sums: pass seq_ids with them")
         check_float("token_weights", token_weights)
         check_shape("token_weights", token_weights, tokens, f"{h}.shape[:-1]")
     if mask is not None:

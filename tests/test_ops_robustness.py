@@ -72,3 +72,11 @@ def test_forward_launcher_with_no_valid_row_returns_empties():
     logp, lse, ent = K.logprob_forward(hidden.detach().reshape(18, 16), weight.detach(), None,
                                        rows, rows, want_entropy=True)
     assert logp.shape == lse.shape == ent.shape == (0,)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_token_weights_without_seq_ids_is_an_error(backend):
+    hidden, weight, labels = small(torch.float32)
+    with pytest.raises(ValueError, match="pass seq_ids"):
+        ops.linear_logprob(hidden, weight, labels, token_weights=torch.ones(2, 9),
+                           backend=backend)
