@@ -491,11 +491,7 @@ def linear_kl(
     else:
         if seq_ids is not None and num_seqs is None:
             raise ValueError("num_seqs must be given with seq_ids under torch.compile")
-        valid = torch.ones(hidden.shape[:-1], dtype=torch.bool, device=hidden.device)
-        if labels is not None:
-            valid = valid & (labels != ignore_index)
-        if mask is not None:
-            valid = valid & mask
+        valid = reference.kl_rows(hidden, labels, ignore_index, mask)
     hidden, weight, bias, ref_hidden, ref_weight, ref_bias = _fp32_if_fp64(
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
     kl, _, entropy, logp, ref_logp = _linear_kl_op(

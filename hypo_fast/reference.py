@@ -239,10 +239,18 @@ def validate_kl_inputs(
         temperature=temperature, softcap=softcap, prefix="ref_",
         vocab=weight.shape[0], device=hidden.device,
     )
-    valid = labels != ignore_index
+    return num_seqs, kl_rows(hidden, labels, ignore_index, mask)
+
+
+def kl_rows(hidden: torch.Tensor, labels: torch.Tensor | None, ignore_index: int,
+            mask: torch.Tensor | None) -> torch.Tensor:
+    """Bool ``hidden.shape[:-1]``: the rows whose KL counts (label not ignored, mask True)."""
+    valid = torch.ones(hidden.shape[:-1], dtype=torch.bool, device=hidden.device)
+    if labels is not None:
+        valid = valid & (labels != ignore_index)
     if mask is not None:
         valid = valid & mask
-    return num_seqs, valid
+    return valid
 
 
 def k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

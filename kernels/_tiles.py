@@ -185,6 +185,9 @@ def mm_accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
+SPARSE_BD = 64  # the d-block of the block-sparse dH/dW kernels
+
+
 @triton.jit
 def _sparse_dw_kernel(
     DX, H, ROWS, DW, TILE_PTR, TILE_RB, n, D, tile0, stride_dx, stride_h, stride_dw, V,
@@ -318,8 +321,9 @@ def chunked_head_backward(
     dx = torch.empty((n, chunk), dtype=dtype, device=device)
     db_part = torch.empty((triton.cdiv(n, bm) if need_bias else 1, chunk),
                           dtype=torch.float32, device=device)
-    consts = {"CAST_F32": INTERPRET and dtype == torch.bfloat16,
-              "PRECISION": dot_precision(dtype), "BM": bm, "BN": bn, "BD": cfg.get("BD", 64)}
+    dots = head_constants(dtype, 1.0, None)
+    consts = {"CAST_F32": dots["CAST_F32"], "PRECISION": dots["PRECISION"], "BM": bm, "BN": bn,
+              "BD": SPARSE_BD}
     for chunk_index, start in enumerate(range(0, V, chunk)):
         cols = min(chunk, V - start)
         if not sparse:

@@ -60,7 +60,8 @@ def main(dtype: str) -> int:
                     {**heads, **bwd, "BN": LP.tile_width(torch_dtype) if sparse else bwd["BN"],
                      "HAS_G_LSE": True, "HAS_G_ENT": True, "WANT_DB": True, "SPARSE": sparse},
                     **bwd_launch)
-    sparse_blocks = {"BM": bwd["BM"], "BN": LP.tile_width(torch_dtype), "BD": 64, **dots}
+    sparse_blocks = {"BM": bwd["BM"], "BN": LP.tile_width(torch_dtype), "BD": _tiles.SPARSE_BD,
+                     **dots}
     compile_one(f"sparse dW {dtype}", _tiles._sparse_dw_kernel,
                 {"DX": ptr, "H": ptr, "ROWS": i64, "DW": ptr, "TILE_PTR": "*i32",
                  "TILE_RB": "*i32"}, sparse_blocks)
