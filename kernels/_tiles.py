@@ -16,31 +16,48 @@ from collections.abc import Callable
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
 def logits_tile(
-    H, W, B, rows, row_mask, offs_n, col_mask, D, stride_h, stride_w, inv_temp, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, CAST_F32: tl.constexpr,
-    PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    H, W, B, rows, row_mask, row0, offs_n, col_mask, col0, D, stride_h, stride_w, inv_temp,
+    softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, CAST_F32: tl.constexpr,
+    PRECISION: tl.constexpr, TMA: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    BK: tl.constexpr,
 ):
-    """``z = softcap(H[rows] @ W[offs_n].T + b) / T`` for one [BM, BN] tile, fp32."""
-    offs_k = tl.arange(0, BK)
-    h_ptrs = H + rows[:, None] * stride_h + offs_k[None, :]
-    w_ptrs = W + offs_n[:, None] * stride_w + offs_k[None, :]
+    """``z = softcap(H[rows] @ W[offs_n].T + b) / T`` for one [BM, BN] tile, fp32.
+
+    With ``TMA``, H and W are tensor descriptors (blocks ``[BM, BK]`` and ``[BN, BK]``) over the
+    valid rows, compacted, and the weight: the tile is rows ``row0..`` by columns ``col0..``,
+    zero-filled past either edge, and the copy engine computes the addresses. Otherwise H and W
+    are pointers, gathered through ``rows`` and ``offs_n``.
+    """
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k in range(0, tl.cdiv(D, BK)):
-        k_mask = offs_k < D - k * BK
-        h = tl.load(h_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-        if CAST_F32:
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
-        h_ptrs += BK
-        w_ptrs += BK
+    if TMA:
+        for k in range(0, tl.cdiv(D, BK)):
+            h = H.load([row0, k * BK])
+            w = W.load([col0, k * BK])
+            if CAST_F32:
+                h = h.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
+    else:
+        offs_k = tl.arange(0, BK)
+        h_ptrs = H + rows[:, None] * stride_h + offs_k[None, :]
+        w_ptrs = W + offs_n[:, None] * stride_w + offs_k[None, :]
+        for k in range(0, tl.cdiv(D, BK)):
+            k_mask = offs_k < D - k * BK
+            h = tl.load(h_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            if CAST_F32:
+                h = h.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
+            h_ptrs += BK
+            w_ptrs += BK
     if HAS_BIAS:
         acc += tl.load(B + offs_n, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:
@@ -107,15 +124,42 @@ def store_grad_tile(
 
 
 def block_config(kind: str, dtype: torch.dtype) -> dict:
-    """Block sizes and launch options (kernel keyword arguments) for ``forward``/``backward``."""
+    """Block sizes and launch options (kernel keyword arguments) for ``forward``/``backward``.
+    ``TMA``: load through tensor descriptors (:func:`head_operands`); opt-in, with the
+    environment variable ``HYPO_FAST_TMA=1``, until it is timed against the pointer loads on a
+    GPU (``benchmarks/gpu_check.py --sweep``)."""
+    tma = os.environ.get("HYPO_FAST_TMA") == "1"
     if INTERPRET:
-        return {"BM": 32, "BN": 64, "BK": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
+        return {"BM": 32, "BN": 64, "BK": 32, "GROUP_M": 4, "TMA": tma, "num_warps": 4,
+                "num_stages": 1}
     wide = dtype == torch.float32
     if kind == "forward":
         return {"BM": 128, "BN": 128 if wide else 256, "BK": 32 if wide else 64, "GROUP_M": 16,
-                "num_warps": 8, "num_stages": 3}
+                "TMA": tma, "num_warps": 8, "num_stages": 3}
     return {"BM": 128, "BN": 128 if wide else 256, "BK": 32 if wide else 64,
-            "GROUP_M": 8 if wide else 16, "num_warps": 8, "num_stages": 3}
+            "GROUP_M": 8 if wide else 16, "TMA": tma, "num_warps": 8, "num_stages": 3}
+
+
+def tma_eligible(weight: torch.Tensor, cfg: dict) -> bool:
+    """Whether ``cfg`` asks for descriptor loads and the copy engine can read this head: the
+    weight with unit stride along d, a 16-byte aligned base and row stride, and 16-byte rows
+    (also those of the compacted hidden states)."""
+    size = weight.element_size()
+    return (bool(cfg.get("TMA")) and weight.stride(1) == 1 and weight.data_ptr() % 16 == 0
+            and weight.stride(0) * size % 16 == 0 and weight.shape[1] * size % 16 == 0)
+
+
+def head_operands(
+    hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, cfg: dict
+) -> tuple[object, object, bool]:
+    """``(H, W, tma)``, the operands a kernel's ``logits_tile`` reads: descriptors over
+    ``hidden[rows]`` (a compacted ``[n, d]`` copy) and ``weight`` when :func:`tma_eligible`,
+    ``tma`` True; otherwise ``hidden`` and ``weight`` themselves, gathered through ``rows``."""
+    if not tma_eligible(weight, cfg):
+        return hidden, weight, False
+    compact = hidden.index_select(0, rows)
+    return (TensorDescriptor.from_tensor(compact, [cfg["BM"], cfg["BK"]]),
+            TensorDescriptor.from_tensor(weight, [cfg["BN"], cfg["BK"]]), True)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -293,6 +337,7 @@ def chunked_head_backward(
     chunk_bytes: int,
     keep: torch.Tensor | None = None,
     max_fraction: float = 1.0,
+    compact: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(dH [N_all, d], dW [V, d], db [V] fp32)`` of one head, None where not needed.
 
@@ -305,7 +350,8 @@ def chunked_head_backward(
     With ``keep [cdiv(n, BM), cdiv(V, BN)]`` (a filtered backward) and at most ``max_fraction``
     of it True, only the kept ``[BM, BN]`` tiles exist: ``fill(dx, db_part, start, cols, pairs)``
     writes just the tiles in ``pairs [k, 2]`` (row block, tile) and two block-sparse kernels
-    replace the library GEMMs, skipping the others.
+    replace the library GEMMs, skipping the others. ``compact``: ``hidden[rows]`` if the caller
+    already made it.
     """
     n, (V, D) = rows.numel(), weight.shape
     dtype, device = hidden.dtype, hidden.device
@@ -314,7 +360,9 @@ def chunked_head_backward(
     chunk = min(chunk, triton.cdiv(V, bn) * bn)
     sparse = keep is not None and float(keep.float().mean()) <= max_fraction
     tiles = TileSet(keep, chunk // bn) if sparse else None
-    h_rows = hidden.index_select(0, rows) if need_weight and not sparse else None
+    h_rows = None
+    if need_weight and not sparse:
+        h_rows = compact if compact is not None else hidden.index_select(0, rows)
     dh_acc = torch.zeros((n, D), dtype=torch.float32, device=device) if need_hidden else None
     dw = torch.empty_like(weight) if need_weight else None
     db = torch.empty(V, dtype=torch.float32, device=device) if need_bias else None

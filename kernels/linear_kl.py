@@ -52,18 +52,21 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from ._tiles import (
+    INTERPRET,
     block_config,
     chunked_head_backward,
     head_constants,
+    head_operands,
     logits_tile,
     merge_splits,
-    online_softmax_step,
     softcap_with_slope,
     split_vocab,
     store_grad_tile,
     swizzle,
+    tma_eligible,
 )
 
 
@@ -91,16 +94,34 @@ class KLStats(NamedTuple):
     ref_logp: torch.Tensor | None
 
 
+if INTERPRET:  # the interpreter has no libdevice
+
+    @triton.jit
+    def _expm1_small(x):
+        """``e^x - 1`` for |x| ≤ 1/2 by its Taylor series to x⁹/9! (truncation < 1e-9 relative;
+        mul/add only)."""
+        em1 = x * (1.0 / 9.0) + 1.0
+        for i in tl.static_range(7):
+            em1 = em1 * x * (1.0 / (8 - i)) + 1.0
+        return em1 * x
+
+else:
+
+    @triton.jit
+    def _expm1_small(x):
+        """``e^x - 1`` for |x| ≤ 1/2: libdevice's ``expm1f`` (within 1 ulp). One call per
+        element keeps a tile's registers free, where the unrolled series above holds several
+        whole tiles live (spills: ``tests/compile_for_gpu.py``)."""
+        return libdevice.expm1(x)
+
+
 @triton.jit
 def _exp_diff(a, b, x):
-    """``a - b`` for ``a = b·e^x`` without cancellation: ``b·expm1(x)`` for |x| < 1/2, by its
-    Taylor series to x⁹/9! (truncation < 1e-9 relative; mul/add only, as the GPU's exp and log
-    are approximations), and ``a - b`` otherwise (at most ~2.5x the rounding of a or b)."""
-    xs = tl.minimum(tl.maximum(x, -0.5), 0.5)
-    em1 = xs * (1.0 / 9.0) + 1.0
-    for i in tl.static_range(7):
-        em1 = em1 * xs * (1.0 / (8 - i)) + 1.0
-    return tl.where(tl.abs(x) < 0.5, b * (em1 * xs), a - b)
+    """``a - b`` for ``a = b·e^x`` without cancellation: ``b·expm1(x)`` for |x| < 1/2 (the GPU's
+    plain exp and log are approximations), and ``a - b`` otherwise (at most ~2.5x the rounding
+    of a or b)."""
+    return tl.where(tl.abs(x) < 0.5, b * _expm1_small(tl.minimum(tl.maximum(x, -0.5), 0.5)),
+                    a - b)
 
 
 @triton.jit
@@ -110,7 +131,7 @@ def _forward_kernel(
     HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     REVERSE: tl.constexpr, WANT_ENTROPY: tl.constexpr, HAS_LABELS: tl.constexpr,
     CAST_F32: tl.constexpr, PRECISION: tl.constexpr,
-    REF_CAST_F32: tl.constexpr, REF_PRECISION: tl.constexpr,
+    REF_CAST_F32: tl.constexpr, REF_PRECISION: tl.constexpr, TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     rb, split = swizzle(tl.program_id(0), tl.cdiv(N, BM), n_splits, GROUP_M)
@@ -121,7 +142,7 @@ def _forward_kernel(
     live = own < N
     rows = tl.load(ROWS + own)
     if HAS_LABELS:
-        labels = tl.load(Y + own).to(tl.int64)
+        labels = tl.load(Y + own).to(tl.int32)
     # A finite "no tile yet" max: every shift below is then 0·finite, never inf - inf.
     m_z = tl.full((BM,), -3.0e38, tl.float32)
     m_r = tl.full((BM,), -3.0e38, tl.float32)
@@ -134,19 +155,37 @@ def _forward_kernel(
     t_r = tl.zeros((BM,), tl.float32)
     first_tile = split * tiles_per_split
     last_tile = tl.minimum(first_tile + tiles_per_split, tl.cdiv(V, BN))
+    cols = tl.arange(0, BN)
+    # Each tile's own work follows its product, so that few [BM, BN] tensors are live at once
+    # (at 128 x 128 the two logits tiles alone take half the registers).
     for tile in range(first_tile, last_tile):
-        offs_n = tl.arange(0, BN).to(tl.int64) + tile * BN
-        col_mask = offs_n < V
-        # Off the vocabulary z and r are finite (zero-padded W rows) and e_z = e_r = 0.
-        z = logits_tile(H, W, B, rows, live, offs_n, col_mask, D, stride_h, stride_w,
-                         inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, CAST_F32, PRECISION, BM, BN, BK)
-        r = logits_tile(HR, WR, BR, rows, live, offs_n, col_mask, DR, stride_hr, stride_wr,
-                         inv_temp, softcap, HAS_REF_BIAS, HAS_SOFTCAP, REF_CAST_F32,
-                         REF_PRECISION, BM, BN, BK)
-        m_z_new, scale_z, e_z, s_z_new = online_softmax_step(m_z, s_z, z, col_mask)
-        m_r_new, scale_r, e_r, s_r_new = online_softmax_step(m_r, s_r, r, col_mask)
+        offs_n = cols.to(tl.int64) + tile * BN
+        col_mask = cols < V - tile * BN
+        if HAS_LABELS:
+            hit = cols[None, :] == (labels - tile * BN)[:, None]
+        z = logits_tile(H, W, B, rows, live, rb * BM, offs_n, col_mask, tile * BN, D, stride_h,
+                         stride_w, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, CAST_F32, PRECISION,
+                         TMA, BM, BN, BK)
+        if HAS_LABELS:
+            t_z += tl.sum(tl.where(hit, z, 0.0), axis=1)
+        # Off the vocabulary z and r are -inf: e_z = e_r = 0 and δ is set to 0 there.
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        m_z_new = tl.maximum(m_z, tl.max(z, axis=1))
+        r = logits_tile(HR, WR, BR, rows, live, rb * BM, offs_n, col_mask, tile * BN, DR,
+                         stride_hr, stride_wr, inv_temp, softcap, HAS_REF_BIAS, HAS_SOFTCAP,
+                         REF_CAST_F32, REF_PRECISION, TMA, BM, BN, BK)
+        if HAS_LABELS:
+            t_r += tl.sum(tl.where(hit, r, 0.0), axis=1)
+        r = tl.where(col_mask[None, :], r, float("-inf"))
+        m_r_new = tl.maximum(m_r, tl.max(r, axis=1))
+        scale_z = tl.exp(m_z - m_z_new)
+        scale_r = tl.exp(m_r - m_r_new)
+        z_c = z - m_z_new[:, None]
+        r_c = r - m_r_new[:, None]
+        e_z = tl.exp(z_c)
+        e_r = tl.exp(r_c)
         # δ = Δ - c with c = m_z - m_r; γ = how much c moved. a, b are kept against c.
-        delta = (z - m_z_new[:, None]) - (r - m_r_new[:, None])
+        delta = tl.where(col_mask[None, :], z_c - r_c, 0.0)
         gamma = (m_z_new - m_z) - (m_r_new - m_r)
         b_i = (scale_z * b_i + _exp_diff(scale_z, scale_r, -gamma) * s_r
                + tl.sum(_exp_diff(e_z, e_r, delta), axis=1))
@@ -156,12 +195,10 @@ def _forward_kernel(
             a_i = scale_r * (a_i - gamma * s_r) + tl.sum(e_r * delta, axis=1)
         if WANT_ENTROPY:
             ent = (scale_z * (ent + (m_z - m_z_new) * s_z)
-                   + tl.sum(e_z * (z - m_z_new[:, None]), axis=1))
-        m_z, s_z, m_r, s_r = m_z_new, s_z_new, m_r_new, s_r_new
-        if HAS_LABELS:
-            hit = offs_n[None, :] == labels[:, None]
-            t_z += tl.sum(tl.where(hit, z, 0.0), axis=1)
-            t_r += tl.sum(tl.where(hit, r, 0.0), axis=1)
+                   + tl.sum(e_z * tl.where(col_mask[None, :], z_c, 0.0), axis=1))
+        s_z = s_z * scale_z + tl.sum(e_z, axis=1)
+        s_r = s_r * scale_r + tl.sum(e_r, axis=1)
+        m_z, m_r = m_z_new, m_r_new
     out = OUT + split.to(tl.int64) * N + offs_m
     tl.store(out, m_z, mask=row_mask)
     tl.store(out + stride_out, s_z, mask=row_mask)
@@ -185,7 +222,7 @@ def _grad_logits_kernel(
     REVERSE: tl.constexpr, HAS_G_KL: tl.constexpr, HAS_G_ENT: tl.constexpr,
     HAS_G_LOGP: tl.constexpr, WANT_DB: tl.constexpr,
     CAST_F32: tl.constexpr, PRECISION: tl.constexpr,
-    REF_CAST_F32: tl.constexpr, REF_PRECISION: tl.constexpr,
+    REF_CAST_F32: tl.constexpr, REF_PRECISION: tl.constexpr, TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     rb, ct = swizzle(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(n_cols, BN), GROUP_M)
@@ -198,8 +235,9 @@ def _grad_logits_kernel(
     own = tl.minimum(offs_m, N - 1)
     live = own < N
     rows = tl.load(ROWS + own)
-    x = logits_tile(H, W, B, rows, live, offs_n, col_mask, D, stride_h, stride_w,
-                     1.0, softcap, HAS_BIAS, False, CAST_F32, PRECISION, BM, BN, BK)
+    col0 = col_start + ct * BN
+    x = logits_tile(H, W, B, rows, live, rb * BM, offs_n, col_mask, col0, D, stride_h, stride_w,
+                     1.0, softcap, HAS_BIAS, False, CAST_F32, PRECISION, TMA, BM, BN, BK)
     z, slope = softcap_with_slope(x, inv_temp, softcap, HAS_SOFTCAP)
     # Off the vocabulary z is finite but meaningless: p = 0 there, and every term stays finite.
     z_c = tl.where(col_mask[None, :], z - tl.load(NORM + own)[:, None], -1.0e30)
@@ -207,9 +245,9 @@ def _grad_logits_kernel(
     p = tl.exp(log_p)
     dz = tl.zeros_like(z)
     if HAS_G_KL:
-        r = logits_tile(HR, WR, BR, rows, live, offs_n, col_mask, DR, stride_hr, stride_wr,
-                         inv_temp, softcap, HAS_REF_BIAS, HAS_SOFTCAP, REF_CAST_F32,
-                         REF_PRECISION, BM, BN, BK)
+        r = logits_tile(HR, WR, BR, rows, live, rb * BM, offs_n, col_mask, col0, DR, stride_hr,
+                         stride_wr, inv_temp, softcap, HAS_REF_BIAS, HAS_SOFTCAP, REF_CAST_F32,
+                         REF_PRECISION, TMA, BM, BN, BK)
         g_kl = tl.load(G_KL + own)[:, None]
         r_c = tl.where(col_mask[None, :], r - tl.load(NORM + 2 * stride_norm + own)[:, None],
                        -1.0e30)
@@ -232,9 +270,16 @@ def _grad_logits_kernel(
                     stride_dx, stride_db, WANT_DB)
 
 
-def _head_args(head: Head) -> tuple:
-    h, w, b = head
-    return h, w, b if b is not None else h, w.shape[1], h.stride(0), w.stride(0)
+def _kernel_heads(policy: Head, ref: Head, rows: torch.Tensor, cfg: dict) -> tuple[tuple, dict]:
+    """Both heads' kernel arguments ``(H, W, b, d, stride_h, stride_w)`` and the blocks with
+    ``TMA`` set to whether they load through descriptors (both heads or neither)."""
+    cfg = {**cfg, "TMA": all(tma_eligible(head.weight, cfg) for head in (policy, ref))}
+    args: tuple = ()
+    for head in (policy, ref):
+        h, w, _ = head_operands(head.hidden, head.weight, rows, cfg)
+        args += (h, w, head.bias if head.bias is not None else head.hidden, head.weight.shape[1],
+                 head.hidden.stride(0), head.weight.stride(0))
+    return args, cfg
 
 
 def _constants(policy: Head, ref: Head, temperature: float, softcap: float | None) -> dict:
@@ -282,8 +327,9 @@ def kl_forward(
     n_row_blocks, n_tiles = triton.cdiv(n, cfg["BM"]), triton.cdiv(V, cfg["BN"])
     splits, tiles_per_split = split_vocab(n_row_blocks, n_tiles, dev)
     part = torch.empty((9, splits, n), dtype=torch.float32, device=dev)
+    heads, cfg = _kernel_heads(policy, ref, rows, cfg)
     _forward_kernel[(n_row_blocks * splits,)](
-        *_head_args(policy), *_head_args(ref), labels if labels is not None else rows, rows,
+        *heads, labels if labels is not None else rows, rows,
         part, n, V, part.stride(0), splits, tiles_per_split,
         REVERSE=reverse, WANT_ENTROPY=want_entropy, HAS_LABELS=labels is not None,
         **_constants(policy, ref, temperature, softcap), **cfg,
@@ -355,13 +401,14 @@ def kl_backward(
         raise ValueError("g_logp needs the labels")
     cfg = config or two_head_config("backward", h.dtype)
     constants = _constants(policy, ref, temperature, softcap)
+    heads, cfg = _kernel_heads(policy, ref, rows, cfg)
     # Any fp32 tensor stands in for an absent one: the kernel never reads it (HAS_* flag off).
     grads = [t if t is not None else norm for t in (g_kl, g_entropy, g_logp)]
 
     def fill(dx: torch.Tensor, db_part: torch.Tensor, start: int, cols: int) -> None:
         grid = (triton.cdiv(n, cfg["BM"]) * triton.cdiv(cols, cfg["BN"]),)
         _grad_logits_kernel[grid](
-            *_head_args(policy), *_head_args(ref), labels if labels is not None else rows, rows,
+            *heads, labels if labels is not None else rows, rows,
             norm, entropy if entropy is not None else norm, *grads,
             dx, db_part, n, V, start, cols, norm.stride(0), dx.stride(0), db_part.stride(0),
             REVERSE=reverse, HAS_G_KL=g_kl is not None, HAS_G_ENT=g_entropy is not None,
@@ -371,4 +418,5 @@ def kl_backward(
     return chunked_head_backward(
         h, w, rows, fill, cfg=cfg, need_hidden=need_hidden, need_weight=need_weight,
         need_bias=need_bias, chunk_bytes=chunk_bytes,
+        compact=heads[0].base if cfg["TMA"] else None,
     )

@@ -43,6 +43,7 @@ from ._tiles import (
     block_config,
     chunked_head_backward,
     head_constants,
+    head_operands,
     logits_tile,
     merge_splits,
     online_softmax_step,
@@ -59,7 +60,7 @@ def _forward_kernel(
     N, V, D, stride_h, stride_w, stride_tmax, n_splits, tiles_per_split, inv_temp, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WANT_ENTROPY: tl.constexpr,
     WANT_TILE_MAX: tl.constexpr,
-    CAST_F32: tl.constexpr, PRECISION: tl.constexpr,
+    CAST_F32: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     rb, split = swizzle(tl.program_id(0), tl.cdiv(N, BM), n_splits, GROUP_M)
@@ -77,8 +78,9 @@ def _forward_kernel(
     for tile in range(first_tile, last_tile):
         offs_n = tl.arange(0, BN).to(tl.int64) + tile * BN
         col_mask = offs_n < V
-        z = logits_tile(H, W, B, rows, row_mask, offs_n, col_mask, D, stride_h, stride_w,
-                         inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, CAST_F32, PRECISION, BM, BN, BK)
+        z = logits_tile(H, W, B, rows, row_mask, rb * BM, offs_n, col_mask, tile * BN, D,
+                         stride_h, stride_w, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, CAST_F32,
+                         PRECISION, TMA, BM, BN, BK)
         m_new, scale, p, s_new = online_softmax_step(m_i, s_i, z, col_mask)
         if WANT_TILE_MAX:
             tile_max = tl.max(tl.where(col_mask[None, :], z, float("-inf")), axis=1)
@@ -104,7 +106,7 @@ def _grad_logits_kernel(
     N, V, D, col_start, n_cols, stride_h, stride_w, stride_dx, stride_db, inv_temp, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_G_LSE: tl.constexpr,
     HAS_G_ENT: tl.constexpr, WANT_DB: tl.constexpr, CAST_F32: tl.constexpr,
-    PRECISION: tl.constexpr, SPARSE: tl.constexpr,
+    PRECISION: tl.constexpr, TMA: tl.constexpr, SPARSE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     if SPARSE:  # one program per kept (row block, tile) pair of the chunk
@@ -118,8 +120,9 @@ def _grad_logits_kernel(
     offs_n = col_start + local_n.to(tl.int64)
     col_mask = (local_n < n_cols) & (offs_n < V)
     rows = tl.load(ROWS + offs_m, mask=row_mask, other=0)
-    x = logits_tile(H, W, B, rows, row_mask, offs_n, col_mask, D, stride_h, stride_w,
-                     1.0, softcap, HAS_BIAS, False, CAST_F32, PRECISION, BM, BN, BK)
+    x = logits_tile(H, W, B, rows, row_mask, rb * BM, offs_n, col_mask, col_start + ct * BN, D,
+                     stride_h, stride_w, 1.0, softcap, HAS_BIAS, False, CAST_F32, PRECISION, TMA,
+                     BM, BN, BK)
     z, slope = softcap_with_slope(x, inv_temp, softcap, HAS_SOFTCAP)
     labels = tl.load(Y + offs_m, mask=row_mask, other=-1).to(tl.int64)
     lse = tl.load(LSE + offs_m, mask=row_mask, other=0.0)
@@ -167,8 +170,9 @@ def logprob_forward(
         empty = torch.zeros(0, dtype=torch.float32, device=hidden.device)
         return empty, empty, empty if want_entropy else None
     cfg = config or block_config("forward", hidden.dtype)
-    if tile_max is not None and (config is not None or tile_max.stride(1) != 1):
-        raise ValueError("tile_max needs the default blocks and unit stride along rows")
+    if tile_max is not None and (cfg["BN"] != tile_width(hidden.dtype) or tile_max.stride(1) != 1):
+        raise ValueError("tile_max needs tiles of tile_width() columns and unit stride along rows")
+    h_arg, w_arg, tma = head_operands(hidden, weight, rows, cfg)
     n_row_blocks, n_tiles = triton.cdiv(n, cfg["BM"]), triton.cdiv(V, cfg["BN"])
     splits, tiles_per_split = split_vocab(n_row_blocks, n_tiles, hidden.device)
     part = torch.empty((4 if want_entropy else 3, splits, n), dtype=torch.float32,
@@ -176,13 +180,13 @@ def logprob_forward(
     m, s, t = part[0], part[1], part[2]
     a = part[3] if want_entropy else t
     _forward_kernel[(n_row_blocks * splits,)](
-        hidden, weight, bias if bias is not None else hidden, labels, rows, m, s, a, t,
+        h_arg, w_arg, bias if bias is not None else hidden, labels, rows, m, s, a, t,
         tile_max if tile_max is not None else m,
         n, V, D, hidden.stride(0), weight.stride(0),
         tile_max.stride(0) if tile_max is not None else 0, splits, tiles_per_split,
         HAS_BIAS=bias is not None, WANT_ENTROPY=want_entropy,
         WANT_TILE_MAX=tile_max is not None,
-        **head_constants(hidden.dtype, temperature, softcap), **cfg,
+        **head_constants(hidden.dtype, temperature, softcap), **{**cfg, "TMA": tma},
     )
     m_max, s_tot, w = merge_splits(m, s)
     lse = m_max + torch.log(s_tot)
@@ -278,6 +282,7 @@ def logprob_backward(
         cfg = {**cfg, "BN": tile_width(hidden.dtype)}
         keep = filter_tiles(tile_max, rows, labels, lse, entropy, g_logp, g_lse, g_entropy,
                             filter_eps, cfg["BM"], cfg["BN"])
+    h_arg, w_arg, tma = head_operands(hidden, weight, rows, cfg)
 
     def fill(dx: torch.Tensor, db_part: torch.Tensor, start: int, cols: int,
              pairs: torch.Tensor | None = None) -> None:
@@ -286,7 +291,7 @@ def logprob_backward(
         else:
             grid = (pairs.shape[0],)
         _grad_logits_kernel[grid](
-            hidden, weight, bias if bias is not None else hidden, labels, rows, lse,
+            h_arg, w_arg, bias if bias is not None else hidden, labels, rows, lse,
             entropy if entropy is not None else zero, g_logp,
             g_lse if g_lse is not None else zero, g_entropy if g_entropy is not None else zero,
             dx, db_part, pairs if pairs is not None else rows,
@@ -294,10 +299,11 @@ def logprob_backward(
             db_part.stride(0),
             HAS_BIAS=bias is not None, HAS_G_LSE=g_lse is not None,
             HAS_G_ENT=g_entropy is not None, WANT_DB=need_bias, SPARSE=pairs is not None,
-            **constants, **cfg,
+            **constants, **{**cfg, "TMA": tma},
         )
 
     return chunked_head_backward(
         hidden, weight, rows, fill, cfg=cfg, need_hidden=need_hidden, need_weight=need_weight,
         need_bias=need_bias, chunk_bytes=chunk_bytes, keep=keep, max_fraction=max_fraction,
+        compact=h_arg.base if tma else None,
     )

@@ -1,13 +1,23 @@
 """Compile every Triton kernel for an sm_90 target without a GPU (run as a script, without
 TRITON_INTERPRET): catches what only the GPU compiler rejects (the interpreter accepts more,
-e.g. an fp64 dot into an fp32 accumulator). Prints one line per kernel; exits 1 on any failure.
+e.g. an fp64 dot into an fp32 accumulator), and prints each kernel's resource report from
+``ptxas -v`` (registers per thread, spill stores/loads in bytes) at its default blocks.
 
-    python tests/compile_for_gpu.py bf16|fp16|fp32
+Arguments get the specialisation Triton's launcher gives a real call at the benchmark shapes:
+pointers 16-byte aligned, ``D``/``DR`` and strides multiples of 16. Without it the loads are
+not vectorised and the K loops are not software-pipelined, and the report would describe a
+kernel that never runs. Exits 1 on any failure.
+
+    python tests/compile_for_gpu.py bf16|fp16|fp32 [--tma]
+
+``--tma``: the head kernels with descriptor loads (``HYPO_FAST_TMA=1``).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
 
 os.environ.pop("TRITON_INTERPRET", None)
@@ -18,48 +28,74 @@ from hypo_fast.kernels import _tiles
 from hypo_fast.kernels import linear_kl as KL
 from hypo_fast.kernels import linear_logprob as LP
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 TARGET = GPUTarget("cuda", 90, 32)
 FAILED = []
 
 
+def _aligned(arg: str, kind: str) -> bool:
+    return kind.startswith("*") or arg in ("D", "DR") or arg.startswith("stride")
+
+
+def resources(ptx: str) -> str:
+    """``ptxas -v``'s registers and spill bytes of one kernel, for sm_90a."""
+    run = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", "-", "-o", os.devnull],
+                         input=ptx, capture_output=True, text=True)
+    regs = re.search(r"Used (\d+) registers", run.stderr)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", run.stderr)
+    if regs is None or spill is None:
+        return "ptxas report unavailable"
+    return f"{regs[1]} registers, spills {spill[1]} B stored / {spill[2]} B loaded"
+
+
 def compile_one(name, fn, types, constexprs, **options):
     """``types``: the non-constexpr arguments' Triton types (default i32)."""
     signature = {a: "constexpr" if a in constexprs else types.get(a, "i32") for a in fn.arg_names}
     keys = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if signature[a] != "constexpr" and _aligned(a, signature[a])}
     try:
-        triton.compile(ASTSource(fn, signature, constexprs=keys), target=TARGET, options=options)
-        print("ok  ", name)
+        kernel = triton.compile(ASTSource(fn, signature, constexprs=keys, attrs=attrs),
+                                target=TARGET, options=options)
+        print("ok  ", f"{name:45s}", resources(kernel.asm["ptx"]))
     except Exception as exc:  # report every kernel, then fail
         FAILED.append(name)
         print("FAIL", name, type(exc).__name__, str(exc)[:800])
 
 
-def main(dtype: str) -> int:
+def main(dtype: str, tma: bool) -> int:
     ptr, f32, i64 = f"*{dtype}", "*fp32", "*i64"
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
 
-    def blocks(cfg):  # the defaults the launchers use: constexprs, then launch options
-        cfg = dict(cfg)
+    def blocks(cfg):  # the launchers' defaults: constexprs, then launch options
+        cfg = {**cfg, "TMA": tma}
         return cfg, {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
 
+    def operands(cfg, h="H", w="W"):  # what logits_tile reads: descriptors or pointers
+        if not tma:
+            return {h: ptr, w: ptr}
+        return {h: f"tensordesc<{dtype}[{cfg['BM']},{cfg['BK']}]>",
+                w: f"tensordesc<{dtype}[{cfg['BN']},{cfg['BK']}]>"}
+
+    tag = f"{dtype}{' tma' if tma else ''}"
     fwd, launch = blocks(_tiles.block_config("forward", torch_dtype))
     bwd, bwd_launch = blocks(_tiles.block_config("backward", torch_dtype))
     dots = {"CAST_F32": False, "PRECISION": "ieee"}
     heads = {"HAS_BIAS": True, "HAS_SOFTCAP": True, **dots}
-    compile_one(f"linear_logprob forward {dtype}", LP._forward_kernel,
-                {"H": ptr, "W": ptr, "B": ptr, "Y": i64, "ROWS": i64, "M_OUT": f32, "S_OUT": f32,
+    compile_one(f"linear_logprob forward {tag}", LP._forward_kernel,
+                {**operands(fwd), "B": ptr, "Y": i64, "ROWS": i64, "M_OUT": f32, "S_OUT": f32,
                  "A_OUT": f32, "T_OUT": f32, "TMAX": f32, "inv_temp": "fp32", "softcap": "fp32"},
                 {**heads, **fwd, "WANT_ENTROPY": True, "WANT_TILE_MAX": True}, **launch)
     for sparse in (False, True):
-        compile_one(f"linear_logprob grad sparse={sparse} {dtype}", LP._grad_logits_kernel,
-                    {"H": ptr, "W": ptr, "B": ptr, "Y": i64, "ROWS": i64, "LSE": f32, "ENT": f32,
+        grad = {**bwd, "BN": LP.tile_width(torch_dtype) if sparse else bwd["BN"]}
+        compile_one(f"linear_logprob grad sparse={sparse} {tag}", LP._grad_logits_kernel,
+                    {**operands(grad), "B": ptr, "Y": i64, "ROWS": i64, "LSE": f32, "ENT": f32,
                      "G_LOGP": f32, "G_LSE": f32, "G_ENT": f32, "DX": ptr, "DB_PART": f32,
                      "PAIRS": "*i32", "inv_temp": "fp32", "softcap": "fp32"},
-                    {**heads, **bwd, "BN": LP.tile_width(torch_dtype) if sparse else bwd["BN"],
-                     "HAS_G_LSE": True, "HAS_G_ENT": True, "WANT_DB": True, "SPARSE": sparse},
-                    **bwd_launch)
+                    {**heads, **grad, "HAS_G_LSE": True, "HAS_G_ENT": True, "WANT_DB": True,
+                     "SPARSE": sparse}, **bwd_launch)
     sparse_blocks = {"BM": bwd["BM"], "BN": LP.tile_width(torch_dtype), "BD": _tiles.SPARSE_BD,
                      **dots}
     compile_one(f"sparse dW {dtype}", _tiles._sparse_dw_kernel,
@@ -71,14 +107,17 @@ def main(dtype: str) -> int:
     ref = {"HAS_REF_BIAS": True, "REF_CAST_F32": False, "REF_PRECISION": "ieee", **heads}
     kl_fwd, kl_launch = blocks(KL.two_head_config("forward", torch_dtype))
     kl_bwd, kl_bwd_launch = blocks(KL.two_head_config("backward", torch_dtype))
-    kl_heads = {"H": ptr, "W": ptr, "B": ptr, "HR": ptr, "WR": ptr, "BR": ptr, "Y": i64,
+
+    def kl_heads(cfg):
+        return {**operands(cfg), **operands(cfg, "HR", "WR"), "B": ptr, "BR": ptr, "Y": i64,
                 "ROWS": i64, "inv_temp": "fp32", "softcap": "fp32"}
-    compile_one(f"linear_kl forward {dtype}", KL._forward_kernel, {**kl_heads, "OUT": f32},
+
+    compile_one(f"linear_kl forward {tag}", KL._forward_kernel, {**kl_heads(kl_fwd), "OUT": f32},
                 {**ref, **kl_fwd, "REVERSE": True, "WANT_ENTROPY": True, "HAS_LABELS": True},
                 **kl_launch)
     for reverse in (True, False):
-        compile_one(f"linear_kl grad reverse={reverse} {dtype}", KL._grad_logits_kernel,
-                    {**kl_heads, "NORM": f32, "ENT": f32, "G_KL": f32, "G_ENT": f32,
+        compile_one(f"linear_kl grad reverse={reverse} {tag}", KL._grad_logits_kernel,
+                    {**kl_heads(kl_bwd), "NORM": f32, "ENT": f32, "G_KL": f32, "G_ENT": f32,
                      "G_LOGP": f32, "DX": ptr, "DB_PART": f32},
                     {**ref, **kl_bwd, "REVERSE": reverse, "HAS_G_KL": True, "HAS_G_ENT": True,
                      "HAS_G_LOGP": True, "WANT_DB": True}, **kl_bwd_launch)
@@ -86,4 +125,4 @@ def main(dtype: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(sys.argv[1], "--tma" in sys.argv[2:]))

@@ -9,6 +9,8 @@ has set ``TRITON_INTERPRET`` by the time this is imported.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -128,3 +130,17 @@ def grads(loss: torch.Tensor, inputs, unused: str = "raise") -> dict[str, torch.
         got = [torch.zeros_like(inputs[k]) if g is None else g
                for k, g in zip(names, got, strict=True)]
     return dict(zip(names, got, strict=True))
+
+
+@contextmanager
+def tma_loads(on: bool) -> Iterator[None]:
+    """Kernels launched inside load through tensor descriptors (``HYPO_FAST_TMA``) or not."""
+    old = os.environ.get("HYPO_FAST_TMA")
+    os.environ["HYPO_FAST_TMA"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["HYPO_FAST_TMA"]
+        else:
+            os.environ["HYPO_FAST_TMA"] = old

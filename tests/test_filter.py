@@ -16,7 +16,7 @@ import triton
 from hypo_fast.kernels import linear_logprob as K
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_helpers import BF16, F32, F64, gen
+from kernel_helpers import BF16, F32, F64, gen, tma_loads
 
 from hypo_fast import ops
 from hypo_fast import reference as R
@@ -87,18 +87,20 @@ def rel(a, b):
     entropy=st.booleans(),
     eps=st.sampled_from([2.0**-12, 1e-3, 1e-2]),
     gap=st.sampled_from([10.0, 24.0, 30.0]),
+    tma=st.booleans(),
 )
 def test_filtered_equals_exact_on_kept_tiles_and_drops_only_small_entries(
-    seed, n, v, temperature, softcap, entropy, eps, gap
+    seed, n, v, temperature, softcap, entropy, eps, gap, tma
 ):
     hidden, weight, bias, labels, g = peaked_case(seed, n, 32, v, bias_gap=gap)
     rows = (labels != -100).nonzero().squeeze(1)
     if rows.numel() == 0:
         return
     coefs = torch.randn(3, rows.numel(), generator=g, dtype=F64)
-    _, (dh, dw, db), _, element_keep = run_filtered(
-        hidden, weight, bias, labels, coefs, eps=eps, temperature=temperature, softcap=softcap,
-        entropy=entropy)
+    with tma_loads(tma):
+        _, (dh, dw, db), _, element_keep = run_filtered(
+            hidden, weight, bias, labels, coefs, eps=eps, temperature=temperature,
+            softcap=softcap, entropy=entropy)
     dx = spec_logits_grad(hidden, weight, bias, labels, rows, coefs, temperature=temperature,
                           softcap=softcap, entropy=entropy)
     kept = dx * element_keep

@@ -13,10 +13,10 @@ import pytest
 SCRIPT = Path(__file__).with_name("compile_for_gpu.py")
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_kernels_compile_for_sm90(dtype):
+@pytest.mark.parametrize(("dtype", "loads"), [("bf16", ""), ("fp32", ""), ("bf16", "--tma")])
+def test_kernels_compile_for_sm90(dtype, loads):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(SCRIPT), dtype], capture_output=True, text=True,
-                         env=env, timeout=600)
+    run = subprocess.run([sys.executable, str(SCRIPT), dtype, loads], capture_output=True,
+                         text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("ok  ") == 8, run.stdout

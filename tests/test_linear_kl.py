@@ -45,6 +45,7 @@ from kernel_helpers import (
     layout,
     needs_triton,
     rel_err,
+    tma_loads,
 )
 from kernel_helpers import grads as input_grads
 
@@ -53,6 +54,7 @@ from hypo_fast import reference as R
 
 # hypo_fast.kernels is installed from kernels/ (a package-dir mapping ruff's isort cannot see)
 K = importlib.import_module("hypo_fast.kernels.linear_kl")
+TILES = importlib.import_module("hypo_fast.kernels._tiles")
 
 HYP = settings(HYP_BASE, max_examples=40)
 OUTPUTS = ("kl", "entropy", "logp", "ref_logp", "seq_kl")
@@ -97,6 +99,7 @@ def kl_cases(draw):
         hidden_layout=draw(st.sampled_from(["contig", "transposed", "sliced", "rowstep"])),
         weight_layout=draw(st.sampled_from(["contig", "transposed", "sliced", "rowstep"])),
         scale=draw(st.sampled_from(list(LOGIT_SCALES))),
+        tma=draw(st.booleans()),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
@@ -106,7 +109,7 @@ BASE_CASE = dict(
     use_bias=True, use_ref_bias=True, temperature=1.0, softcap=None, entropy=True,
     labels="some_ignored", ignore_index=-100, mask="random", seqs="ids_weights",
     explicit_num_seqs=False, hidden_layout="contig", weight_layout="contig", scale="normal",
-    seed=0,
+    tma=False, seed=0,
 )
 
 
@@ -207,7 +210,9 @@ def check_against_reference(c):
     even the fp64 spec gets right (it cancels 1 - 1 where the kernel keeps the terms apart).
     """
     inputs, kwargs, coefs = build_case(c)
-    out = call(ops.linear_kl, inputs, kwargs, backend="triton")
+    with tma_loads(c["tma"]):
+        out = call(ops.linear_kl, inputs, kwargs, backend="triton")
+        g_out = grads(combined_loss(out, coefs), inputs)
     ref = call(R.linear_kl, inputs, kwargs)
     exact = {}
 
@@ -246,7 +251,6 @@ def check_against_reference(c):
     if ref.seq_count is not None:
         assert torch.equal(out.seq_count, ref.seq_count)
     assert bool((out.kl >= 0).all())
-    g_out = grads(combined_loss(out, coefs), inputs)
     g_ref = grads(combined_loss(ref, coefs), inputs)
     for name, want in g_ref.items():
         tol = VALUE_TOL if name == "token_weights" else GRAD_TOL[c["dtype"]]
@@ -289,6 +293,23 @@ def test_edge_sizes(tokens, d, d_ref, V, direction, dtype):
     check_against_reference({**BASE_CASE, "tokens": tokens, "d": d, "d_ref": d_ref, "V": V,
                              "direction": direction, "dtype": dtype, "softcap": 7.0,
                              "temperature": 0.7})
+
+
+@needs_triton
+@pytest.mark.parametrize("direction", R.KL_DIRECTIONS)
+@pytest.mark.parametrize(("dtype", "d", "d_ref", "descriptors"), [
+    (F32, 40, 24, 8), (BF16, 40, 24, 8), (BF16, 40, 20, 0), (F32, 33, 24, 0)])
+def test_tma_loads_for_both_heads_or_neither(dtype, d, d_ref, descriptors, direction,
+                                             monkeypatch):
+    """With ``HYPO_FAST_TMA=1`` both heads load through descriptors (H and W each, in both
+    passes) when both can, else both gather through pointers; either way they match the spec."""
+    made = []
+    real = TILES.TensorDescriptor.from_tensor
+    monkeypatch.setattr(TILES.TensorDescriptor, "from_tensor",
+                        lambda t, block: made.append(block) or real(t, block))
+    check_against_reference({**BASE_CASE, "d": d, "d_ref": d_ref, "dtype": dtype,
+                             "direction": direction, "tma": True})
+    assert len(made) == descriptors, made
 
 
 @needs_triton

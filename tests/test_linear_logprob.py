@@ -42,6 +42,7 @@ from kernel_helpers import (
     layout,
     needs_triton,
     rel_err,
+    tma_loads,
 )
 
 from hypo_fast import ops
@@ -49,6 +50,7 @@ from hypo_fast import reference as R
 
 # hypo_fast.kernels is installed from kernels/ (a package-dir mapping ruff's isort cannot see)
 K = importlib.import_module("hypo_fast.kernels.linear_logprob")
+TILES = importlib.import_module("hypo_fast.kernels._tiles")
 
 HYP = settings(HYP_BASE, max_examples=100)
 forbid_kernels = kernel_forbidder(K, "logprob_forward", "logprob_backward")
@@ -186,6 +188,7 @@ def head_cases(draw):
         hidden_layout=draw(st.sampled_from(["contig", "transposed", "sliced", "rowstep"])),
         weight_layout=draw(st.sampled_from(["contig", "transposed", "sliced", "rowstep"])),
         scale=scale,
+        tma=draw(st.booleans()),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
@@ -274,7 +277,9 @@ OUTPUTS = ("logp", "lse", "entropy", "seq_sum", "seq_weighted_sum")
 @given(head_cases())
 def test_triton_matches_reference_values_and_grads(c):
     inputs, kwargs, coefs = build_case(c)
-    out = call(ops.linear_logprob, inputs, kwargs, backend="triton", filter_eps=None)
+    with tma_loads(c["tma"]):
+        out = call(ops.linear_logprob, inputs, kwargs, backend="triton", filter_eps=None)
+        g_out = grads(combined_loss(out, coefs), inputs)
     ref = call(R.linear_logprob, inputs, kwargs)
     labels = inputs["labels"]
     ignored = labels == c["ignore_index"]
@@ -292,7 +297,6 @@ def test_triton_matches_reference_values_and_grads(c):
     assert bool((out.logp[~ignored] <= 1e-4).all())
 
     # gradients of a random linear combination of every output
-    g_out = grads(combined_loss(out, coefs), inputs)
     judge.grads(g_out, grads(combined_loss(ref, coefs), inputs))
     assert bool((g_out["hidden"][ignored] == 0).all()), "dH is not 0 on ignored rows"
 
@@ -305,18 +309,20 @@ BASE_CASE = dict(
     tokens=(77,), d=40, V=203, dtype=F32, use_bias=True, temperature=1.0, softcap=None,
     entropy=True, ignore="random", ignore_index=-100, label_dtype=torch.int64, seqs="ids_weights",
     explicit_num_seqs=False, weights_dtype="fp32", hidden_layout="contig", weight_layout="contig",
-    scale="normal", seed=0,
+    scale="normal", tma=False, seed=0,
 )
 
 
 def check_case(c):
     """Values and gradients of one case against the spec."""
     inputs, kwargs, coefs = build_case(c)
-    out = call(ops.linear_logprob, inputs, kwargs, backend="triton", filter_eps=None)
+    with tma_loads(c["tma"]):
+        out = call(ops.linear_logprob, inputs, kwargs, backend="triton", filter_eps=None)
+        g_out = grads(combined_loss(out, coefs), inputs)
     ref = call(R.linear_logprob, inputs, kwargs)
     judge = Judge(inputs, kwargs, coefs, c["dtype"])
     judge.values(out, ref)
-    judge.grads(grads(combined_loss(out, coefs), inputs), grads(combined_loss(ref, coefs), inputs))
+    judge.grads(g_out, grads(combined_loss(ref, coefs), inputs))
     return out
 
 
@@ -329,6 +335,23 @@ def check_case(c):
 def test_edge_sizes(tokens, d, V, dtype):
     check_case({**BASE_CASE, "tokens": tokens, "d": d, "V": V, "dtype": dtype,
                 "softcap": 7.0, "temperature": 0.7})
+
+
+@needs_triton
+@pytest.mark.parametrize(("dtype", "d", "weight_layout", "tma"), [
+    (F32, 32, "contig", True), (BF16, 40, "rowstep", True), (F32, 33, "contig", False),
+    (BF16, 44, "contig", False), (BF16, 40, "sliced", False)])
+def test_tma_loads_where_the_copy_engine_can(dtype, d, weight_layout, tma, monkeypatch):
+    """With ``HYPO_FAST_TMA=1`` the kernels load through descriptors when the weight has unit
+    stride along d, a 16-byte aligned base and 16-byte rows (one H and one W descriptor per
+    pass), and gather through pointers otherwise; either way they match the spec."""
+    made = []
+    real = TILES.TensorDescriptor.from_tensor
+    monkeypatch.setattr(TILES.TensorDescriptor, "from_tensor",
+                        lambda t, block: made.append(block) or real(t, block))
+    check_case({**BASE_CASE, "d": d, "dtype": dtype, "weight_layout": weight_layout,
+                "hidden_layout": "transposed", "tma": True})
+    assert len(made) == (4 if tma else 0), made
 
 
 @needs_triton
