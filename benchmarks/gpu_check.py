@@ -10,7 +10,10 @@ Sections (each guarded, so one failure does not lose the rest of a lease):
    TRL path (bf16 logits, fp32 log-softmax) and the three bare cuBLAS GEMMs (logits, dH, dW),
    with each one's fraction of the measured matmul rate (ours counts 1 GEMM-equivalent forward,
    4 forward+backward);
-4. with ``--sweep``: forward and backward block configurations at the largest shape.
+4. with ``--sweep``: forward and backward block configurations at the largest shape, with
+   pointer and descriptor (TMA) loads, for both kernel families.
+Every TMA entry (``HYPO_FAST_TMA=1``, tagged "tma") is the opt-in path, checked for correctness
+and timed beside the default.
 Writes ``gpu_check.json`` and ``gpu_check.md`` under ``$OUT`` when set; prints the table last.
 """
 
@@ -31,6 +34,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import HEADS, naive_logprob, realistic_inputs
+from hypo_fast.kernels import linear_kl as kkl
 from hypo_fast.kernels import linear_logprob as klp
 
 from hypo_fast import ops, reference
@@ -69,8 +73,15 @@ def guarded(name):
     return wrap
 
 
+def use_tma(on: bool) -> str:
+    """Select descriptor loads for the kernels launched next; the tag for the tables."""
+    os.environ["HYPO_FAST_TMA"] = "1" if on else "0"
+    return " tma" if on else ""
+
+
 def check_case(name, n, d, v, dtype, *, bias=False, softcap=None, temperature=1.0,
-               entropy=False, seed=0):
+               entropy=False, seed=0, tma=False):
+    name += use_tma(tma)
     g = torch.Generator(device=DEV).manual_seed(seed)
     h = (torch.randn(n, d, generator=g, device=DEV)).to(dtype).requires_grad_()
     w = (torch.randn(v, d, generator=g, device=DEV) * 2.0 / d**0.5).to(dtype).requires_grad_()
@@ -101,6 +112,7 @@ def check_case(name, n, d, v, dtype, *, bias=False, softcap=None, temperature=1.
         "finite": bool(torch.isfinite(ours.logp).all() and all(torch.isfinite(x).all()
                                                                 for x in g_ours)),
     }
+    use_tma(False)
     RESULTS["checks"].append(row)
     print(json.dumps(row), flush=True)
 
@@ -117,10 +129,15 @@ def correctness(quick: bool):
     check_case("llama3-head-bf16", 1024 if quick else 4096, d, v, torch.bfloat16, entropy=True)
     check_case("llama3-head-bf16-softcap", 1024, d, v, torch.bfloat16, softcap=30.0, bias=True,
                entropy=True)
+    check_case("odd-small-opts", 333, 96, 999, torch.float32, bias=True, softcap=30.0,
+               temperature=0.7, entropy=True, tma=True)
+    check_case("llama3-head-bf16", 1024 if quick else 4096, d, v, torch.bfloat16, entropy=True,
+               tma=True)
 
 
 def check_kl_case(name, n, d, d_ref, v, dtype, *, direction="reverse", bias=False,
-                  softcap=None, temperature=1.0, seed=0):
+                  softcap=None, temperature=1.0, seed=0, tma=False):
+    name += use_tma(tma)
     g = torch.Generator(device=DEV).manual_seed(seed)
     h = torch.randn(n, d, generator=g, device=DEV).to(dtype).requires_grad_()
     w = (torch.randn(v, d, generator=g, device=DEV) * 2.0 / d**0.5).to(dtype).requires_grad_()
@@ -148,6 +165,7 @@ def check_kl_case(name, n, d, d_ref, v, dtype, *, direction="reverse", bias=Fals
            "entropy_err": rel(ours.entropy, ref.entropy),
            "dH": rel(g_ours[0], g_ref[0]), "dW": rel(g_ours[1], g_ref[1]),
            "db": rel(g_ours[2], g_ref[2]) if bias else None}
+    use_tma(False)
     RESULTS["checks"].append(row)
     print(json.dumps(row), flush=True)
 
@@ -162,6 +180,10 @@ def kl_correctness(quick: bool):
     n = 1024 if quick else 2048
     check_kl_case("kl-rev-llama3-bf16", n, d, d, v, torch.bfloat16)
     check_kl_case("kl-fwd-llama3-bf16", n, d, d, v, torch.bfloat16, direction="forward")
+    check_kl_case("kl-rev-odd", 300, 128, 96, 1000, torch.float32, bias=True, softcap=20.0,
+                  tma=True)
+    check_kl_case("kl-fwd-llama3-bf16", n, d, d, v, torch.bfloat16, direction="forward",
+                  tma=True)
 
 
 def naive_kl(h, w, hr, wr):
@@ -173,7 +195,8 @@ def naive_kl(h, w, hr, wr):
 
 
 @guarded("kl-timings")
-def kl_timings(n, d, v, dtype, head, rate):
+def kl_timings(n, d, v, dtype, head, rate, tma=False):
+    head += use_tma(tma)
     h, w, _, ent = realistic_inputs(n, d, v, dtype, DEV, prompt_fraction=0.0)
     hr = (h.float() + 0.1 * torch.randn_like(h, dtype=torch.float32)).to(dtype)
     wr = (w.float() * (1 + 0.05 * torch.randn_like(w, dtype=torch.float32))).to(dtype)
@@ -208,6 +231,7 @@ def kl_timings(n, d, v, dtype, head, rate):
         torch.cuda.empty_cache()
     row["cublas_3gemm_ms"] = float("nan")
     row["cublas_3gemm_frac"] = None
+    use_tma(False)
     RESULTS["timings"].append(row)
     print(json.dumps(row), flush=True)
 
@@ -239,7 +263,8 @@ def matmul_rate(n, d, v):
 
 
 @guarded("timings")
-def timings(n, d, v, dtype, head, rate):
+def timings(n, d, v, dtype, head, rate, tma=False):
+    head += use_tma(tma)
     h, w, y, ent = realistic_inputs(n, d, v, dtype, DEV)
     n_valid = int((y != -100).sum())
     h.requires_grad_()
@@ -283,6 +308,7 @@ def timings(n, d, v, dtype, head, rate):
         if name != "cublas_3gemm":
             row[name + "_peak_mib"] = peak_extra(fn)
         torch.cuda.empty_cache()
+    use_tma(False)
     RESULTS["timings"].append(row)
     print(json.dumps(row), flush=True)
 
@@ -413,16 +439,39 @@ def sweep(n, d, v):
         return klp.logprob_backward(h, w, None, labels, rows, lse, None, g, None, None,
                                     config=cfg, chunk_bytes=chunk_bytes)
 
-    for bm, bn, bk, gm, warps, stages in [(128, 256, 64, 16, 8, 3), (128, 256, 64, 16, 8, 4),
-                                          (128, 256, 64, 32, 8, 3), (128, 256, 64, 8, 8, 3),
-                                          (128, 256, 32, 16, 8, 4), (128, 128, 64, 8, 8, 3)]:
-        cfg = {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": gm, "num_warps": warps,
+    for bm, bn, bk, gm, warps, stages, tma in [
+            (128, 256, 64, 16, 8, 3, False), (128, 256, 64, 16, 8, 3, True),
+            (128, 256, 64, 16, 8, 4, True), (128, 128, 64, 16, 8, 3, False),
+            (128, 128, 64, 16, 8, 3, True), (128, 128, 64, 16, 8, 4, True)]:
+        cfg = {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": gm, "TMA": tma, "num_warps": warps,
                "num_stages": stages}
         for kind in ("forward", "backward"):
             record(kind, cfg, lambda kind=kind, cfg=cfg: run_kind(kind, cfg))
-    for mib in (64, 1024):
+    for mib in (128, 1024):
         record(f"backward chunk {mib} MiB", klp.block_config("backward", torch.bfloat16),
                lambda mib=mib: run_kind("backward", None, mib << 20))
+    # the KL kernels at N = n/2 all valid: the policy head against a perturbed copy
+    n_kl = n // 2
+    policy = kkl.Head(h[:n_kl], w, None)
+    ref = kkl.Head((h[:n_kl].float() * 1.01).to(h.dtype), (w.float() * 0.99).to(w.dtype), None)
+    kl_rows = torch.arange(n_kl, device=DEV)
+    stats = kkl.kl_forward(policy, ref, kl_rows)
+    g_kl = torch.randn(n_kl, device=DEV)
+
+    def run_kl(kind, cfg):
+        if kind == "forward":
+            return kkl.kl_forward(policy, ref, kl_rows, config=cfg)
+        return kkl.kl_backward(policy, ref, kl_rows, None, stats.norm, None, g_kl, None, None,
+                               config=cfg)
+
+    for bm, bn, bk, gm, warps, stages, tma in [
+            (128, 128, 64, 16, 8, 3, False), (128, 128, 64, 16, 8, 3, True),
+            (128, 128, 64, 16, 8, 4, True), (128, 128, 64, 8, 8, 3, True),
+            (128, 256, 64, 16, 8, 3, True)]:
+        cfg = {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": gm, "TMA": tma, "num_warps": warps,
+               "num_stages": stages}
+        for kind in ("forward", "backward"):
+            record(f"KL {kind}", cfg, lambda kind=kind, cfg=cfg: run_kl(kind, cfg))
 
 
 def record(kind, cfg, fn):
@@ -483,12 +532,12 @@ def markdown() -> str:
                          f"{f['filtered_ms']:.2f} | {f['cublas_3gemm_ms']:.2f} | "
                          f"{f['dH_vs_exact']:.1e} | {f['dW_vs_exact']:.1e} |")
     if RESULTS["sweep"]:
-        lines += ["", "| kind | BM | BN | BK | GROUP_M | warps | stages | ms |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| kind | BM | BN | BK | GROUP_M | TMA | warps | stages | ms |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for s in RESULTS["sweep"]:
             ms = f"{s['ms']:.2f}" if "ms" in s else s["error"][:60]
             lines.append(f"| {s['kind']} | {s['BM']} | {s['BN']} | {s['BK']} | {s['GROUP_M']} | "
-                         f"{s['num_warps']} | {s['num_stages']} | {ms} |")
+                         f"{s.get('TMA', False)} | {s['num_warps']} | {s['num_stages']} | {ms} |")
     if RESULTS["errors"]:
         lines += ["", "errors in: " + ", ".join(e["section"] for e in RESULTS["errors"])]
     return "\n".join(lines)
@@ -509,10 +558,12 @@ def main(argv=None) -> int:
     rate = matmul_rate(sizes[-1] // 2, d, v)
     for n in sizes:
         timings(n, d, v, torch.bfloat16, "llama3-8b", rate)
+    timings(sizes[-1], d, v, torch.bfloat16, "llama3-8b", rate, tma=True)
     if not args.quick:
         timings(4096, d, v, torch.float32, "llama3-8b", rate)
     kl_correctness(args.quick)
-    kl_timings(8192, d, v, torch.bfloat16, "llama3-8b", rate)
+    for tma in (False, True):
+        kl_timings(8192, d, v, torch.bfloat16, "llama3-8b", rate, tma=tma)
     for zipf in (1.5, 2.0):
         filtered_timings(sizes[-1], d, v, zipf, rate)
     losses_check()

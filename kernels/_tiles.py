@@ -88,18 +88,6 @@ def softcap_with_slope(x, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def online_softmax_step(m, s, x, col_mask):
-    """One tile of an online softmax over ``x [BM, BN]``: returns the new row max, the factor that
-    rescales accumulators kept against the old max, ``e = e^{x - m_new}`` (0 off the vocabulary)
-    and the new ``s = Σ e``."""
-    x = tl.where(col_mask[None, :], x, float("-inf"))
-    m_new = tl.maximum(m, tl.max(x, axis=1))
-    scale = tl.exp(m - m_new)
-    e = tl.exp(x - m_new[:, None])
-    return m_new, scale, e, s * scale + tl.sum(e, axis=1)
-
-
-@triton.jit
 def swizzle(pid, n_row_blocks, n_cols, GROUP_M: tl.constexpr):
     """Map a linear program id to (row block, column) so that GROUP_M row blocks share columns."""
     per_group = GROUP_M * n_cols

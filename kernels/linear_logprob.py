@@ -46,7 +46,6 @@ from ._tiles import (
     head_operands,
     logits_tile,
     merge_splits,
-    online_softmax_step,
     softcap_with_slope,
     split_vocab,
     store_grad_tile,
@@ -67,7 +66,7 @@ def _forward_kernel(
     offs_m = rb * BM + tl.arange(0, BM)
     row_mask = offs_m < N
     rows = tl.load(ROWS + offs_m, mask=row_mask, other=0)
-    labels = tl.load(Y + offs_m, mask=row_mask, other=-1).to(tl.int64)
+    labels = tl.load(Y + offs_m, mask=row_mask, other=-1).to(tl.int32)
     m_i = tl.full((BM,), float("-inf"), tl.float32)
     s_i = tl.zeros((BM,), tl.float32)
     a_i = tl.zeros((BM,), tl.float32)
@@ -75,23 +74,30 @@ def _forward_kernel(
     first_tile = split * tiles_per_split
     tmax_ptrs = TMAX + first_tile.to(tl.int64) * stride_tmax + rows  # advanced tile by tile
     last_tile = tl.minimum(first_tile + tiles_per_split, tl.cdiv(V, BN))
+    cols = tl.arange(0, BN)
     for tile in range(first_tile, last_tile):
-        offs_n = tl.arange(0, BN).to(tl.int64) + tile * BN
-        col_mask = offs_n < V
+        offs_n = cols.to(tl.int64) + tile * BN
+        col_mask = cols < V - tile * BN
         z = logits_tile(H, W, B, rows, row_mask, rb * BM, offs_n, col_mask, tile * BN, D,
                          stride_h, stride_w, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, CAST_F32,
                          PRECISION, TMA, BM, BN, BK)
-        m_new, scale, p, s_new = online_softmax_step(m_i, s_i, z, col_mask)
+        # The label's logit first, then z is -inf off the vocabulary (every tile has a column).
+        t_i += tl.sum(tl.where(cols[None, :] == (labels - tile * BN)[:, None], z, 0.0), axis=1)
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        tile_max = tl.max(z, axis=1)
         if WANT_TILE_MAX:
-            tile_max = tl.max(tl.where(col_mask[None, :], z, float("-inf")), axis=1)
             tl.store(tmax_ptrs, tile_max, mask=row_mask)
             tmax_ptrs += stride_tmax
+        m_new = tl.maximum(m_i, tile_max)
+        scale = tl.exp(m_i - m_new)
+        z_c = z - m_new[:, None]
+        p = tl.exp(z_c)
         if WANT_ENTROPY:
             shift = tl.where(s_i > 0, (m_i - m_new) * s_i, 0.0)
             a_i = (a_i + shift) * scale + tl.sum(
-                p * tl.where(col_mask[None, :], z - m_new[:, None], 0.0), axis=1)
-        t_i += tl.sum(tl.where(offs_n[None, :] == labels[:, None], z, 0.0), axis=1)
-        m_i, s_i = m_new, s_new
+                p * tl.where(col_mask[None, :], z_c, 0.0), axis=1)
+        s_i = s_i * scale + tl.sum(p, axis=1)
+        m_i = m_new
     out = split.to(tl.int64) * N + offs_m
     tl.store(M_OUT + out, m_i, mask=row_mask)
     tl.store(S_OUT + out, s_i, mask=row_mask)
