@@ -34,6 +34,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import HEADS, naive_logprob, realistic_inputs
+from hypo_fast.kernels import _tiles
 from hypo_fast.kernels import linear_kl as kkl
 from hypo_fast.kernels import linear_logprob as klp
 
@@ -433,7 +434,7 @@ def sweep(n, d, v):
     lse = klp.logprob_forward(h, w, None, labels, rows)[1]
     g = torch.randn_like(lse)
 
-    def run_kind(kind, cfg, chunk_bytes=256 << 20):
+    def run_kind(kind, cfg, chunk_bytes=_tiles.CHUNK_BYTES):
         if kind == "forward":
             return klp.logprob_forward(h, w, None, labels, rows, config=cfg)
         return klp.logprob_backward(h, w, None, labels, rows, lse, None, g, None, None,
@@ -447,7 +448,7 @@ def sweep(n, d, v):
                "num_stages": stages}
         for kind in ("forward", "backward"):
             record(kind, cfg, lambda kind=kind, cfg=cfg: run_kind(kind, cfg))
-    for mib in (128, 1024):
+    for mib in (128, 256, 1024):
         record(f"backward chunk {mib} MiB", klp.block_config("backward", torch.bfloat16),
                lambda mib=mib: run_kind("backward", None, mib << 20))
     # the KL kernels at N = n/2 all valid: the policy head against a perturbed copy

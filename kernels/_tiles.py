@@ -74,13 +74,16 @@ def softcap_tanh(x, softcap):
 
 @triton.jit
 def softcap_with_slope(x, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
-    """``(z, ∂z/∂x)`` of ``z = c·tanh(x/c) / T`` from the raw logit ``x``: the slope is
-    ``sech²(x/c) / T = 4e/(1+e)² / T`` with ``e = e^{-2|x|/c}``, accurate where tanh saturates
-    (``1 - tanh²`` would cancel to 0). Without a softcap: ``(x / T, 1 / T)``."""
+    """``(z, ∂z/∂x)`` of ``z = c·tanh(x/c) / T`` from the raw logit ``x``, both from one
+    ``e = e^{-2|x|/c}``: ``tanh(|x|/c) = (1 - e)/(1 + e)`` and the slope
+    ``sech²(x/c) / T = 4e/(1+e)² / T``, accurate where tanh saturates (``1 - tanh²`` would cancel
+    to 0). Without a softcap: ``(x / T, 1 / T)``."""
     if HAS_SOFTCAP:
-        z = softcap_tanh(x, softcap) * inv_temp
         e = tl.exp(-2.0 * tl.abs(x) / softcap)
-        slope = 4.0 * e / ((1.0 + e) * (1.0 + e)) * inv_temp
+        r = 1.0 / (1.0 + e)
+        t = (1.0 - e) * r
+        z = tl.where(x < 0, -t, t) * (softcap * inv_temp)
+        slope = 4.0 * e * r * r * inv_temp
     else:
         z = x * inv_temp
         slope = tl.zeros_like(x) + inv_temp
@@ -218,6 +221,14 @@ def mm_accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 SPARSE_BD = 64  # the d-block of the block-sparse dH/dW kernels
+# their launch options: with 4 warps ptxas spills ~1 KB per thread of the [BN, BD] fp32
+# accumulator and the dX tile (16-bit inputs); with 8 none (tests/compile_for_gpu.py)
+SPARSE_LAUNCH = {"num_warps": 8, "num_stages": 3}
+# The dX chunk buffer of a backward. At 8192 valid rows of a Llama-3-8B head its peak beside
+# the chunk is ~240 MiB (compacted H, the fp32 dH accumulator, tile maxima), and 2% of the naive
+# path's is 458 MiB. 256 MiB measured 512 MiB in all (H200, run 2) and ran as fast as 1 GiB;
+# 64 MiB ran 16% slower. 192 MiB: ~450 MiB predicted, 12288 columns per chunk (not yet timed).
+CHUNK_BYTES = 192 << 20
 
 
 @triton.jit
@@ -380,12 +391,13 @@ def chunked_head_backward(
             if need_weight:
                 _sparse_dw_kernel[(n_tiles, d_blocks)](
                     dx, hidden, rows, dw, tiles.tile_ptr, tiles.pair_rb, n, D, tile0,
-                    dx.stride(0), hidden.stride(0), dw.stride(0), V, **consts)
+                    dx.stride(0), hidden.stride(0), dw.stride(0), V, **consts, **SPARSE_LAUNCH)
             if need_hidden:
                 _sparse_dh_kernel[(triton.cdiv(n, bm), d_blocks)](
                     dx, weight, dh_acc, tiles.seg_ptr[:, chunk_index],
                     tiles.seg_len[:, chunk_index], tiles.row_tile, n, D, tile0, dx.stride(0),
-                    weight.stride(0), dh_acc.stride(0), tiles.seg_ptr.stride(0), V, **consts)
+                    weight.stride(0), dh_acc.stride(0), tiles.seg_ptr.stride(0), V, **consts,
+                    **SPARSE_LAUNCH)
         if need_bias:
             db[start:start + cols] = db_part[:, :cols].sum(dim=0)
     # The chunk buffers go before dH is assembled: the peak stays that of the loop.

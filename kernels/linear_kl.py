@@ -55,6 +55,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ._tiles import (
+    CHUNK_BYTES,
     INTERPRET,
     block_config,
     chunked_head_backward,
@@ -380,7 +381,7 @@ def kl_backward(
     need_hidden: bool = True,
     need_weight: bool = True,
     need_bias: bool = False,
-    chunk_bytes: int = 256 << 20,
+    chunk_bytes: int = CHUNK_BYTES,
     config: dict | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Policy gradients ``(dH [N_all, d], dW [V, d], db [V] fp32)`` (None where not needed) from

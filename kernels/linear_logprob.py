@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from ._tiles import (
+    CHUNK_BYTES,
     block_config,
     chunked_head_backward,
     head_constants,
@@ -264,7 +265,7 @@ def logprob_backward(
     tile_max: torch.Tensor | None = None,
     filter_eps: float = 0.0,
     max_fraction: float = 0.25,
-    chunk_bytes: int = 256 << 20,
+    chunk_bytes: int = CHUNK_BYTES,
     config: dict | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients ``(dH [N_all, d], dW [V, d], db [V])`` (None where not needed) from per-valid-row
