@@ -465,14 +465,15 @@ def sweep(n, d, v):
         return kkl.kl_backward(policy, ref, kl_rows, None, stats.norm, None, g_kl, None, None,
                                config=cfg)
 
-    for bm, bn, bk, gm, warps, stages, tma in [
-            (128, 128, 64, 16, 8, 3, False), (128, 128, 64, 16, 8, 3, True),
-            (128, 128, 64, 16, 8, 4, True), (128, 128, 64, 8, 8, 3, True),
-            (128, 256, 64, 16, 8, 3, True)]:
-        cfg = {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": gm, "TMA": tma, "num_warps": warps,
-               "num_stages": stages}
+    for bm, bn, bk, gm, warps, stages, tma, fuse in [
+            (128, 128, 64, 16, 8, 3, False, False), (128, 128, 64, 16, 8, 3, True, False),
+            (128, 128, 64, 16, 8, 4, True, False), (128, 128, 64, 8, 8, 3, True, False),
+            (128, 128, 64, 16, 8, 3, True, True), (128, 128, 64, 16, 8, 2, True, True)]:
+        cfg = {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": gm, "TMA": tma, "FUSE_K": fuse,
+               "num_warps": warps, "num_stages": stages}
         for kind in ("forward", "backward"):
-            record(f"KL {kind}", cfg, lambda kind=kind, cfg=cfg: run_kl(kind, cfg))
+            record(f"KL {kind}{' fused' if fuse else ''}", cfg,
+                   lambda kind=kind, cfg=cfg: run_kl(kind, cfg))
 
 
 def record(kind, cfg, fn):

@@ -58,6 +58,13 @@ def logits_tile(
             acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
             h_ptrs += BK
             w_ptrs += BK
+    return head_transform(acc, B, offs_n, col_mask, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP)
+
+
+@triton.jit
+def head_transform(acc, B, offs_n, col_mask, inv_temp, softcap, HAS_BIAS: tl.constexpr,
+                   HAS_SOFTCAP: tl.constexpr):
+    """``softcap(acc + b) / T`` of a tile of products ``acc = H @ W.T``."""
     if HAS_BIAS:
         acc += tl.load(B + offs_n, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:

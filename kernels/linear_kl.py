@@ -61,6 +61,7 @@ from ._tiles import (
     chunked_head_backward,
     head_constants,
     head_operands,
+    head_transform,
     logits_tile,
     merge_splits,
     softcap_with_slope,
@@ -126,6 +127,30 @@ def _exp_diff(a, b, x):
 
 
 @triton.jit
+def _both_products(H, W, HR, WR, row0, col0, D, CAST_F32: tl.constexpr, PRECISION: tl.constexpr,
+                   REF_CAST_F32: tl.constexpr, REF_PRECISION: tl.constexpr, BM: tl.constexpr,
+                   BN: tl.constexpr, BK: tl.constexpr):
+    """``(H @ W.T, H_ref @ W_ref.T)`` for one [BM, BN] tile in a single loop over d = d_ref,
+    through descriptors: one software pipeline for both heads, not one per head."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    ref_acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, tl.cdiv(D, BK)):
+        h = H.load([row0, k * BK])
+        w = W.load([col0, k * BK])
+        hr = HR.load([row0, k * BK])
+        wr = WR.load([col0, k * BK])
+        if CAST_F32:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        if REF_CAST_F32:
+            hr = hr.to(tl.float32)
+            wr = wr.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
+        ref_acc = tl.dot(hr, tl.trans(wr), ref_acc, input_precision=REF_PRECISION)
+    return acc, ref_acc
+
+
+@triton.jit
 def _forward_kernel(
     H, W, B, D, stride_h, stride_w, HR, WR, BR, DR, stride_hr, stride_wr,
     Y, ROWS, OUT, N, V, stride_out, n_splits, tiles_per_split, inv_temp, softcap,
@@ -133,6 +158,7 @@ def _forward_kernel(
     REVERSE: tl.constexpr, WANT_ENTROPY: tl.constexpr, HAS_LABELS: tl.constexpr,
     CAST_F32: tl.constexpr, PRECISION: tl.constexpr,
     REF_CAST_F32: tl.constexpr, REF_PRECISION: tl.constexpr, TMA: tl.constexpr,
+    FUSE_K: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     rb, split = swizzle(tl.program_id(0), tl.cdiv(N, BM), n_splits, GROUP_M)
@@ -164,17 +190,26 @@ def _forward_kernel(
         col_mask = cols < V - tile * BN
         if HAS_LABELS:
             hit = cols[None, :] == (labels - tile * BN)[:, None]
-        z = logits_tile(H, W, B, rows, live, rb * BM, offs_n, col_mask, tile * BN, D, stride_h,
-                         stride_w, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, CAST_F32, PRECISION,
-                         TMA, BM, BN, BK)
+        if FUSE_K:  # descriptors, d = d_ref
+            z, r = _both_products(H, W, HR, WR, rb * BM, tile * BN, D, CAST_F32, PRECISION,
+                                  REF_CAST_F32, REF_PRECISION, BM, BN, BK)
+            z = head_transform(z, B, offs_n, col_mask, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP)
+        else:
+            z = logits_tile(H, W, B, rows, live, rb * BM, offs_n, col_mask, tile * BN, D,
+                             stride_h, stride_w, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP,
+                             CAST_F32, PRECISION, TMA, BM, BN, BK)
         if HAS_LABELS:
             t_z += tl.sum(tl.where(hit, z, 0.0), axis=1)
         # Off the vocabulary z and r are -inf: e_z = e_r = 0 and δ is set to 0 there.
         z = tl.where(col_mask[None, :], z, float("-inf"))
         m_z_new = tl.maximum(m_z, tl.max(z, axis=1))
-        r = logits_tile(HR, WR, BR, rows, live, rb * BM, offs_n, col_mask, tile * BN, DR,
-                         stride_hr, stride_wr, inv_temp, softcap, HAS_REF_BIAS, HAS_SOFTCAP,
-                         REF_CAST_F32, REF_PRECISION, TMA, BM, BN, BK)
+        if FUSE_K:
+            r = head_transform(r, BR, offs_n, col_mask, inv_temp, softcap, HAS_REF_BIAS,
+                               HAS_SOFTCAP)
+        else:
+            r = logits_tile(HR, WR, BR, rows, live, rb * BM, offs_n, col_mask, tile * BN, DR,
+                             stride_hr, stride_wr, inv_temp, softcap, HAS_REF_BIAS, HAS_SOFTCAP,
+                             REF_CAST_F32, REF_PRECISION, TMA, BM, BN, BK)
         if HAS_LABELS:
             t_r += tl.sum(tl.where(hit, r, 0.0), axis=1)
         r = tl.where(col_mask[None, :], r, float("-inf"))
@@ -224,6 +259,7 @@ def _grad_logits_kernel(
     HAS_G_LOGP: tl.constexpr, WANT_DB: tl.constexpr,
     CAST_F32: tl.constexpr, PRECISION: tl.constexpr,
     REF_CAST_F32: tl.constexpr, REF_PRECISION: tl.constexpr, TMA: tl.constexpr,
+    FUSE_K: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     rb, ct = swizzle(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(n_cols, BN), GROUP_M)
@@ -237,8 +273,15 @@ def _grad_logits_kernel(
     live = own < N
     rows = tl.load(ROWS + own)
     col0 = col_start + ct * BN
-    x = logits_tile(H, W, B, rows, live, rb * BM, offs_n, col_mask, col0, D, stride_h, stride_w,
-                     1.0, softcap, HAS_BIAS, False, CAST_F32, PRECISION, TMA, BM, BN, BK)
+    if FUSE_K:  # descriptors, d = d_ref, and r is needed (HAS_G_KL)
+        x, r = _both_products(H, W, HR, WR, rb * BM, col0, D, CAST_F32, PRECISION, REF_CAST_F32,
+                              REF_PRECISION, BM, BN, BK)
+        x = head_transform(x, B, offs_n, col_mask, 1.0, softcap, HAS_BIAS, False)
+        r = head_transform(r, BR, offs_n, col_mask, inv_temp, softcap, HAS_REF_BIAS, HAS_SOFTCAP)
+    else:
+        x = logits_tile(H, W, B, rows, live, rb * BM, offs_n, col_mask, col0, D, stride_h,
+                         stride_w, 1.0, softcap, HAS_BIAS, False, CAST_F32, PRECISION, TMA, BM,
+                         BN, BK)
     z, slope = softcap_with_slope(x, inv_temp, softcap, HAS_SOFTCAP)
     # Off the vocabulary z is finite but meaningless: p = 0 there, and every term stays finite.
     z_c = tl.where(col_mask[None, :], z - tl.load(NORM + own)[:, None], -1.0e30)
@@ -246,9 +289,10 @@ def _grad_logits_kernel(
     p = tl.exp(log_p)
     dz = tl.zeros_like(z)
     if HAS_G_KL:
-        r = logits_tile(HR, WR, BR, rows, live, rb * BM, offs_n, col_mask, col0, DR, stride_hr,
-                         stride_wr, inv_temp, softcap, HAS_REF_BIAS, HAS_SOFTCAP, REF_CAST_F32,
-                         REF_PRECISION, TMA, BM, BN, BK)
+        if not FUSE_K:
+            r = logits_tile(HR, WR, BR, rows, live, rb * BM, offs_n, col_mask, col0, DR,
+                             stride_hr, stride_wr, inv_temp, softcap, HAS_REF_BIAS, HAS_SOFTCAP,
+                             REF_CAST_F32, REF_PRECISION, TMA, BM, BN, BK)
         g_kl = tl.load(G_KL + own)[:, None]
         r_c = tl.where(col_mask[None, :], r - tl.load(NORM + 2 * stride_norm + own)[:, None],
                        -1.0e30)
@@ -273,8 +317,11 @@ def _grad_logits_kernel(
 
 def _kernel_heads(policy: Head, ref: Head, rows: torch.Tensor, cfg: dict) -> tuple[tuple, dict]:
     """Both heads' kernel arguments ``(H, W, b, d, stride_h, stride_w)`` and the blocks with
-    ``TMA`` set to whether they load through descriptors (both heads or neither)."""
-    cfg = {**cfg, "TMA": all(tma_eligible(head.weight, cfg) for head in (policy, ref))}
+    ``TMA`` set to whether they load through descriptors (both heads or neither) and ``FUSE_K``
+    to whether one loop computes both products (asked for, descriptors, and d = d_ref)."""
+    tma = all(tma_eligible(head.weight, cfg) for head in (policy, ref))
+    same_d = policy.weight.shape[1] == ref.weight.shape[1]
+    cfg = {**cfg, "TMA": tma, "FUSE_K": bool(cfg.get("FUSE_K")) and tma and same_d}
     args: tuple = ()
     for head in (policy, ref):
         h, w, _ = head_operands(head.hidden, head.weight, rows, cfg)
@@ -294,9 +341,10 @@ def _constants(policy: Head, ref: Head, temperature: float, softcap: float | Non
 def two_head_config(kind: str, dtype: torch.dtype) -> dict:
     """``linear_logprob``'s blocks with BN capped at 128: a program holds two fp32 ``[BM, BN]``
     logits tiles here, and at 128 x 256 (16-bit inputs) they spill registers (forward, H200,
-    bf16, N=4096, d=4096, V=128256: 69 ms at 128 x 256, 25 ms at 128 x 128)."""
+    bf16, N=4096, d=4096, V=128256: 69 ms at 128 x 256, 25 ms at 128 x 128). ``FUSE_K``: both
+    products in one loop (with TMA and d = d_ref); off until timed on a GPU."""
     cfg = block_config(kind, dtype)
-    return {**cfg, "BN": min(cfg["BN"], 128)}
+    return {**cfg, "BN": min(cfg["BN"], 128), "FUSE_K": False}
 
 
 def kl_forward(
@@ -403,6 +451,7 @@ def kl_backward(
     cfg = config or two_head_config("backward", h.dtype)
     constants = _constants(policy, ref, temperature, softcap)
     heads, cfg = _kernel_heads(policy, ref, rows, cfg)
+    cfg["FUSE_K"] = cfg["FUSE_K"] and g_kl is not None  # without g_kl, r is never computed
     # Any fp32 tensor stands in for an absent one: the kernel never reads it (HAS_* flag off).
     grads = [t if t is not None else norm for t in (g_kl, g_entropy, g_logp)]
 

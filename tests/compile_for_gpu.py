@@ -116,20 +116,21 @@ def main(dtype: str, tma: bool) -> int:
     ref = {"HAS_REF_BIAS": True, "REF_CAST_F32": False, "REF_PRECISION": "ieee", **heads}
     kl_fwd, kl_launch = blocks(KL.two_head_config("forward", torch_dtype))
     kl_bwd, kl_bwd_launch = blocks(KL.two_head_config("backward", torch_dtype))
+    fused = {"FUSE_K": tma}  # with every option, the fused loop where it exists
 
     def kl_heads(cfg):
         return {**operands(cfg), **operands(cfg, "HR", "WR"), "B": ptr, "BR": ptr, "Y": i64,
                 "ROWS": i64, "inv_temp": "fp32", "softcap": "fp32"}
 
     compile_one(f"linear_kl forward {tag}", KL._forward_kernel, {**kl_heads(kl_fwd), "OUT": f32},
-                {**ref, **kl_fwd, "REVERSE": True, "WANT_ENTROPY": True, "HAS_LABELS": True},
-                **kl_launch)
+                {**ref, **kl_fwd, **fused, "REVERSE": True, "WANT_ENTROPY": True,
+                 "HAS_LABELS": True}, **kl_launch)
     for reverse in (True, False):
         compile_one(f"linear_kl grad reverse={reverse} {tag}", KL._grad_logits_kernel,
                     {**kl_heads(kl_bwd), "NORM": f32, "ENT": f32, "G_KL": f32, "G_ENT": f32,
                      "G_LOGP": f32, "DX": ptr, "DB_PART": f32},
-                    {**ref, **kl_bwd, "REVERSE": reverse, "HAS_G_KL": True, "HAS_G_ENT": True,
-                     "HAS_G_LOGP": True, "WANT_DB": True}, **kl_bwd_launch)
+                    {**ref, **kl_bwd, **fused, "REVERSE": reverse, "HAS_G_KL": True,
+                     "HAS_G_ENT": True, "HAS_G_LOGP": True, "WANT_DB": True}, **kl_bwd_launch)
 
     # As benchmarked (no bias, softcap or entropy): register spills here cost measured time
     # (the KL forward's 1.7 KB came with 51% of the matmul rate), so 16-bit inputs, the fast

@@ -314,6 +314,37 @@ def test_tma_loads_for_both_heads_or_neither(dtype, d, d_ref, descriptors, direc
 
 @needs_triton
 @pytest.mark.parametrize("direction", R.KL_DIRECTIONS)
+@pytest.mark.parametrize(("d_ref", "fused"), [(32, True), (48, False)])
+def test_one_loop_for_both_products_is_bit_identical(d_ref, fused, direction):
+    """``FUSE_K`` (descriptors, d = d_ref) computes both products in one loop: the same sums in
+    the same order as two loops, so the same bits, forward and backward; with d != d_ref it
+    falls back to two loops."""
+    g = gen(3)
+    n, d, V = 70, 32, 300
+    policy = K.Head(torch.randn(n, d, generator=g).to(DEVICE),
+                    (torch.randn(V, d, generator=g) / 4).to(DEVICE),
+                    torch.randn(V, generator=g).to(DEVICE))
+    ref = K.Head(torch.randn(n, d_ref, generator=g).to(DEVICE),
+                 (torch.randn(V, d_ref, generator=g) / 4).to(DEVICE), None)
+    rows = torch.arange(n, device=DEVICE)
+    labels = torch.randint(0, V, (n,), generator=g).to(DEVICE)
+    g_kl, g_logp = (torch.randn(n, generator=g).to(DEVICE) for _ in range(2))
+    opts = dict(reverse=direction == "reverse", softcap=5.0, temperature=0.8)
+    seen, results = [], []
+    for fuse in (False, True):
+        cfg = {**K.two_head_config("forward", F32), "TMA": True, "FUSE_K": fuse}
+        seen.append(K._kernel_heads(policy, ref, rows, cfg)[1]["FUSE_K"])
+        stats = K.kl_forward(policy, ref, rows, labels, config=cfg, **opts)
+        grads = K.kl_backward(policy, ref, rows, labels, stats.norm, None, g_kl, None, g_logp,
+                              need_bias=True, config=cfg, **opts)
+        results.append((*stats[:2], stats.logp, stats.ref_logp, *grads))
+    assert seen == [False, fused]
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+@needs_triton
+@pytest.mark.parametrize("direction", R.KL_DIRECTIONS)
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("softcap", [None, 4.0])
 def test_identical_heads_give_zero_kl_and_zero_gradient(softcap, dtype, direction):
