@@ -73,23 +73,30 @@ def head_transform(acc, B, offs_n, col_mask, inv_temp, softcap, HAS_BIAS: tl.con
 
 
 @triton.jit
+def _tanh_parts(x, softcap):
+    """``(e, r)`` with ``e = e^{-2|x|/c}`` and ``r = 1/(1 + e)``: ``tanh(|x|/c) = (1 - e)·r``
+    and ``sech²(x/c) = 4e·r²``. e never overflows, and both are exact in the limits."""
+    e = tl.exp(-2.0 * tl.abs(x) / softcap)
+    return e, 1.0 / (1.0 + e)
+
+
+@triton.jit
 def softcap_tanh(x, softcap):
-    """``c·tanh(x/c)`` as ``c·(1 - 2/(e^{2x/c} + 1))``: exact limits ±c when the exp
-    under/overflows."""
-    return softcap * (1.0 - 2.0 / (tl.exp(2.0 * x / softcap) + 1.0))
+    """``c·tanh(x/c)``."""
+    e, r = _tanh_parts(x, softcap)
+    t = (1.0 - e) * r
+    return tl.where(x < 0, -t, t) * softcap
 
 
 @triton.jit
 def softcap_with_slope(x, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
-    """``(z, ∂z/∂x)`` of ``z = c·tanh(x/c) / T`` from the raw logit ``x``, both from one
-    ``e = e^{-2|x|/c}``: ``tanh(|x|/c) = (1 - e)/(1 + e)`` and the slope
-    ``sech²(x/c) / T = 4e/(1+e)² / T``, accurate where tanh saturates (``1 - tanh²`` would cancel
-    to 0). Without a softcap: ``(x / T, 1 / T)``."""
+    """``(z, ∂z/∂x)`` of ``z = c·tanh(x/c) / T`` from the raw logit ``x``: z bit for bit as the
+    forward computes it, and the slope ``sech²(x/c) / T = 4e/(1+e)² / T`` from the same
+    ``e = e^{-2|x|/c}`` (:func:`_tanh_parts`), accurate where tanh saturates (``1 - tanh²``
+    would cancel to 0). Without a softcap: ``(x / T, 1 / T)``."""
     if HAS_SOFTCAP:
-        e = tl.exp(-2.0 * tl.abs(x) / softcap)
-        r = 1.0 / (1.0 + e)
-        t = (1.0 - e) * r
-        z = tl.where(x < 0, -t, t) * (softcap * inv_temp)
+        z = softcap_tanh(x, softcap) * inv_temp
+        e, r = _tanh_parts(x, softcap)
         slope = 4.0 * e * r * r * inv_temp
     else:
         z = x * inv_temp
