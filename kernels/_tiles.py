@@ -145,13 +145,15 @@ def block_config(kind: str, dtype: torch.dtype) -> dict:
             "GROUP_M": 8 if wide else 16, "TMA": tma, "num_warps": 8, "num_stages": 3}
 
 
-def tma_eligible(weight: torch.Tensor, cfg: dict) -> bool:
-    """Whether ``cfg`` asks for descriptor loads and the copy engine can read this head: the
-    weight with unit stride along d, a 16-byte aligned base and row stride, and 16-byte rows
-    (also those of the compacted hidden states)."""
+def tma_eligible(weight: torch.Tensor, rows: torch.Tensor, cfg: dict) -> bool:
+    """Whether ``cfg`` asks for descriptor loads and they can serve this head: some rows, 16-bit
+    inputs (fp32 runs FMA dots, which compile to far more spills through descriptors), and a
+    weight the copy engine can read: unit stride along d, a 16-byte aligned base and row
+    stride, and 16-byte rows (also those of the compacted hidden states)."""
     size = weight.element_size()
-    return (bool(cfg.get("TMA")) and weight.stride(1) == 1 and weight.data_ptr() % 16 == 0
-            and weight.stride(0) * size % 16 == 0 and weight.shape[1] * size % 16 == 0)
+    return (bool(cfg.get("TMA")) and rows.numel() > 0 and size == 2 and weight.stride(1) == 1
+            and weight.data_ptr() % 16 == 0 and weight.stride(0) * size % 16 == 0
+            and weight.shape[1] * size % 16 == 0)
 
 
 def head_operands(
@@ -160,7 +162,7 @@ def head_operands(
     """``(H, W, tma)``, the operands a kernel's ``logits_tile`` reads: descriptors over
     ``hidden[rows]`` (a compacted ``[n, d]`` copy) and ``weight`` when :func:`tma_eligible`,
     ``tma`` True; otherwise ``hidden`` and ``weight`` themselves, gathered through ``rows``."""
-    if not tma_eligible(weight, cfg):
+    if not tma_eligible(weight, rows, cfg):
         return hidden, weight, False
     compact = hidden.index_select(0, rows)
     return (TensorDescriptor.from_tensor(compact, [cfg["BM"], cfg["BK"]]),

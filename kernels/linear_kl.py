@@ -318,10 +318,13 @@ def _grad_logits_kernel(
 def _kernel_heads(policy: Head, ref: Head, rows: torch.Tensor, cfg: dict) -> tuple[tuple, dict]:
     """Both heads' kernel arguments ``(H, W, b, d, stride_h, stride_w)`` and the blocks with
     ``TMA`` set to whether they load through descriptors (both heads or neither) and ``FUSE_K``
-    to whether one loop computes both products (asked for, descriptors, and d = d_ref)."""
-    tma = all(tma_eligible(head.weight, cfg) for head in (policy, ref))
-    same_d = policy.weight.shape[1] == ref.weight.shape[1]
-    cfg = {**cfg, "TMA": tma, "FUSE_K": bool(cfg.get("FUSE_K")) and tma and same_d}
+    to whether one loop computes both products (asked for, descriptors, and heads alike)."""
+    tma = all(tma_eligible(head.weight, rows, cfg) for head in (policy, ref))
+    # one loop needs the same d, and the same dtype (an fp32 reference's tiles would double its
+    # shared memory past the limit)
+    alike = (policy.weight.shape[1] == ref.weight.shape[1]
+             and policy.weight.dtype == ref.weight.dtype)
+    cfg = {**cfg, "TMA": tma, "FUSE_K": bool(cfg.get("FUSE_K")) and tma and alike}
     args: tuple = ()
     for head in (policy, ref):
         h, w, _ = head_operands(head.hidden, head.weight, rows, cfg)

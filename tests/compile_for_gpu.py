@@ -35,6 +35,7 @@ from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 TARGET = GPUTarget("cuda", 90, 32)
+SHARED_LIMIT = 232448  # bytes of shared memory one block may use on an H100 / H200
 FAILED = []
 
 
@@ -65,6 +66,9 @@ def compile_one(name, fn, types, constexprs, max_spill=None, **options):
         kernel = triton.compile(ASTSource(fn, signature, constexprs=keys, attrs=attrs),
                                 target=TARGET, options=options)
         report, spilled = resources(kernel.asm["ptx"])
+        report += f", {kernel.metadata.shared} B shared"
+        if kernel.metadata.shared > SHARED_LIMIT:
+            raise RuntimeError(f"{report}: over the {SHARED_LIMIT} B a block may have")
         if max_spill is not None and spilled is not None and spilled > max_spill:
             raise RuntimeError(f"{report}: over the budget of {max_spill} B of spill stores")
         print("ok  ", f"{name:45s}", report)
@@ -116,7 +120,7 @@ def main(dtype: str, tma: bool) -> int:
     ref = {"HAS_REF_BIAS": True, "REF_CAST_F32": False, "REF_PRECISION": "ieee", **heads}
     kl_fwd, kl_launch = blocks(KL.two_head_config("forward", torch_dtype))
     kl_bwd, kl_bwd_launch = blocks(KL.two_head_config("backward", torch_dtype))
-    fused = {"FUSE_K": tma}  # with every option, the fused loop where it exists
+    fused = {"FUSE_K": tma}  # with descriptors, the one-loop products (off by default)
 
     def kl_heads(cfg):
         return {**operands(cfg), **operands(cfg, "HR", "WR"), "B": ptr, "BR": ptr, "Y": i64,
@@ -151,13 +155,14 @@ def main(dtype: str, tma: bool) -> int:
     plain_ref = {**plain, "HAS_REF_BIAS": False, "REF_CAST_F32": False, "REF_PRECISION": "ieee"}
     compile_one(f"linear_kl forward {tag} as benchmarked", KL._forward_kernel,
                 {**kl_heads(kl_fwd), "OUT": f32},
-                {**plain_ref, **kl_fwd, "REVERSE": True, "WANT_ENTROPY": False,
+                {**plain_ref, **kl_fwd, **fused, "REVERSE": True, "WANT_ENTROPY": False,
                  "HAS_LABELS": True}, **budget, **kl_launch)
     compile_one(f"linear_kl grad {tag} as benchmarked", KL._grad_logits_kernel,
                 {**kl_heads(kl_bwd), "NORM": f32, "ENT": f32, "G_KL": f32, "G_ENT": f32,
                  "G_LOGP": f32, "DX": ptr, "DB_PART": f32},
-                {**plain_ref, **kl_bwd, "REVERSE": True, "HAS_G_KL": True, "HAS_G_ENT": False,
-                 "HAS_G_LOGP": False, "WANT_DB": False}, **budget, **kl_bwd_launch)
+                {**plain_ref, **kl_bwd, **fused, "REVERSE": True, "HAS_G_KL": True,
+                 "HAS_G_ENT": False, "HAS_G_LOGP": False, "WANT_DB": False}, **budget,
+                **kl_bwd_launch)
     return 1 if FAILED else 0
 
 

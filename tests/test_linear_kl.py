@@ -298,7 +298,7 @@ def test_edge_sizes(tokens, d, d_ref, V, direction, dtype):
 @needs_triton
 @pytest.mark.parametrize("direction", R.KL_DIRECTIONS)
 @pytest.mark.parametrize(("dtype", "d", "d_ref", "descriptors"), [
-    (F32, 40, 24, 8), (BF16, 40, 24, 8), (BF16, 40, 20, 0), (F32, 33, 24, 0)])
+    (F16, 40, 24, 8), (BF16, 40, 24, 8), (BF16, 40, 20, 0), (F32, 40, 24, 0)])
 def test_tma_loads_for_both_heads_or_neither(dtype, d, d_ref, descriptors, direction,
                                              monkeypatch):
     """With ``HYPO_FAST_TMA=1`` both heads load through descriptors (H and W each, in both
@@ -314,33 +314,40 @@ def test_tma_loads_for_both_heads_or_neither(dtype, d, d_ref, descriptors, direc
 
 @needs_triton
 @pytest.mark.parametrize("direction", R.KL_DIRECTIONS)
-@pytest.mark.parametrize(("d_ref", "fused"), [(32, True), (48, False)])
-def test_one_loop_for_both_products_is_bit_identical(d_ref, fused, direction):
-    """``FUSE_K`` (descriptors, d = d_ref) computes both products in one loop: the same sums in
-    the same order as two loops, so the same bits, forward and backward; with d != d_ref it
-    falls back to two loops."""
+@pytest.mark.parametrize("with_kl", [True, False])
+@pytest.mark.parametrize(("dtype", "d_ref", "ref_dtype", "fused"), [
+    (BF16, 80, BF16, True), (F16, 80, F16, True), (BF16, 48, BF16, False),
+    (BF16, 80, F32, False)])
+def test_one_loop_for_both_products(dtype, d_ref, ref_dtype, fused, with_kl, direction):
+    """``FUSE_K`` (descriptors, heads of the same d and dtype) computes both products in one
+    loop: the same sums in the same order as two loops (bit for bit under the interpreter),
+    forward and backward, with or without a KL gradient; otherwise it falls back to two loops."""
     g = gen(3)
-    n, d, V = 70, 32, 300
-    policy = K.Head(torch.randn(n, d, generator=g).to(DEVICE),
-                    (torch.randn(V, d, generator=g) / 4).to(DEVICE),
-                    torch.randn(V, generator=g).to(DEVICE))
-    ref = K.Head(torch.randn(n, d_ref, generator=g).to(DEVICE),
-                 (torch.randn(V, d_ref, generator=g) / 4).to(DEVICE), None)
+    n, d, V = 70, 80, 300  # d: several K blocks
+    policy = K.Head(torch.randn(n, d, generator=g).to(DEVICE, dtype),
+                    (torch.randn(V, d, generator=g) / 4).to(DEVICE, dtype),
+                    torch.randn(V, generator=g).to(DEVICE, dtype))
+    ref = K.Head(torch.randn(n, d_ref, generator=g).to(DEVICE, ref_dtype),
+                 (torch.randn(V, d_ref, generator=g) / 4).to(DEVICE, ref_dtype), None)
     rows = torch.arange(n, device=DEVICE)
     labels = torch.randint(0, V, (n,), generator=g).to(DEVICE)
     g_kl, g_logp = (torch.randn(n, generator=g).to(DEVICE) for _ in range(2))
     opts = dict(reverse=direction == "reverse", softcap=5.0, temperature=0.8)
     seen, results = [], []
     for fuse in (False, True):
-        cfg = {**K.two_head_config("forward", F32), "TMA": True, "FUSE_K": fuse}
+        cfg = {**K.two_head_config("forward", dtype), "TMA": True, "FUSE_K": fuse}
         seen.append(K._kernel_heads(policy, ref, rows, cfg)[1]["FUSE_K"])
         stats = K.kl_forward(policy, ref, rows, labels, config=cfg, **opts)
-        grads = K.kl_backward(policy, ref, rows, labels, stats.norm, None, g_kl, None, g_logp,
-                              need_bias=True, config=cfg, **opts)
-        results.append((*stats[:2], stats.logp, stats.ref_logp, *grads))
+        grads = K.kl_backward(policy, ref, rows, labels, stats.norm, None,
+                              g_kl if with_kl else None, None, g_logp, need_bias=True,
+                              config=cfg, **opts)
+        results.append((stats.kl, stats.norm, stats.logp, stats.ref_logp, *grads))
     assert seen == [False, fused]
     for a, b in zip(*results, strict=True):
-        assert torch.equal(a, b)
+        if INTERPRET:
+            assert torch.equal(a, b)
+        else:  # a compiled kernel may schedule the MMAs of one loop and of two differently
+            assert_rel("fused", a, b, GRAD_TOL[dtype])
 
 
 @needs_triton
@@ -517,10 +524,16 @@ def test_grad_only_w_r_t_some_inputs():
 
 @needs_triton
 @pytest.mark.parametrize("reverse", [True, False])
-def test_chunked_backward_matches_one_chunk(reverse):
+@pytest.mark.parametrize(("dtype", "tma"), [(F32, False), (BF16, True)])
+def test_chunked_backward_matches_one_chunk(reverse, dtype, tma):
     """dX written in several vocabulary chunks (dW complete per chunk, dH accumulated) gives the
-    one-chunk result."""
-    inputs, kwargs, _ = build_case({**BASE_CASE, "V": 333})
+    one-chunk result; also with descriptor loads (column offsets mid-vocabulary)."""
+    with tma_loads(tma):
+        check_chunked_backward(reverse, dtype)
+
+
+def check_chunked_backward(reverse, dtype):
+    inputs, kwargs, _ = build_case({**BASE_CASE, "V": 333, "dtype": dtype})
     g = gen(5)
     policy = K.Head(inputs["hidden"].detach(), inputs["weight"].detach(),
                     inputs["bias"].detach())
@@ -534,7 +547,8 @@ def test_chunked_backward_matches_one_chunk(reverse):
     chunked = K.kl_backward(*args, reverse=reverse, need_bias=True, chunk_bytes=rows.numel() * 4
                             * 64)
     for name, a, b in zip(("dH", "dW", "db"), chunked, one, strict=True):
-        assert_rel(name, a, b, 1e-6)
+        # 16-bit dH: the chunks' fp32 sums, in another order, may round to a neighbour
+        assert_rel(name, a, b, 1e-6 if dtype == F32 or name != "dH" else 1e-2)
     assert bool((one[0][1::2] == 0).all())  # rows not in `rows` get no gradient
 
 

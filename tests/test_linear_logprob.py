@@ -339,12 +339,13 @@ def test_edge_sizes(tokens, d, V, dtype):
 
 @needs_triton
 @pytest.mark.parametrize(("dtype", "d", "weight_layout", "tma"), [
-    (F32, 32, "contig", True), (BF16, 40, "rowstep", True), (F32, 33, "contig", False),
+    (BF16, 32, "contig", True), (F16, 40, "rowstep", True), (F32, 32, "contig", False),
     (BF16, 44, "contig", False), (BF16, 40, "sliced", False)])
 def test_tma_loads_where_the_copy_engine_can(dtype, d, weight_layout, tma, monkeypatch):
-    """With ``HYPO_FAST_TMA=1`` the kernels load through descriptors when the weight has unit
-    stride along d, a 16-byte aligned base and 16-byte rows (one H and one W descriptor per
-    pass), and gather through pointers otherwise; either way they match the spec."""
+    """With ``HYPO_FAST_TMA=1`` the kernels load 16-bit heads through descriptors when the weight
+    has unit stride along d, a 16-byte aligned base and 16-byte rows (one H and one W descriptor
+    per pass), and gather through pointers otherwise (fp32 always); either way they match the
+    spec."""
     made = []
     real = TILES.TensorDescriptor.from_tensor
     monkeypatch.setattr(TILES.TensorDescriptor, "from_tensor",
@@ -480,10 +481,29 @@ def test_forward_launcher_block_variants(blocks):
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [F32, BF16])
-def test_backward_launcher_vocabulary_chunks(dtype):
+@pytest.mark.parametrize(("dtype", "tma"), [(F32, False), (BF16, False), (BF16, True)])
+def test_backward_launcher_vocabulary_chunks(dtype, tma):
     """The backward over several dX chunks (small chunk_bytes, last chunk partial) equals the
-    spec's gradients for given upstream gradients; dW and db are chunk-independent bit for bit."""
+    spec's gradients for given upstream gradients; dW and db are chunk-independent bit for bit;
+    also with descriptor loads, whose column offsets then start mid-vocabulary."""
+    with tma_loads(tma):
+        check_backward_chunks(dtype)
+
+
+@needs_triton
+def test_launchers_accept_no_rows_with_tma():
+    """Zero valid rows (reachable under torch.compile): zero gradients, no descriptor over an
+    empty tensor."""
+    hidden, weight, bias, _, _ = launcher_case(BF16)
+    rows = torch.zeros(0, dtype=torch.long, device=DEVICE)
+    empty = torch.zeros(0, device=DEVICE)
+    with tma_loads(True):
+        dh, dw, db = K.logprob_backward(hidden, weight, bias, rows, rows, empty, None, empty,
+                                        None, None, need_bias=True)
+    assert not dh.any() and not dw.any() and not db.any()
+
+
+def check_backward_chunks(dtype):
     hidden, weight, bias, labels, rows = launcher_case(dtype)
     opts = dict(temperature=1.1, softcap=8.0)
     y = labels[rows]
