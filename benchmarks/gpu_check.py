@@ -485,6 +485,18 @@ def record(kind, cfg, fn):
     print(json.dumps(entry), flush=True)
 
 
+def fastest_configs(sweep: list[dict]) -> list[str]:
+    """One line per kernel family and pass: the sweep's fastest entry."""
+    best: dict[str, dict] = {}
+    for entry in sweep:
+        group = entry["kind"].replace(" fused", "").split(" chunk")[0]
+        if "ms" in entry and (group not in best or entry["ms"] < best[group]["ms"]):
+            best[group] = entry
+    return [f"fastest {group}: {e['kind']} {e['BM']}x{e['BN']}x{e['BK']} GROUP_M {e['GROUP_M']} "
+            f"TMA {e.get('TMA', False)} warps {e['num_warps']} stages {e['num_stages']}: "
+            f"{e['ms']:.2f} ms" for group, e in best.items()]
+
+
 def markdown() -> str:
     lines = []
     env = RESULTS["env"]
@@ -540,6 +552,7 @@ def markdown() -> str:
             ms = f"{s['ms']:.2f}" if "ms" in s else s["error"][:60]
             lines.append(f"| {s['kind']} | {s['BM']} | {s['BN']} | {s['BK']} | {s['GROUP_M']} | "
                          f"{s.get('TMA', False)} | {s['num_warps']} | {s['num_stages']} | {ms} |")
+        lines += ["", *fastest_configs(RESULTS["sweep"])]
     if RESULTS["errors"]:
         lines += ["", "errors in: " + ", ".join(e["section"] for e in RESULTS["errors"])]
     return "\n".join(lines)
