@@ -448,6 +448,9 @@ def sweep(n, d, v):
                "num_stages": stages}
         for kind in ("forward", "backward"):
             record(kind, cfg, lambda kind=kind, cfg=cfg: run_kind(kind, cfg))
+    for tma in (False, True):  # the tile and K loops fused by the compiler
+        cfg = {**klp.block_config("forward", torch.bfloat16), "TMA": tma, "FLATTEN": True}
+        record("forward flattened", cfg, lambda cfg=cfg: run_kind("forward", cfg))
     for mib in (128, 256, 1024):
         record(f"backward chunk {mib} MiB", klp.block_config("backward", torch.bfloat16),
                lambda mib=mib: run_kind("backward", None, mib << 20))
@@ -489,7 +492,7 @@ def fastest_configs(sweep: list[dict]) -> list[str]:
     """One line per kernel family and pass: the sweep's fastest entry."""
     best: dict[str, dict] = {}
     for entry in sweep:
-        group = entry["kind"].replace(" fused", "").split(" chunk")[0]
+        group = entry["kind"].replace(" fused", "").replace(" flattened", "").split(" chunk")[0]
         if "ms" in entry and (group not in best or entry["ms"] < best[group]["ms"]):
             best[group] = entry
     return [f"fastest {group}: {e['kind']} {e['BM']}x{e['BN']}x{e['BK']} GROUP_M {e['GROUP_M']} "

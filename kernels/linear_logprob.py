@@ -60,7 +60,7 @@ def _forward_kernel(
     N, V, D, stride_h, stride_w, stride_tmax, n_splits, tiles_per_split, inv_temp, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WANT_ENTROPY: tl.constexpr,
     WANT_TILE_MAX: tl.constexpr,
-    CAST_F32: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+    CAST_F32: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, FLATTEN: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     rb, split = swizzle(tl.program_id(0), tl.cdiv(N, BM), n_splits, GROUP_M)
@@ -76,7 +76,8 @@ def _forward_kernel(
     tmax_ptrs = TMAX + first_tile.to(tl.int64) * stride_tmax + rows  # advanced tile by tile
     last_tile = tl.minimum(first_tile + tiles_per_split, tl.cdiv(V, BN))
     cols = tl.arange(0, BN)
-    for tile in range(first_tile, last_tile):
+    # FLATTEN: the compiler fuses this loop with the K loop inside, one pipeline for both
+    for tile in tl.range(first_tile, last_tile, flatten=FLATTEN):
         offs_n = cols.to(tl.int64) + tile * BN
         col_mask = cols < V - tile * BN
         z = logits_tile(H, W, B, rows, row_mask, rb * BM, offs_n, col_mask, tile * BN, D,
@@ -165,7 +166,9 @@ def logprob_forward(
     tile_max: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Per valid row ``(logp, lse, entropy or None)``, fp32, each ``[n]``.
+    """Per valid row ``(logp, lse, entropy or None)``, fp32, each ``[n]``. ``config``: the
+    blocks (default :func:`block_config`), and ``FLATTEN`` to let Triton fuse the tile and K
+    loops (off until timed on a GPU).
 
     hidden ``[N_all, d]`` (rows with unit stride), weight ``[V, d]``, bias ``[V]``, labels ``[n]``
     (the labels of the valid rows, in ``[0, V)``), rows ``[n]`` int64 indices into hidden.
@@ -193,7 +196,8 @@ def logprob_forward(
         tile_max.stride(0) if tile_max is not None else 0, splits, tiles_per_split,
         HAS_BIAS=bias is not None, WANT_ENTROPY=want_entropy,
         WANT_TILE_MAX=tile_max is not None,
-        **head_constants(hidden.dtype, temperature, softcap), **{**cfg, "TMA": tma},
+        **head_constants(hidden.dtype, temperature, softcap),
+        **{**cfg, "TMA": tma, "FLATTEN": bool(cfg.get("FLATTEN"))},
     )
     m_max, s_tot, w = merge_splits(m, s)
     lse = m_max + torch.log(s_tot)

@@ -99,7 +99,8 @@ def main(dtype: str, tma: bool) -> int:
     compile_one(f"linear_logprob forward {tag}", LP._forward_kernel,
                 {**operands(fwd), "B": ptr, "Y": i64, "ROWS": i64, "M_OUT": f32, "S_OUT": f32,
                  "A_OUT": f32, "T_OUT": f32, "TMAX": f32, "inv_temp": "fp32", "softcap": "fp32"},
-                {**heads, **fwd, "WANT_ENTROPY": True, "WANT_TILE_MAX": True}, **launch)
+                {**heads, **fwd, "FLATTEN": tma, "WANT_ENTROPY": True, "WANT_TILE_MAX": True},
+                **launch)
     for sparse in (False, True):
         grad = {**bwd, "BN": LP.tile_width(torch_dtype) if sparse else bwd["BN"]}
         compile_one(f"linear_logprob grad sparse={sparse} {tag}", LP._grad_logits_kernel,
@@ -144,8 +145,8 @@ def main(dtype: str, tma: bool) -> int:
     compile_one(f"linear_logprob forward {tag} as benchmarked", LP._forward_kernel,
                 {**operands(fwd), "B": ptr, "Y": i64, "ROWS": i64, "M_OUT": f32, "S_OUT": f32,
                  "A_OUT": f32, "T_OUT": f32, "TMAX": f32, "inv_temp": "fp32", "softcap": "fp32"},
-                {**plain, **fwd, "WANT_ENTROPY": False, "WANT_TILE_MAX": True}, **budget,
-                **launch)
+                {**plain, **fwd, "FLATTEN": False, "WANT_ENTROPY": False, "WANT_TILE_MAX": True},
+                **budget, **launch)
     compile_one(f"linear_logprob grad {tag} as benchmarked", LP._grad_logits_kernel,
                 {**operands(bwd), "B": ptr, "Y": i64, "ROWS": i64, "LSE": f32, "ENT": f32,
                  "G_LOGP": f32, "G_LSE": f32, "G_ENT": f32, "DX": ptr, "DB_PART": f32,

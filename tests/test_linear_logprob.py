@@ -464,11 +464,13 @@ def launcher_case(dtype=F32):
 
 
 @needs_triton
+@pytest.mark.parametrize("flatten", [False, True])
 @pytest.mark.parametrize("blocks", [None, (16, 32, 16)])
-def test_forward_launcher_block_variants(blocks):
-    """Default and small blocks (several K blocks, many splits), on rows given out of order."""
+def test_forward_launcher_block_variants(blocks, flatten):
+    """Default and small blocks (several K blocks, many splits), on rows given out of order;
+    also with the tile and K loops left to the compiler to fuse (``FLATTEN``)."""
     hidden, weight, bias, labels, rows = launcher_case()
-    cfg = K.block_config("forward", F32)
+    cfg = {**K.block_config("forward", F32), "FLATTEN": flatten}
     if blocks is not None:
         cfg.update(BM=blocks[0], BN=blocks[1], BK=blocks[2])
     opts = dict(temperature=0.9, softcap=12.0)
