@@ -151,6 +151,16 @@ def _both_products(H, W, HR, WR, row0, col0, D, CAST_F32: tl.constexpr, PRECISIO
 
 
 @triton.jit
+def _label_and_max(x, hit, col_mask, m, t, HAS_LABELS: tl.constexpr):
+    """One head's logits tile ``x``: the label's logit added to ``t``, then ``x`` with -inf off
+    the vocabulary and the new running row max (from ``m``)."""
+    if HAS_LABELS:
+        t += tl.sum(tl.where(hit, x, 0.0), axis=1)
+    x = tl.where(col_mask[None, :], x, float("-inf"))
+    return x, tl.maximum(m, tl.max(x, axis=1)), t
+
+
+@triton.jit
 def _forward_kernel(
     H, W, B, D, stride_h, stride_w, HR, WR, BR, DR, stride_hr, stride_wr,
     Y, ROWS, OUT, N, V, stride_out, n_splits, tiles_per_split, inv_temp, softcap,
@@ -188,8 +198,7 @@ def _forward_kernel(
     for tile in range(first_tile, last_tile):
         offs_n = cols.to(tl.int64) + tile * BN
         col_mask = cols < V - tile * BN
-        if HAS_LABELS:
-            hit = cols[None, :] == (labels - tile * BN)[:, None]
+        hit = cols[None, :] == (labels - tile * BN)[:, None] if HAS_LABELS else None
         if FUSE_K:  # descriptors, d = d_ref
             z, r = _both_products(H, W, HR, WR, rb * BM, tile * BN, D, CAST_F32, PRECISION,
                                   REF_CAST_F32, REF_PRECISION, BM, BN, BK)
@@ -198,11 +207,8 @@ def _forward_kernel(
             z = logits_tile(H, W, B, rows, live, rb * BM, offs_n, col_mask, tile * BN, D,
                              stride_h, stride_w, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP,
                              CAST_F32, PRECISION, TMA, BM, BN, BK)
-        if HAS_LABELS:
-            t_z += tl.sum(tl.where(hit, z, 0.0), axis=1)
         # Off the vocabulary z and r are -inf: e_z = e_r = 0 and δ is set to 0 there.
-        z = tl.where(col_mask[None, :], z, float("-inf"))
-        m_z_new = tl.maximum(m_z, tl.max(z, axis=1))
+        z, m_z_new, t_z = _label_and_max(z, hit, col_mask, m_z, t_z, HAS_LABELS)
         if FUSE_K:
             r = head_transform(r, BR, offs_n, col_mask, inv_temp, softcap, HAS_REF_BIAS,
                                HAS_SOFTCAP)
@@ -210,10 +216,7 @@ def _forward_kernel(
             r = logits_tile(HR, WR, BR, rows, live, rb * BM, offs_n, col_mask, tile * BN, DR,
                              stride_hr, stride_wr, inv_temp, softcap, HAS_REF_BIAS, HAS_SOFTCAP,
                              REF_CAST_F32, REF_PRECISION, TMA, BM, BN, BK)
-        if HAS_LABELS:
-            t_r += tl.sum(tl.where(hit, r, 0.0), axis=1)
-        r = tl.where(col_mask[None, :], r, float("-inf"))
-        m_r_new = tl.maximum(m_r, tl.max(r, axis=1))
+        r, m_r_new, t_r = _label_and_max(r, hit, col_mask, m_r, t_r, HAS_LABELS)
         scale_z = tl.exp(m_z - m_z_new)
         scale_r = tl.exp(m_r - m_r_new)
         z_c = z - m_z_new[:, None]
