@@ -152,11 +152,12 @@ def _both_products(H, W, HR, WR, row0, col0, D, CAST_F32: tl.constexpr, PRECISIO
 
 @triton.jit
 def _label_and_max(x, hit, col_mask, m, t, HAS_LABELS: tl.constexpr):
-    """One head's logits tile ``x``: the label's logit added to ``t``, then ``x`` with -inf off
-    the vocabulary and the new running row max (from ``m``)."""
+    """One head's logits tile ``x``: the label's logit added to ``t``, then ``x`` with -1e30 off
+    the vocabulary (finite: e^{x - m} is 0 there, and so is every product with it) and the new
+    running row max (from ``m``; every tile has a column in the vocabulary)."""
     if HAS_LABELS:
         t += tl.sum(tl.where(hit, x, 0.0), axis=1)
-    x = tl.where(col_mask[None, :], x, float("-inf"))
+    x = tl.where(col_mask[None, :], x, -1.0e30)
     return x, tl.maximum(m, tl.max(x, axis=1)), t
 
 
@@ -207,7 +208,7 @@ def _forward_kernel(
             z = logits_tile(H, W, B, rows, live, rb * BM, offs_n, col_mask, tile * BN, D,
                              stride_h, stride_w, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP,
                              CAST_F32, PRECISION, TMA, BM, BN, BK)
-        # Off the vocabulary z and r are -inf: e_z = e_r = 0 and δ is set to 0 there.
+        # Off the vocabulary z and r are -1e30: e_z = e_r = 0, and δ is finite there.
         z, m_z_new, t_z = _label_and_max(z, hit, col_mask, m_z, t_z, HAS_LABELS)
         if FUSE_K:
             r = head_transform(r, BR, offs_n, col_mask, inv_temp, softcap, HAS_REF_BIAS,
@@ -224,7 +225,7 @@ def _forward_kernel(
         e_z = tl.exp(z_c)
         e_r = tl.exp(r_c)
         # δ = Δ - c with c = m_z - m_r; γ = how much c moved. a, b are kept against c.
-        delta = tl.where(col_mask[None, :], z_c - r_c, 0.0)
+        delta = z_c - r_c
         gamma = (m_z_new - m_z) - (m_r_new - m_r)
         b_i = (scale_z * b_i + _exp_diff(scale_z, scale_r, -gamma) * s_r
                + tl.sum(_exp_diff(e_z, e_r, delta), axis=1))
@@ -234,7 +235,7 @@ def _forward_kernel(
             a_i = scale_r * (a_i - gamma * s_r) + tl.sum(e_r * delta, axis=1)
         if WANT_ENTROPY:
             ent = (scale_z * (ent + (m_z - m_z_new) * s_z)
-                   + tl.sum(e_z * tl.where(col_mask[None, :], z_c, 0.0), axis=1))
+                   + tl.sum(e_z * z_c, axis=1))
         s_z = s_z * scale_z + tl.sum(e_z, axis=1)
         s_r = s_r * scale_r + tl.sum(e_r, axis=1)
         m_z, m_r = m_z_new, m_r_new
