@@ -83,9 +83,10 @@ def _forward_kernel(
         z = logits_tile(H, W, B, rows, row_mask, rb * BM, offs_n, col_mask, tile * BN, D,
                          stride_h, stride_w, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, CAST_F32,
                          PRECISION, TMA, BM, BN, BK)
-        # The label's logit first, then z is -inf off the vocabulary (every tile has a column).
+        # The label's logit first, then z is -1e30 off the vocabulary (finite: p is 0 there,
+        # and so is p·z_c; every tile has a column in the vocabulary).
         t_i += tl.sum(tl.where(cols[None, :] == (labels - tile * BN)[:, None], z, 0.0), axis=1)
-        z = tl.where(col_mask[None, :], z, float("-inf"))
+        z = tl.where(col_mask[None, :], z, -1.0e30)
         tile_max = tl.max(z, axis=1)
         if WANT_TILE_MAX:
             tl.store(tmax_ptrs, tile_max, mask=row_mask)
@@ -96,8 +97,7 @@ def _forward_kernel(
         p = tl.exp(z_c)
         if WANT_ENTROPY:
             shift = tl.where(s_i > 0, (m_i - m_new) * s_i, 0.0)
-            a_i = (a_i + shift) * scale + tl.sum(
-                p * tl.where(col_mask[None, :], z_c, 0.0), axis=1)
+            a_i = (a_i + shift) * scale + tl.sum(p * z_c, axis=1)
         s_i = s_i * scale + tl.sum(p, axis=1)
         m_i = m_new
     out = split.to(tl.int64) * N + offs_m
