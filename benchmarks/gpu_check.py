@@ -451,6 +451,10 @@ def sweep(n, d, v):
     for tma in (False, True):  # the tile and K loops fused by the compiler
         cfg = {**klp.block_config("forward", torch.bfloat16), "TMA": tma, "FLATTEN": True}
         record("forward flattened", cfg, lambda cfg=cfg: run_kind("forward", cfg))
+    for bn in (256, 128):  # a softcap's extra tile: 128 x 256 spills (backward_config: 128)
+        cfg = {**klp.block_config("backward", torch.bfloat16), "BN": bn}
+        record("backward softcap", cfg, lambda cfg=cfg: klp.logprob_backward(
+            h, w, None, labels, rows, lse, None, g, None, None, softcap=30.0, config=cfg))
     for mib in (128, 256, 1024):
         record(f"backward chunk {mib} MiB", klp.block_config("backward", torch.bfloat16),
                lambda mib=mib: run_kind("backward", None, mib << 20))

@@ -148,6 +148,14 @@ def _grad_logits_kernel(
                     stride_dx, stride_db, WANT_DB)
 
 
+def backward_config(dtype: torch.dtype, softcap: float | None) -> dict:
+    """The dX kernel's blocks: :func:`block_config`'s, at most 128 columns wide with a softcap,
+    whose value and slope tiles spill ~2 KB of registers per thread at 128 x 256 (none at
+    128 x 128; ``tests/compile_for_gpu.py``)."""
+    cfg = block_config("backward", dtype)
+    return {**cfg, "BN": min(cfg["BN"], 128)} if softcap is not None else cfg
+
+
 def tile_width(dtype: torch.dtype) -> int:
     """Vocabulary width of the tiles whose per-row maxima the forward records for filtering."""
     return block_config("forward", dtype)["BN"]
@@ -284,7 +292,7 @@ def logprob_backward(
     products only pay when most tiles are skipped (0.25 until the sparse kernels are timed on a
     GPU: even at half the library GEMMs' rate they then win).
     """
-    cfg = config or block_config("backward", hidden.dtype)
+    cfg = config or backward_config(hidden.dtype, softcap)
     n, (V, D) = rows.numel(), weight.shape
     constants = head_constants(hidden.dtype, temperature, softcap)
     zero = lse  # any fp32 tensor: the kernel never reads a pointer whose HAS_* flag is off

@@ -94,6 +94,7 @@ def main(dtype: str, tma: bool) -> int:
     tag = f"{dtype}{' tma' if tma else ''}"
     fwd, launch = blocks(_tiles.block_config("forward", torch_dtype))
     bwd, bwd_launch = blocks(_tiles.block_config("backward", torch_dtype))
+    softcapped, _ = blocks(LP.backward_config(torch_dtype, 30.0))
     dots = {"CAST_F32": False, "PRECISION": "ieee"}
     heads = {"HAS_BIAS": True, "HAS_SOFTCAP": True, **dots}
     compile_one(f"linear_logprob forward {tag}", LP._forward_kernel,
@@ -101,8 +102,8 @@ def main(dtype: str, tma: bool) -> int:
                  "A_OUT": f32, "T_OUT": f32, "TMAX": f32, "inv_temp": "fp32", "softcap": "fp32"},
                 {**heads, **fwd, "FLATTEN": tma, "WANT_ENTROPY": True, "WANT_TILE_MAX": True},
                 **launch)
-    for sparse in (False, True):
-        grad = {**bwd, "BN": LP.tile_width(torch_dtype) if sparse else bwd["BN"]}
+    for sparse in (False, True):  # every option, so a softcap: its blocks
+        grad = {**softcapped, "BN": LP.tile_width(torch_dtype) if sparse else softcapped["BN"]}
         compile_one(f"linear_logprob grad sparse={sparse} {tag}", LP._grad_logits_kernel,
                     {**operands(grad), "B": ptr, "Y": i64, "ROWS": i64, "LSE": f32, "ENT": f32,
                      "G_LOGP": f32, "G_LSE": f32, "G_ENT": f32, "DX": ptr, "DB_PART": f32,
