@@ -312,9 +312,10 @@ def _grad_logits_kernel(
         g_ent = tl.load(G_ENT + own)
         dz -= g_ent[:, None] * p * (log_p + ent[:, None])
     if HAS_G_LOGP:
-        labels = tl.load(Y + own).to(tl.int64)
+        label_col = tl.load(Y + own).to(tl.int32) - col0  # the label's column in the tile
         g_logp = tl.load(G_LOGP + own)[:, None]
-        dz += g_logp * (tl.where(offs_n[None, :] == labels[:, None], 1.0, 0.0) - p)
+        hit = tl.arange(0, BN)[None, :] == label_col[:, None]
+        dz += g_logp * (tl.where(hit, 1.0, 0.0) - p)
     store_grad_tile(DX, DB_PART, dz * slope, rb, offs_m, row_mask, local_n, col_mask, n_cols,
                     stride_dx, stride_db, WANT_DB)
 
