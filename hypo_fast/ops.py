@@ -98,27 +98,28 @@ def _linear_logprob_op(
     want_entropy: bool,
     filter_eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(logp, lse, entropy, tile_max)``; entropy empty unless wanted, ``tile_max`` (per-row
-    maxima of every vocabulary tile, for the filtered backward) empty unless ``filter_eps > 0``."""
+    """``(logp, lse, entropy, tile_lse)``; entropy empty unless wanted, ``tile_lse`` (per-row
+    log-sum-exp of every vocabulary tile, for the filtered backward) empty unless
+    ``filter_eps > 0``."""
     from .kernels.linear_logprob import logprob_forward
 
     rows = _valid_rows(labels, ignore_index)
     flat = labels.reshape(-1)
-    tile_max = _tile_max_buffer(hidden, weight, labels, filter_eps)
+    tile_lse = _tile_lse_buffer(hidden, weight, labels, filter_eps)
     with _on_device(hidden):
         logp_c, lse_c, ent_c = logprob_forward(
             _rows_view(hidden), _rows_view(weight), _contiguous(bias),
             flat.index_select(0, rows), rows, temperature=temperature, softcap=softcap or None,
-            want_entropy=want_entropy, tile_max=tile_max if tile_max.numel() else None,
+            want_entropy=want_entropy, tile_lse=tile_lse if tile_lse.numel() else None,
         )
 
     entropy = (_scatter_rows(ent_c, rows, labels.shape) if want_entropy
                else labels.new_empty(0, dtype=torch.float32))
     return (_scatter_rows(logp_c, rows, labels.shape), _scatter_rows(lse_c, rows, labels.shape),
-            entropy, tile_max)
+            entropy, tile_lse)
 
 
-def _tile_max_buffer(hidden, weight, labels, filter_eps: float) -> torch.Tensor:
+def _tile_lse_buffer(hidden, weight, labels, filter_eps: float) -> torch.Tensor:
     if filter_eps <= 0:
         return labels.new_empty(0, dtype=torch.float32)
     from .kernels.linear_logprob import tile_width
@@ -134,7 +135,7 @@ def _(hidden, weight, labels, bias, ignore_index, temperature, softcap, want_ent
       filter_eps):
     out = labels.new_empty(labels.shape, dtype=torch.float32)
     entropy = torch.empty_like(out) if want_entropy else out.new_empty(0)
-    return out, torch.empty_like(out), entropy, _tile_max_buffer(hidden, weight, labels,
+    return out, torch.empty_like(out), entropy, _tile_lse_buffer(hidden, weight, labels,
                                                                  filter_eps)
 
 
@@ -146,7 +147,7 @@ def _linear_logprob_backward_op(
     bias: torch.Tensor | None,
     lse: torch.Tensor,
     entropy: torch.Tensor,
-    tile_max: torch.Tensor,
+    tile_lse: torch.Tensor,
     g_logp: torch.Tensor,
     g_lse: torch.Tensor,
     g_entropy: torch.Tensor,
@@ -170,31 +171,31 @@ def _linear_logprob_backward_op(
             pick(g_logp), pick(g_lse), pick(g_entropy),
             temperature=temperature, softcap=softcap or None,
             need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2],
-            tile_max=tile_max if tile_max.numel() else None, filter_eps=filter_eps,
+            tile_lse=tile_lse if tile_lse.numel() else None, filter_eps=filter_eps,
         )
     return _head_grads(hidden, bias, dh, dw, db)
 
 
 @_linear_logprob_backward_op.register_fake
-def _(hidden, weight, labels, bias, lse, entropy, tile_max, g_logp, g_lse, g_entropy,
+def _(hidden, weight, labels, bias, lse, entropy, tile_lse, g_logp, g_lse, g_entropy,
       ignore_index, temperature, softcap, filter_eps, needs):
     return _fake_head_grads(hidden, weight, bias, needs)
 
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, labels, bias, ignore_index, temperature, softcap, _, filter_eps = inputs
-    _, lse, entropy, tile_max = output
-    ctx.save_for_backward(hidden, weight, labels, bias, lse, entropy, tile_max)
+    _, lse, entropy, tile_lse = output
+    ctx.save_for_backward(hidden, weight, labels, bias, lse, entropy, tile_lse)
     ctx.options = (ignore_index, temperature, softcap, filter_eps)
-    ctx.mark_non_differentiable(tile_max)
+    ctx.mark_non_differentiable(tile_lse)
 
 
 def _backward(ctx, g_logp, g_lse, g_entropy, _):
-    hidden, weight, labels, bias, lse, entropy, tile_max = ctx.saved_tensors
+    hidden, weight, labels, bias, lse, entropy, tile_lse = ctx.saved_tensors
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
              bias is not None and ctx.needs_input_grad[3]]
     dh, dw, db = _linear_logprob_backward_op(
-        hidden, weight, labels, bias, lse, entropy, tile_max, g_logp, g_lse,
+        hidden, weight, labels, bias, lse, entropy, tile_lse, g_logp, g_lse,
         g_entropy if entropy.numel() else entropy, *ctx.options, needs,
     )
     return (dh if needs[0] else None, dw if needs[1] else None, None,
@@ -239,7 +240,7 @@ def linear_logprob(
     Cut Cross-Entropy), the backward skips — neither recomputes nor multiplies — the
     (row block, vocabulary tile) pairs whose logits-gradient entries provably add up, per row,
     to at most ε times the row's gradient scale ``|g_lse − g_logp| + |g_entropy|`` (bounds from
-    per-tile logit maxima the forward records; see ``kernels.linear_logprob.filter_tiles``),
+    per-tile log-sum-exps the forward records; see ``kernels.linear_logprob.filter_tiles``),
     when enough tiles are skipped for the block-sparse path to pay; otherwise, and with
     ``filter_eps=None`` or 0, it is exact. Either way no atomics are used: gradients are
     bit-identical run to run, so ``deterministic`` needs no separate mode.

@@ -16,9 +16,43 @@ from collections.abc import Callable
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# The interpreter has no libdevice: there, these are plain-arithmetic twins.
+if INTERPRET:
+
+    @triton.jit
+    def expm1_small(x):
+        """``e^x - 1`` for |x| ≤ 1/2 by its Taylor series to x⁹/9! (truncation < 1e-9 relative;
+        mul/add only)."""
+        em1 = x * (1.0 / 9.0) + 1.0
+        for i in tl.static_range(7):
+            em1 = em1 * x * (1.0 / (8 - i)) + 1.0
+        return em1 * x
+
+    @triton.jit
+    def fast_log(x):
+        """``log x``."""
+        return tl.log(x)
+
+else:
+
+    @triton.jit
+    def expm1_small(x):
+        """``e^x - 1`` for |x| ≤ 1/2: libdevice's ``expm1f`` (within 1 ulp). One call per
+        element keeps a tile's registers free, where the unrolled series holds several whole
+        tiles live (spills: ``tests/compile_for_gpu.py``)."""
+        return libdevice.expm1(x)
+
+    @triton.jit
+    def fast_log(x):
+        """``log x`` by libdevice's ``fast_logf`` (the hardware log2, subnormals flushed to 0):
+        ``tl.log``'s subnormal handling cost a forward ~220 B of register spills."""
+        return libdevice.fast_logf(x)
 
 
 @triton.jit
@@ -241,9 +275,10 @@ SPARSE_BD = 64  # the d-block of the block-sparse dH/dW kernels
 # accumulator and the dX tile (16-bit inputs); with 8 none (tests/compile_for_gpu.py)
 SPARSE_LAUNCH = {"num_warps": 8, "num_stages": 3}
 # The dX chunk buffer of a backward. At 8192 valid rows of a Llama-3-8B head its peak beside
-# the chunk is ~240 MiB (compacted H, the fp32 dH accumulator, tile maxima), and 2% of the naive
-# path's is 458 MiB. 256 MiB measured 512 MiB in all (H200, run 2) and ran as fast as 1 GiB;
-# 64 MiB ran 16% slower. 192 MiB: ~450 MiB predicted, 12288 columns per chunk (not yet timed).
+# the chunk is ~240 MiB (compacted H, the fp32 dH accumulator, tile log-sum-exps), and 2% of
+# the naive path's is 458 MiB. 256 MiB measured 512 MiB in all (H200, run 2) and ran as fast
+# as 1 GiB; 64 MiB ran 16% slower. 192 MiB: ~450 MiB predicted, 12288 columns per chunk (not
+# yet timed).
 CHUNK_BYTES = 192 << 20
 
 

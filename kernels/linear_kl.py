@@ -52,13 +52,12 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from ._tiles import (
     CHUNK_BYTES,
-    INTERPRET,
     block_config,
     chunked_head_backward,
+    expm1_small,
     head_constants,
     head_operands,
     head_transform,
@@ -96,33 +95,12 @@ class KLStats(NamedTuple):
     ref_logp: torch.Tensor | None
 
 
-if INTERPRET:  # the interpreter has no libdevice
-
-    @triton.jit
-    def _expm1_small(x):
-        """``e^x - 1`` for |x| ≤ 1/2 by its Taylor series to x⁹/9! (truncation < 1e-9 relative;
-        mul/add only)."""
-        em1 = x * (1.0 / 9.0) + 1.0
-        for i in tl.static_range(7):
-            em1 = em1 * x * (1.0 / (8 - i)) + 1.0
-        return em1 * x
-
-else:
-
-    @triton.jit
-    def _expm1_small(x):
-        """``e^x - 1`` for |x| ≤ 1/2: libdevice's ``expm1f`` (within 1 ulp). One call per
-        element keeps a tile's registers free, where the unrolled series above holds several
-        whole tiles live (spills: ``tests/compile_for_gpu.py``)."""
-        return libdevice.expm1(x)
-
-
 @triton.jit
 def _exp_diff(a, b, x):
     """``a - b`` for ``a = b·e^x`` without cancellation: ``b·expm1(x)`` for |x| < 1/2 (the GPU's
     plain exp and log are approximations), and ``a - b`` otherwise (at most ~2.5x the rounding
     of a or b)."""
-    return tl.where(tl.abs(x) < 0.5, b * _expm1_small(tl.minimum(tl.maximum(x, -0.5), 0.5)),
+    return tl.where(tl.abs(x) < 0.5, b * expm1_small(tl.minimum(tl.maximum(x, -0.5), 0.5)),
                     a - b)
 
 

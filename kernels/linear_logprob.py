@@ -24,16 +24,19 @@ then two library GEMMs finish the chunk: ``dW[chunk] = dXᵀ @ H`` (complete ove
 accumulation across chunks) and ``dH += dX @ W[chunk]`` into an fp32 accumulator. No atomics:
 the result is bit-identical run to run. 4 GEMM-equivalents in all (forward, recompute, dH, dW).
 
-Filtered backward: the forward can also record every row's maximum logit per vocabulary tile
-(``tile_max``). From it and the upstream gradients, :func:`filter_tiles` bounds each
-(row block, tile) of dX and drops the cheapest ones while their total stays within
-``filter_eps`` times each row's gradient scale (an L1 budget per row); the kept tiles alone
+Filtered backward: the forward can also record every row's log-sum-exp per vocabulary tile
+(``tile_lse``, i.e. each tile's softmax mass). From it and the upstream gradients,
+:func:`filter_tiles` bounds each (row block, tile) of dX and drops the smallest ones while
+their total stays within ``filter_eps`` times each row's gradient scale (an L1 budget per
+row); the kept tiles alone
 are recomputed and fed to two block-sparse kernels (``_tiles.chunked_head_backward``), so a
 tile that is skipped costs nothing at all:
 ``1 + 3f`` GEMM-equivalents for a kept fraction f.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -43,6 +46,7 @@ from ._tiles import (
     CHUNK_BYTES,
     block_config,
     chunked_head_backward,
+    fast_log,
     head_constants,
     head_operands,
     logits_tile,
@@ -56,10 +60,10 @@ from ._tiles import (
 
 @triton.jit
 def _forward_kernel(
-    H, W, B, Y, ROWS, M_OUT, S_OUT, A_OUT, T_OUT, TMAX,
-    N, V, D, stride_h, stride_w, stride_tmax, n_splits, tiles_per_split, inv_temp, softcap,
+    H, W, B, Y, ROWS, M_OUT, S_OUT, A_OUT, T_OUT, TLSE,
+    N, V, D, stride_h, stride_w, stride_tlse, n_splits, tiles_per_split, inv_temp, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WANT_ENTROPY: tl.constexpr,
-    WANT_TILE_MAX: tl.constexpr,
+    WANT_TILE_LSE: tl.constexpr,
     CAST_F32: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, FLATTEN: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -73,7 +77,7 @@ def _forward_kernel(
     a_i = tl.zeros((BM,), tl.float32)
     t_i = tl.zeros((BM,), tl.float32)
     first_tile = split * tiles_per_split
-    tmax_ptrs = TMAX + first_tile.to(tl.int64) * stride_tmax + rows  # advanced tile by tile
+    tlse_ptrs = TLSE + first_tile.to(tl.int64) * stride_tlse + rows  # advanced tile by tile
     last_tile = tl.minimum(first_tile + tiles_per_split, tl.cdiv(V, BN))
     cols = tl.arange(0, BN)
     # FLATTEN: the compiler fuses this loop with the K loop inside, one pipeline for both
@@ -87,19 +91,19 @@ def _forward_kernel(
         # and so is p·z_c; every tile has a column in the vocabulary).
         t_i += tl.sum(tl.where(cols[None, :] == (labels - tile * BN)[:, None], z, 0.0), axis=1)
         z = tl.where(col_mask[None, :], z, -1.0e30)
-        tile_max = tl.max(z, axis=1)
-        if WANT_TILE_MAX:
-            tl.store(tmax_ptrs, tile_max, mask=row_mask)
-            tmax_ptrs += stride_tmax
-        m_new = tl.maximum(m_i, tile_max)
+        m_new = tl.maximum(m_i, tl.max(z, axis=1))
         scale = tl.exp(m_i - m_new)
         z_c = z - m_new[:, None]
         p = tl.exp(z_c)
         if WANT_ENTROPY:
             shift = tl.where(s_i > 0, (m_i - m_new) * s_i, 0.0)
             a_i = (a_i + shift) * scale + tl.sum(p * z_c, axis=1)
-        s_i = s_i * scale + tl.sum(p, axis=1)
+        tile_sum = tl.sum(p, axis=1)
+        s_i = s_i * scale + tile_sum
         m_i = m_new
+        if WANT_TILE_LSE:  # log Σ_{j in tile} e^{z_j}; -inf if it underflows against m_i
+            tl.store(tlse_ptrs, m_i + fast_log(tile_sum), mask=row_mask)
+            tlse_ptrs += stride_tlse
     out = split.to(tl.int64) * N + offs_m
     tl.store(M_OUT + out, m_i, mask=row_mask)
     tl.store(S_OUT + out, s_i, mask=row_mask)
@@ -157,7 +161,8 @@ def backward_config(dtype: torch.dtype, softcap: float | None) -> dict:
 
 
 def tile_width(dtype: torch.dtype) -> int:
-    """Vocabulary width of the tiles whose per-row maxima the forward records for filtering."""
+    """Vocabulary width of the tiles whose per-row log-sum-exps the forward records for
+    filtering."""
     return block_config("forward", dtype)["BN"]
 
 
@@ -171,7 +176,7 @@ def logprob_forward(
     temperature: float = 1.0,
     softcap: float | None = None,
     want_entropy: bool = False,
-    tile_max: torch.Tensor | None = None,
+    tile_lse: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per valid row ``(logp, lse, entropy or None)``, fp32, each ``[n]``. ``config``: the
@@ -180,16 +185,17 @@ def logprob_forward(
 
     hidden ``[N_all, d]`` (rows with unit stride), weight ``[V, d]``, bias ``[V]``, labels ``[n]``
     (the labels of the valid rows, in ``[0, V)``), rows ``[n]`` int64 indices into hidden.
-    ``tile_max [cdiv(V, tile_width), N_all]`` (fp32, optional) receives ``max_j z_ij`` over each
-    vocabulary tile for every valid row i (at row ``rows[i]``): what a filtered backward needs.
+    ``tile_lse [cdiv(V, tile_width), N_all]`` (fp32, optional) receives ``log Σ_j e^{z_ij}`` over
+    each vocabulary tile for every valid row i (at row ``rows[i]``): what a filtered backward
+    needs.
     """
     n, (V, D) = rows.numel(), weight.shape
     if n == 0:  # reachable under torch.compile, which skips the validation
         empty = torch.zeros(0, dtype=torch.float32, device=hidden.device)
         return empty, empty, empty if want_entropy else None
     cfg = config or block_config("forward", hidden.dtype)
-    if tile_max is not None and (cfg["BN"] != tile_width(hidden.dtype) or tile_max.stride(1) != 1):
-        raise ValueError("tile_max needs tiles of tile_width() columns and unit stride along rows")
+    if tile_lse is not None and (cfg["BN"] != tile_width(hidden.dtype) or tile_lse.stride(1) != 1):
+        raise ValueError("tile_lse needs tiles of tile_width() columns and unit stride along rows")
     h_arg, w_arg, tma = head_operands(hidden, weight, rows, cfg)
     n_row_blocks, n_tiles = triton.cdiv(n, cfg["BM"]), triton.cdiv(V, cfg["BN"])
     splits, tiles_per_split = split_vocab(n_row_blocks, n_tiles, hidden.device)
@@ -199,11 +205,11 @@ def logprob_forward(
     a = part[3] if want_entropy else t
     _forward_kernel[(n_row_blocks * splits,)](
         h_arg, w_arg, bias if bias is not None else hidden, labels, rows, m, s, a, t,
-        tile_max if tile_max is not None else m,
+        tile_lse if tile_lse is not None else m,
         n, V, D, hidden.stride(0), weight.stride(0),
-        tile_max.stride(0) if tile_max is not None else 0, splits, tiles_per_split,
+        tile_lse.stride(0) if tile_lse is not None else 0, splits, tiles_per_split,
         HAS_BIAS=bias is not None, WANT_ENTROPY=want_entropy,
-        WANT_TILE_MAX=tile_max is not None,
+        WANT_TILE_LSE=tile_lse is not None,
         **head_constants(hidden.dtype, temperature, softcap),
         **{**cfg, "TMA": tma, "FLATTEN": bool(cfg.get("FLATTEN"))},
     )
@@ -216,7 +222,7 @@ def logprob_forward(
 
 
 def filter_tiles(
-    tile_max: torch.Tensor,
+    tile_lse: torch.Tensor,
     rows: torch.Tensor,
     labels: torch.Tensor,
     lse: torch.Tensor,
@@ -229,28 +235,35 @@ def filter_tiles(
     tile_w: int,
 ) -> torch.Tensor:
     """``keep [cdiv(n, block_m), n_tiles]`` bool: the (row block, tile) pairs a filtered backward
-    computes. For the non-label columns j of row i in a tile t, with ``a = |g_lse − g_logp|``,
-    ``b = |g_ent|`` and ``P = max_{j in t} p_ij = e^{tile_max − lse}``,
+    computes. For row i and tile t, with the tile's softmax mass ``P = Σ_{j in t} p_ij =
+    e^{tile_lse − lse}``, ``a = |g_lse − g_logp|`` and ``b = |g_ent|``, the non-label columns
+    have
 
         dz_ij = p_ij·(g_lse − g_logp − g_ent·(log p_ij + H_i)),
-        Σ_{j in t} |dz_ij| ≤ r_it = tile_w·P·(a + b·(|log P| + H_i))   (P ≤ 1/e: p|log p| ↑)
+        Σ_{j in t} |dz_ij| ≤ r_it = P·(a + b·(H_i − log P + log tile_w)),
 
-    A row drops every tile whose ``r`` is at most ``eps·(a + b)/n_tiles`` (never one holding its
-    label or with ``P > 1/e``); a row block keeps the union of its rows' kept tiles. So for
-    every row ``Σ_{dropped j} |dz_ij| ≤ eps·(a_i + b_i)`` — the L1 norm of what is dropped,
-    relative to the row's gradient scale; a per-entry threshold instead lets many same-sign
-    leftovers add up along a shared direction of W (13% error in dH on a head with a
-    token-frequency prior) — and hence ``‖ΔdH_i‖_∞ ≤ eps·(a_i + b_i)/T · max_j ‖W_j‖_∞``.
-    Tiles no row block keeps leave their rows of dW and db exactly 0.
+    as ``−Σ_{j in t} p_ij log p_ij = P·(−log P + H_t)`` with the entropy H_t ≤ log tile_w of the
+    tile's own normalised distribution. Each row drops its tiles in increasing order of r for as
+    long as their r add up to at most ``eps·(a + b)``, never the tile of its label; a row block
+    keeps the union of its rows' kept tiles. So for every row
+    ``Σ_{dropped j} |dz_ij| ≤ eps·(a_i + b_i)`` — the L1 norm of what is dropped, relative to the
+    row's gradient scale (a per-entry threshold instead lets many same-sign leftovers add up
+    along a shared direction of W: 13% error in dH on a head with a token-frequency prior) —
+    and hence ``‖ΔdH_i‖_∞ ≤ eps·(a_i + b_i)/T · max_j ‖W_j‖_∞``. Tiles no row block keeps leave
+    their rows of dW and db exactly 0.
     """
-    n_tiles, n = tile_max.shape[0], rows.numel()
-    log_p = tile_max.index_select(1, rows) - lse[None, :]
+    n_tiles, n = tile_lse.shape[0], rows.numel()
+    # a floor for tiles whose mass underflowed (-inf): P = 0 there, and P·log P stays 0
+    log_p = (tile_lse.index_select(1, rows) - lse[None, :]).clamp_min(-1.0e4)
     a = (g_lse - g_logp).abs() if g_lse is not None else g_logp.abs()
     b = g_entropy.abs() if g_entropy is not None else torch.zeros_like(a)
     h = entropy if entropy is not None and g_entropy is not None else 0.0
-    rate = tile_w * log_p.exp() * (a + b * (h - log_p))
-    keep = (rate > eps * (a + b) / n_tiles) | (log_p > -1.0) & (a + b > 0)
-    keep[labels.long() // tile_w, torch.arange(n, device=keep.device)] = True
+    rate = log_p.exp() * (a + b * (h - log_p + math.log(tile_w)))
+    rate[labels.long() // tile_w, torch.arange(n, device=rate.device)] = math.inf
+    ordered, order = rate.sort(dim=0)
+    # 1 - 1e-5: the fp32 running sum's rounding stays inside the budget
+    kept = ordered.cumsum(dim=0) > eps * (1.0 - 1.0e-5) * (a + b)
+    keep = torch.empty_like(kept).scatter_(0, order, kept)
     n_rb = triton.cdiv(n, block_m)
     padded = torch.zeros((n_tiles, n_rb * block_m), dtype=torch.bool, device=keep.device)
     padded[:, :n] = keep
@@ -274,7 +287,7 @@ def logprob_backward(
     need_hidden: bool = True,
     need_weight: bool = True,
     need_bias: bool = False,
-    tile_max: torch.Tensor | None = None,
+    tile_lse: torch.Tensor | None = None,
     filter_eps: float = 0.0,
     max_fraction: float = 0.25,
     chunk_bytes: int = CHUNK_BYTES,
@@ -284,7 +297,7 @@ def logprob_backward(
     upstream gradients ``g_logp``, ``g_lse``, ``g_entropy`` (fp32 ``[n]``; None = zero).
 
     Rows of dH that are not in ``rows`` are zero. ``chunk_bytes`` bounds the dX chunk buffer.
-    With ``tile_max`` (the forward's) and ``filter_eps > 0``, the tiles :func:`filter_tiles`
+    With ``tile_lse`` (the forward's) and ``filter_eps > 0``, the tiles :func:`filter_tiles`
     rejects are neither recomputed nor multiplied: what is dropped from each row of dX stays
     within an L1 budget of ``filter_eps`` times the row's gradient scale (see there), so
     ``‖ΔdH_i‖_∞ ≤ filter_eps·(a_i + b_i)/T · max_j ‖W_j‖_∞``. When more than
@@ -297,9 +310,9 @@ def logprob_backward(
     constants = head_constants(hidden.dtype, temperature, softcap)
     zero = lse  # any fp32 tensor: the kernel never reads a pointer whose HAS_* flag is off
     keep = None
-    if tile_max is not None and filter_eps > 0:
+    if tile_lse is not None and filter_eps > 0:
         cfg = {**cfg, "BN": tile_width(hidden.dtype)}
-        keep = filter_tiles(tile_max, rows, labels, lse, entropy, g_logp, g_lse, g_entropy,
+        keep = filter_tiles(tile_lse, rows, labels, lse, entropy, g_logp, g_lse, g_entropy,
                             filter_eps, cfg["BM"], cfg["BN"])
     h_arg, w_arg, tma = head_operands(hidden, weight, rows, cfg)
 

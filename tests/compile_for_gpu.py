@@ -99,8 +99,8 @@ def main(dtype: str, tma: bool) -> int:
     heads = {"HAS_BIAS": True, "HAS_SOFTCAP": True, **dots}
     compile_one(f"linear_logprob forward {tag}", LP._forward_kernel,
                 {**operands(fwd), "B": ptr, "Y": i64, "ROWS": i64, "M_OUT": f32, "S_OUT": f32,
-                 "A_OUT": f32, "T_OUT": f32, "TMAX": f32, "inv_temp": "fp32", "softcap": "fp32"},
-                {**heads, **fwd, "FLATTEN": tma, "WANT_ENTROPY": True, "WANT_TILE_MAX": True},
+                 "A_OUT": f32, "T_OUT": f32, "TLSE": f32, "inv_temp": "fp32", "softcap": "fp32"},
+                {**heads, **fwd, "FLATTEN": tma, "WANT_ENTROPY": True, "WANT_TILE_LSE": True},
                 **launch)
     for sparse in (False, True):  # every option, so a softcap: its blocks
         grad = {**softcapped, "BN": LP.tile_width(torch_dtype) if sparse else softcapped["BN"]}
@@ -145,8 +145,8 @@ def main(dtype: str, tma: bool) -> int:
     budget = {"max_spill": 256 if dtype != "fp32" else None}
     compile_one(f"linear_logprob forward {tag} as benchmarked", LP._forward_kernel,
                 {**operands(fwd), "B": ptr, "Y": i64, "ROWS": i64, "M_OUT": f32, "S_OUT": f32,
-                 "A_OUT": f32, "T_OUT": f32, "TMAX": f32, "inv_temp": "fp32", "softcap": "fp32"},
-                {**plain, **fwd, "FLATTEN": False, "WANT_ENTROPY": False, "WANT_TILE_MAX": True},
+                 "A_OUT": f32, "T_OUT": f32, "TLSE": f32, "inv_temp": "fp32", "softcap": "fp32"},
+                {**plain, **fwd, "FLATTEN": False, "WANT_ENTROPY": False, "WANT_TILE_LSE": True},
                 **budget, **launch)
     compile_one(f"linear_logprob grad {tag} as benchmarked", LP._grad_logits_kernel,
                 {**operands(bwd), "B": ptr, "Y": i64, "ROWS": i64, "LSE": f32, "ENT": f32,

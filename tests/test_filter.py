@@ -58,17 +58,17 @@ def run_filtered(hidden, weight, bias, labels, coefs, *, eps, temperature, softc
     rows = (labels != -100).nonzero().squeeze(1)
     lab = labels[rows]
     width = K.tile_width(hidden.dtype)
-    tile_max = torch.empty(triton.cdiv(weight.shape[0], width), hidden.shape[0])
+    tile_lse = torch.empty(triton.cdiv(weight.shape[0], width), hidden.shape[0])
     opts = dict(temperature=temperature, softcap=softcap)
     _, lse, ent = K.logprob_forward(hidden, weight, bias, lab, rows, want_entropy=entropy,
-                                    tile_max=tile_max, **opts)
+                                    tile_lse=tile_lse, **opts)
     g_logp, g_lse = coefs[0].float(), coefs[1].float()
     g_ent = coefs[2].float() if entropy else None
     grads = K.logprob_backward(hidden, weight, bias, lab, rows, lse, ent, g_logp, g_lse, g_ent,
-                               need_bias=True, tile_max=tile_max, filter_eps=eps,
+                               need_bias=True, tile_lse=tile_lse, filter_eps=eps,
                                max_fraction=max_fraction, chunk_bytes=chunk_bytes, **opts)
     bm = K.block_config("backward", hidden.dtype)["BM"]
-    keep = K.filter_tiles(tile_max, rows, lab, lse, ent, g_logp, g_lse, g_ent, eps, bm, width)
+    keep = K.filter_tiles(tile_lse, rows, lab, lse, ent, g_logp, g_lse, g_ent, eps, bm, width)
     element_keep = keep.repeat_interleave(bm, 0)[: rows.numel()]
     element_keep = element_keep.repeat_interleave(width, 1)[:, : weight.shape[0]]
     return rows, grads, keep, element_keep
@@ -211,13 +211,13 @@ def test_filtered_backward_is_the_same_over_any_chunking(tiles_per_chunk):
     rows = (labels != -100).nonzero().squeeze(1)
     lab = labels[rows]
     width = K.tile_width(hidden.dtype)
-    tile_max = torch.empty(triton.cdiv(weight.shape[0], width), hidden.shape[0])
-    _, lse, _ = K.logprob_forward(hidden, weight, bias, lab, rows, tile_max=tile_max)
+    tile_lse = torch.empty(triton.cdiv(weight.shape[0], width), hidden.shape[0])
+    _, lse, _ = K.logprob_forward(hidden, weight, bias, lab, rows, tile_lse=tile_lse)
     g_logp = torch.randn(rows.numel(), generator=g)
 
     def backward(chunk_bytes):
         return K.logprob_backward(hidden, weight, bias, lab, rows, lse, None, g_logp, None, None,
-                                  need_bias=True, tile_max=tile_max, filter_eps=1e-3,
+                                  need_bias=True, tile_lse=tile_lse, filter_eps=1e-3,
                                   max_fraction=1.0, chunk_bytes=chunk_bytes)
 
     (dh1, dw1, db1) = backward(1 << 30)

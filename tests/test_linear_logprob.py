@@ -701,10 +701,10 @@ def test_opcheck_forward_op(use_bias, softcap, want_entropy, dtype, eps):
 
 
 def backward_op_args(hidden, weight, labels, bias, needs, eps=0.0):
-    _, lse, ent, tile_max = torch.ops.hypo_fast.linear_logprob(
+    _, lse, ent, tile_lse = torch.ops.hypo_fast.linear_logprob(
         hidden, weight, labels, bias, -100, 1.0, 2.0, True, eps)
     g = torch.randn(labels.shape, generator=gen(3)).to(lse.device)
-    return (hidden, weight, labels, bias, lse, ent, tile_max, g, -g, 0.5 * g, -100, 1.0, 2.0, eps,
+    return (hidden, weight, labels, bias, lse, ent, tile_lse, g, -g, 0.5 * g, -100, 1.0, 2.0, eps,
             needs)
 
 

@@ -56,10 +56,10 @@ def test_backward_op_returns_row_major_gradients_for_column_major_inputs():
     hidden_t = hidden.detach().reshape(18, 16).T.contiguous().T
     weight_t = weight.detach().T.contiguous().T
     labels = labels.reshape(18)
-    _, lse, ent, tile_max = torch.ops.hypo_fast.linear_logprob(
+    _, lse, ent, tile_lse = torch.ops.hypo_fast.linear_logprob(
         hidden_t, weight_t, labels, None, -100, 1.0, 0.0, True, 0.0)
     g = torch.randn(18)
-    args = (hidden_t, weight_t, labels, None, lse, ent, tile_max, g, -g, g, -100, 1.0, 0.0, 0.0,
+    args = (hidden_t, weight_t, labels, None, lse, ent, tile_lse, g, -g, g, -100, 1.0, 0.0, 0.0,
             [True, True, False])
     torch.library.opcheck(torch.ops.hypo_fast.linear_logprob_backward.default, args)
     dh, dw, _ = torch.ops.hypo_fast.linear_logprob_backward(*args)
