@@ -72,11 +72,7 @@ def logits_tile(
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     if TMA:
         for k in range(0, tl.cdiv(D, BK)):
-            h = H.load([row0, k * BK])
-            w = W.load([col0, k * BK])
-            if CAST_F32:
-                h = h.to(tl.float32)
-                w = w.to(tl.float32)
+            h, w = tma_blocks(H, W, row0, col0, k, CAST_F32, BK)
             acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
     else:
         offs_k = tl.arange(0, BK)
@@ -93,6 +89,18 @@ def logits_tile(
             h_ptrs += BK
             w_ptrs += BK
     return head_transform(acc, B, offs_n, col_mask, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP)
+
+
+@triton.jit
+def tma_blocks(H, W, row0, col0, k, CAST_F32: tl.constexpr, BK: tl.constexpr):
+    """The k-th d-blocks ``H[row0.., k·BK..]`` and ``W[col0.., k·BK..]`` through descriptors
+    (zero past the edges), cast to fp32 with ``CAST_F32``."""
+    h = H.load([row0, k * BK])
+    w = W.load([col0, k * BK])
+    if CAST_F32:
+        h = h.to(tl.float32)
+        w = w.to(tl.float32)
+    return h, w
 
 
 @triton.jit

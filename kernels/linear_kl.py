@@ -67,6 +67,7 @@ from ._tiles import (
     split_vocab,
     store_grad_tile,
     swizzle,
+    tma_blocks,
     tma_eligible,
 )
 
@@ -113,16 +114,8 @@ def _both_products(H, W, HR, WR, row0, col0, D, CAST_F32: tl.constexpr, PRECISIO
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     ref_acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k in range(0, tl.cdiv(D, BK)):
-        h = H.load([row0, k * BK])
-        w = W.load([col0, k * BK])
-        hr = HR.load([row0, k * BK])
-        wr = WR.load([col0, k * BK])
-        if CAST_F32:
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        if REF_CAST_F32:
-            hr = hr.to(tl.float32)
-            wr = wr.to(tl.float32)
+        h, w = tma_blocks(H, W, row0, col0, k, CAST_F32, BK)
+        hr, wr = tma_blocks(HR, WR, row0, col0, k, REF_CAST_F32, BK)
         acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
         ref_acc = tl.dot(hr, tl.trans(wr), ref_acc, input_precision=REF_PRECISION)
     return acc, ref_acc
@@ -298,19 +291,25 @@ def _grad_logits_kernel(
                     stride_dx, stride_db, WANT_DB)
 
 
-def _kernel_heads(policy: Head, ref: Head, rows: torch.Tensor, cfg: dict) -> tuple[tuple, dict]:
+def _kernel_heads(
+    policy: Head, ref: Head, rows: torch.Tensor, cfg: dict, need_ref: bool = True
+) -> tuple[tuple, dict]:
     """Both heads' kernel arguments ``(H, W, b, d, stride_h, stride_w)`` and the blocks with
-    ``TMA`` set to whether they load through descriptors (both heads or neither) and ``FUSE_K``
-    to whether one loop computes both products (asked for, descriptors, and heads alike)."""
-    tma = all(tma_eligible(head.weight, rows, cfg) for head in (policy, ref))
+    ``TMA`` set to whether the heads the kernel reads load through descriptors (all or none)
+    and ``FUSE_K`` to whether one loop computes both products (asked for, descriptors, and heads
+    alike). Without ``need_ref`` (a backward with no KL gradient never reads the reference) the
+    reference goes as it is: no compacted copy, no one-loop products."""
+    read = (policy, ref) if need_ref else (policy,)
+    tma = all(tma_eligible(head.weight, rows, cfg) for head in read)
     # one loop needs the same d, and the same dtype (an fp32 reference's tiles would double its
     # shared memory past the limit)
     alike = (policy.weight.shape[1] == ref.weight.shape[1]
              and policy.weight.dtype == ref.weight.dtype)
-    cfg = {**cfg, "TMA": tma, "FUSE_K": bool(cfg.get("FUSE_K")) and tma and alike}
+    cfg = {**cfg, "TMA": tma, "FUSE_K": bool(cfg.get("FUSE_K")) and tma and alike and need_ref}
     args: tuple = ()
-    for head in (policy, ref):
-        h, w, _ = head_operands(head.hidden, head.weight, rows, cfg)
+    for head, is_read in ((policy, True), (ref, need_ref)):
+        h, w = (head_operands(head.hidden, head.weight, rows, cfg)[:2] if is_read
+                else (head.hidden, head.weight))
         args += (h, w, head.bias if head.bias is not None else head.hidden, head.weight.shape[1],
                  head.hidden.stride(0), head.weight.stride(0))
     return args, cfg
@@ -436,8 +435,7 @@ def kl_backward(
         raise ValueError("g_logp needs the labels")
     cfg = config or two_head_config("backward", h.dtype)
     constants = _constants(policy, ref, temperature, softcap)
-    heads, cfg = _kernel_heads(policy, ref, rows, cfg)
-    cfg["FUSE_K"] = cfg["FUSE_K"] and g_kl is not None  # without g_kl, r is never computed
+    heads, cfg = _kernel_heads(policy, ref, rows, cfg, need_ref=g_kl is not None)
     # Any fp32 tensor stands in for an absent one: the kernel never reads it (HAS_* flag off).
     grads = [t if t is not None else norm for t in (g_kl, g_entropy, g_logp)]
 
