@@ -155,7 +155,9 @@ def _grad_logits_kernel(
 def backward_config(dtype: torch.dtype, softcap: float | None) -> dict:
     """The dX kernel's blocks: :func:`block_config`'s, at most 128 columns wide with a softcap,
     whose value and slope tiles spill ~2 KB of registers per thread at 128 x 256 (none at
-    128 x 128; ``tests/compile_for_gpu.py``)."""
+    128 x 128; ``tests/compile_for_gpu.py``). A filtered backward keeps or drops the forward's
+    :func:`tile_width` tiles whole, computing each kept one as several of these narrower ones
+    (the block-sparse dX kernel at 256 columns with a softcap: 3 KB of spills)."""
     cfg = block_config("backward", dtype)
     return {**cfg, "BN": min(cfg["BN"], 128)} if softcap is not None else cfg
 
@@ -311,9 +313,15 @@ def logprob_backward(
     zero = lse  # any fp32 tensor: the kernel never reads a pointer whose HAS_* flag is off
     keep = None
     if tile_lse is not None and filter_eps > 0:
-        cfg = {**cfg, "BN": tile_width(hidden.dtype)}
+        width = tile_width(hidden.dtype)
+        ratio, rest = divmod(width, cfg["BN"])
+        if rest:
+            raise ValueError(f"a filtered backward needs dX tiles of a width dividing "
+                             f"tile_width() = {width}, got BN = {cfg['BN']}")
         keep = filter_tiles(tile_lse, rows, labels, lse, entropy, g_logp, g_lse, g_entropy,
-                            filter_eps, cfg["BM"], cfg["BN"])
+                            filter_eps, cfg["BM"], width)
+        # narrower dX tiles (a softcap's): every part of a kept tile is kept
+        keep = keep.repeat_interleave(ratio, dim=1)[:, :triton.cdiv(V, cfg["BN"])]
     h_arg, w_arg, tma = head_operands(hidden, weight, rows, cfg)
 
     def fill(dx: torch.Tensor, db_part: torch.Tensor, start: int, cols: int,

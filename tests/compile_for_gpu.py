@@ -71,7 +71,7 @@ def compile_one(name, fn, types, constexprs, max_spill=None, **options):
             raise RuntimeError(f"{report}: over the {SHARED_LIMIT} B a block may have")
         if max_spill is not None and spilled is not None and spilled > max_spill:
             raise RuntimeError(f"{report}: over the budget of {max_spill} B of spill stores")
-        print("ok  ", f"{name:45s}", report)
+        print("ok  ", f"{name:58s}", report)
     except Exception as exc:  # report every kernel, then fail
         FAILED.append(name)
         print("FAIL", name, type(exc).__name__, str(exc)[:800])
@@ -102,14 +102,14 @@ def main(dtype: str, tma: bool) -> int:
                  "A_OUT": f32, "T_OUT": f32, "TLSE": f32, "inv_temp": "fp32", "softcap": "fp32"},
                 {**heads, **fwd, "FLATTEN": tma, "WANT_ENTROPY": True, "WANT_TILE_LSE": True},
                 **launch)
-    for sparse in (False, True):  # every option, so a softcap: its blocks
-        grad = {**softcapped, "BN": LP.tile_width(torch_dtype) if sparse else softcapped["BN"]}
+    grad_args = {"B": ptr, "Y": i64, "ROWS": i64, "LSE": f32, "ENT": f32, "G_LOGP": f32,
+                 "G_LSE": f32, "G_ENT": f32, "DX": ptr, "DB_PART": f32, "PAIRS": "*i32",
+                 "inv_temp": "fp32", "softcap": "fp32"}
+    for sparse in (False, True):  # every option, so a softcap: its blocks, filtered or not
         compile_one(f"linear_logprob grad sparse={sparse} {tag}", LP._grad_logits_kernel,
-                    {**operands(grad), "B": ptr, "Y": i64, "ROWS": i64, "LSE": f32, "ENT": f32,
-                     "G_LOGP": f32, "G_LSE": f32, "G_ENT": f32, "DX": ptr, "DB_PART": f32,
-                     "PAIRS": "*i32", "inv_temp": "fp32", "softcap": "fp32"},
-                    {**heads, **grad, "HAS_G_LSE": True, "HAS_G_ENT": True, "WANT_DB": True,
-                     "SPARSE": sparse}, **bwd_launch)
+                    {**operands(softcapped), **grad_args},
+                    {**heads, **softcapped, "HAS_G_LSE": True, "HAS_G_ENT": True,
+                     "WANT_DB": True, "SPARSE": sparse}, **bwd_launch)
     sparse_blocks = {"BM": bwd["BM"], "BN": LP.tile_width(torch_dtype), "BD": _tiles.SPARSE_BD,
                      **dots}
     sparse_budget = {"max_spill": 256 if dtype != "fp32" else None, **_tiles.SPARSE_LAUNCH}
@@ -148,12 +148,12 @@ def main(dtype: str, tma: bool) -> int:
                  "A_OUT": f32, "T_OUT": f32, "TLSE": f32, "inv_temp": "fp32", "softcap": "fp32"},
                 {**plain, **fwd, "FLATTEN": False, "WANT_ENTROPY": False, "WANT_TILE_LSE": True},
                 **budget, **launch)
-    compile_one(f"linear_logprob grad {tag} as benchmarked", LP._grad_logits_kernel,
-                {**operands(bwd), "B": ptr, "Y": i64, "ROWS": i64, "LSE": f32, "ENT": f32,
-                 "G_LOGP": f32, "G_LSE": f32, "G_ENT": f32, "DX": ptr, "DB_PART": f32,
-                 "PAIRS": "*i32", "inv_temp": "fp32", "softcap": "fp32"},
-                {**plain, **bwd, "HAS_G_LSE": False, "HAS_G_ENT": False, "WANT_DB": False,
-                 "SPARSE": False}, **budget, **bwd_launch)
+    for sparse in (False, True):  # dense, and filtered (the forward's tile width)
+        grad = {**bwd, "BN": LP.tile_width(torch_dtype)} if sparse else bwd
+        compile_one(f"linear_logprob grad sparse={sparse} {tag} as benchmarked",
+                    LP._grad_logits_kernel, {**operands(grad), **grad_args},
+                    {**plain, **grad, "HAS_G_LSE": False, "HAS_G_ENT": False, "WANT_DB": False,
+                     "SPARSE": sparse}, **budget, **bwd_launch)
     plain_ref = {**plain, "HAS_REF_BIAS": False, "REF_CAST_F32": False, "REF_PRECISION": "ieee"}
     compile_one(f"linear_kl forward {tag} as benchmarked", KL._forward_kernel,
                 {**kl_heads(kl_fwd), "OUT": f32},

@@ -224,3 +224,31 @@ def test_filtered_backward_is_the_same_over_any_chunking(tiles_per_chunk):
     (dh2, dw2, db2) = backward(rows.numel() * hidden.element_size() * width * tiles_per_chunk)
     assert torch.equal(dw1, dw2) and torch.equal(db1, db2)
     assert rel(dh2, dh1) < 1e-6
+
+
+@pytest.mark.parametrize("softcap", [None, 15.0])
+def test_filtered_backward_on_narrower_dx_tiles(softcap):
+    """dX tiles half the forward's tile width (what a softcap gets on a GPU): each kept tile is
+    computed as its two halves, so the gradients are those of full-width tiles; a width that
+    does not divide the forward's tiles is refused."""
+    hidden, weight, bias, labels, g = peaked_case(8, 96, 32, 330, bias_gap=30.0)
+    rows = (labels != -100).nonzero().squeeze(1)
+    lab = labels[rows]
+    width = K.tile_width(hidden.dtype)
+    tile_lse = torch.empty(triton.cdiv(weight.shape[0], width), hidden.shape[0])
+    _, lse, _ = K.logprob_forward(hidden, weight, bias, lab, rows, softcap=softcap,
+                                  tile_lse=tile_lse)
+    g_logp = torch.randn(rows.numel(), generator=g)
+
+    def backward(bn):
+        config = {**K.backward_config(hidden.dtype, softcap), "BN": bn}
+        return K.logprob_backward(hidden, weight, bias, lab, rows, lse, None, g_logp, None, None,
+                                  softcap=softcap, need_bias=True, tile_lse=tile_lse,
+                                  filter_eps=1e-3, max_fraction=1.0, config=config)
+
+    full, half = backward(width), backward(width // 2)
+    assert full[0].abs().sum() > 0
+    for a, b in zip(half, full, strict=True):
+        assert rel(a, b) < 1e-6
+    with pytest.raises(ValueError, match="dividing tile_width"):
+        backward(width // 2 + 16)
