@@ -14,6 +14,10 @@ Sections (each guarded, so one failure does not lose the rest of a lease):
    pointer and descriptor (TMA) loads, for both kernel families.
 Every TMA entry (``HYPO_FAST_TMA=1``, tagged "tma") is the opt-in path, checked for correctness
 and timed beside the default.
+
+``--dry`` (with ``TRITON_INTERPRET=1``): every section on the CPU, with the kernels interpreted,
+a small head (d 64, V 1000) and 512 tokens: what the tests run so that a GPU lease is not spent
+on a broken script. Its numbers mean nothing.
 Writes ``gpu_check.json`` and ``gpu_check.md`` under ``$OUT`` when set; prints the table last.
 """
 
@@ -41,8 +45,21 @@ from hypo_fast.kernels import linear_logprob as klp
 from hypo_fast import ops, reference
 from hypo_fast._checks import validate_head
 
-DEV = "cuda"
+DRY = "--dry" in sys.argv  # module-wide: the device and shapes below
+DEV = "cpu" if DRY else "cuda"
+LLAMA = (64, 1000) if DRY else HEADS["llama3-8b"]  # (d, V) of the head measured
 RESULTS: dict = {"checks": [], "timings": [], "sweep": [], "errors": []}
+
+
+def tokens(n: int) -> int:
+    """``n`` tokens, 512 in a dry run."""
+    return min(n, 512) if DRY else n
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -125,15 +142,18 @@ def correctness(quick: bool):
                temperature=0.7, entropy=True)
     check_case("odd-small-bf16", 300, 128, 1000, torch.bfloat16, bias=True, entropy=True)
     check_case("odd-small-fp16", 257, 64, 777, torch.float16, softcap=10.0)
-    d, v = HEADS["llama3-8b"]
-    check_case("llama3-head-fp32", 1024 if quick else 2048, d, v, torch.float32, entropy=True)
-    check_case("llama3-head-bf16", 1024 if quick else 4096, d, v, torch.bfloat16, entropy=True)
-    check_case("llama3-head-bf16-softcap", 1024, d, v, torch.bfloat16, softcap=30.0, bias=True,
+    d, v = LLAMA
+    check_case("llama3-head-fp32", tokens(1024 if quick else 2048), d, v, torch.float32,
+               entropy=True)
+    check_case("llama3-head-bf16", tokens(1024 if quick else 4096), d, v, torch.bfloat16,
+               entropy=True)
+    check_case("llama3-head-bf16-softcap", tokens(1024), d, v, torch.bfloat16, softcap=30.0,
+               bias=True,
                entropy=True)
     check_case("odd-small-opts", 333, 96, 999, torch.float32, bias=True, softcap=30.0,
                temperature=0.7, entropy=True, tma=True)
-    check_case("llama3-head-bf16", 1024 if quick else 4096, d, v, torch.bfloat16, entropy=True,
-               tma=True)
+    check_case("llama3-head-bf16", tokens(1024 if quick else 4096), d, v, torch.bfloat16,
+               entropy=True, tma=True)
 
 
 def check_kl_case(name, n, d, d_ref, v, dtype, *, direction="reverse", bias=False,
@@ -177,8 +197,8 @@ def kl_correctness(quick: bool):
     check_kl_case("kl-fwd-odd", 257, 64, 128, 777, torch.float32, direction="forward",
                   temperature=0.8)
     check_kl_case("kl-rev-bf16", 300, 128, 128, 1000, torch.bfloat16)
-    d, v = HEADS["llama3-8b"]
-    n = 1024 if quick else 2048
+    d, v = LLAMA
+    n = tokens(1024 if quick else 2048)
     check_kl_case("kl-rev-llama3-bf16", n, d, d, v, torch.bfloat16)
     check_kl_case("kl-fwd-llama3-bf16", n, d, d, v, torch.bfloat16, direction="forward")
     check_kl_case("kl-rev-odd", 300, 128, 96, 1000, torch.float32, bias=True, softcap=20.0,
@@ -229,7 +249,7 @@ def kl_timings(n, d, v, dtype, head, rate, tma=False):
         row[name + "_ms"] = bench(fn)
         row[name + "_frac"] = gemm_eq * flop / row[name + "_ms"] / 1e9 / rate if rate else None
         row[name + "_peak_mib"] = peak_extra(fn)
-        torch.cuda.empty_cache()
+        sync()
     row["cublas_3gemm_ms"] = float("nan")
     row["cublas_3gemm_frac"] = None
     use_tma(False)
@@ -238,10 +258,16 @@ def kl_timings(n, d, v, dtype, head, rate, tma=False):
 
 
 def bench(fn, rep_ms=200):
+    if DEV != "cuda":  # a dry run: one call
+        t0 = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - t0)
     return do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
 
 
 def peak_extra(fn):
+    if DEV != "cuda":
+        return float("nan")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -308,7 +334,7 @@ def timings(n, d, v, dtype, head, rate, tma=False):
         row[name + "_frac"] = gemm_eq * flop / ms / 1e9 / rate if rate else None
         if name != "cublas_3gemm":
             row[name + "_peak_mib"] = peak_extra(fn)
-        torch.cuda.empty_cache()
+        sync()
     use_tma(False)
     RESULTS["timings"].append(row)
     print(json.dumps(row), flush=True)
@@ -322,6 +348,7 @@ def profile_forward(n, d, v):
 
     h, w, y, _ = realistic_inputs(n, d, v, torch.bfloat16, DEV)
     w.requires_grad_()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
     for _ in range(2):  # warm-up: compilation, allocator
         ops.linear_logprob(h, w, y, backend="triton").logp.sum().backward()
     tables = {}
@@ -330,11 +357,12 @@ def profile_forward(n, d, v):
         ("forward+backward",
          lambda: ops.linear_logprob(h, w, y, backend="triton").logp.sum().backward()),
     ]:
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        sync()
+        with profile(activities=activities) as prof:
             fn()
-            torch.cuda.synchronize()
-        tables[name] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14)
+            sync()
+        tables[name] = prof.key_averages().table(
+            sort_by="cuda_time_total" if DEV == "cuda" else "cpu_time_total", row_limit=14)
         print(f"--- profile: {name}\n{tables[name]}", flush=True)
     RESULTS["profile"] = tables
 
@@ -377,7 +405,7 @@ def losses_check():
         results = []
         for backend in ("triton", "reference"):
             hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(DEV, dtype=torch.bfloat16, enabled=autocast):
                 if extra is None:  # reference-free pair losses
                     loss, aux = make(backend)(ww, hh, y, bias)
                 else:
@@ -402,7 +430,7 @@ def filtered_timings(n, d, v, zipf, rate):
     n_valid = rows.numel()
     g = torch.randn(n, device=DEV)
     tile_lse = torch.empty(triton.cdiv(v, klp.tile_width(h.dtype)), n, device=DEV)
-    _, lse, _ = klp.logprob_forward(h, w, None, labels, rows, tile_lse=tile_lse)
+    lse = klp.logprob_forward(h, w, None, labels, rows, tile_lse=tile_lse).lse
     bm = klp.block_config("backward", h.dtype)["BM"]
     keep = klp.filter_tiles(tile_lse, rows, labels, lse, None, g[rows], None, None,
                             torch.finfo(h.dtype).eps / 32, bm, klp.tile_width(h.dtype))
@@ -431,19 +459,23 @@ def sweep(n, d, v):
     h, w, y, _ = realistic_inputs(n, d, v, torch.bfloat16, DEV)
     rows = (y != -100).nonzero().squeeze(1)
     labels = y[rows]
-    lse = klp.logprob_forward(h, w, None, labels, rows)[1]
-    g = torch.randn_like(lse)
+    norm = klp.logprob_forward(h, w, None, labels, rows).norm
+    g = torch.randn_like(norm[0])
 
     def run_kind(kind, cfg, chunk_bytes=_tiles.CHUNK_BYTES):
         if kind == "forward":
             return klp.logprob_forward(h, w, None, labels, rows, config=cfg)
-        return klp.logprob_backward(h, w, None, labels, rows, lse, None, g, None, None,
+        return klp.logprob_backward(h, w, None, labels, rows, norm, None, g, None, None,
                                     config=cfg, chunk_bytes=chunk_bytes)
 
     for bm, bn, bk, gm, warps, stages, tma in [
             (128, 256, 64, 16, 8, 3, False), (128, 256, 64, 16, 8, 3, True),
             (128, 256, 64, 16, 8, 4, True), (128, 128, 64, 16, 8, 3, False),
-            (128, 128, 64, 16, 8, 3, True), (128, 128, 64, 16, 8, 4, True)]:
+            (128, 128, 64, 16, 8, 3, True), (128, 128, 64, 16, 8, 4, True),
+            # one warpgroup, half the register file and shared memory: two programs per
+            # multiprocessor, one's softmax epilogue beside the other's products
+            (64, 256, 64, 16, 4, 2, False), (64, 256, 64, 16, 4, 2, True),
+            (128, 128, 64, 16, 4, 3, True), (128, 128, 64, 16, 4, 2, True)]:
         cfg = {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": gm, "TMA": tma, "num_warps": warps,
                "num_stages": stages}
         for kind in ("forward", "backward"):
@@ -454,7 +486,7 @@ def sweep(n, d, v):
     for bn in (256, 128):  # a softcap's extra tile: 128 x 256 spills (backward_config: 128)
         cfg = {**klp.block_config("backward", torch.bfloat16), "BN": bn}
         record("backward softcap", cfg, lambda cfg=cfg: klp.logprob_backward(
-            h, w, None, labels, rows, lse, None, g, None, None, softcap=30.0, config=cfg))
+            h, w, None, labels, rows, norm, None, g, None, None, softcap=30.0, config=cfg))
     for mib in (128, 256, 1024):
         record(f"backward chunk {mib} MiB", klp.block_config("backward", torch.bfloat16),
                lambda mib=mib: run_kind("backward", None, mib << 20))
@@ -475,7 +507,10 @@ def sweep(n, d, v):
     for bm, bn, bk, gm, warps, stages, tma, fuse in [
             (128, 128, 64, 16, 8, 3, False, False), (128, 128, 64, 16, 8, 3, True, False),
             (128, 128, 64, 16, 8, 4, True, False), (128, 128, 64, 8, 8, 3, True, False),
-            (128, 128, 64, 16, 8, 3, True, True), (128, 128, 64, 16, 8, 2, True, True)]:
+            (128, 128, 64, 16, 8, 3, True, True), (128, 128, 64, 16, 8, 2, True, True),
+            # 64-column tiles: no spills (tests/compile_for_gpu.py), two programs per SM at 4 warps
+            (128, 64, 64, 16, 8, 3, False, False), (128, 64, 64, 16, 8, 3, True, False),
+            (128, 64, 64, 16, 4, 3, True, False)]:
         cfg = {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": gm, "TMA": tma, "FUSE_K": fuse,
                "num_warps": warps, "num_stages": stages}
         for kind in ("forward", "backward"):
@@ -570,22 +605,28 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="smaller correctness shapes; time only 16384 tokens, bf16")
     p.add_argument("--sweep", action="store_true", help="also sweep block configurations")
+    p.add_argument("--dry", action="store_true",
+                   help="every section on the CPU, interpreted, at small shapes (a test)")
     args = p.parse_args(argv)
-    RESULTS["env"] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    if args.dry != DRY or (DRY and os.environ.get("TRITON_INTERPRET") != "1"):
+        p.error("--dry runs as a script, with TRITON_INTERPRET=1 in the environment")
+    device = "CPU, dry run" if DRY else torch.cuda.get_device_name()
+    RESULTS["env"] = {"device": device, "torch": torch.__version__,
                       "triton": triton.__version__, "python": platform.python_version(),
                       "date": time.strftime("%Y-%m-%d")}
     correctness(args.quick)
-    d, v = HEADS["llama3-8b"]
-    sizes = [16384] if args.quick else [4096, 16384]
+    d, v = LLAMA
+    sizes = [16384] if args.quick or DRY else [4096, 16384]
+    sizes = [tokens(n) for n in sizes]
     rate = matmul_rate(sizes[-1] // 2, d, v)
     for n in sizes:
         timings(n, d, v, torch.bfloat16, "llama3-8b", rate)
     timings(sizes[-1], d, v, torch.bfloat16, "llama3-8b", rate, tma=True)
     if not args.quick:
-        timings(4096, d, v, torch.float32, "llama3-8b", rate)
+        timings(tokens(4096), d, v, torch.float32, "llama3-8b", rate)
     kl_correctness(args.quick)
     for tma in (False, True):
-        kl_timings(8192, d, v, torch.bfloat16, "llama3-8b", rate, tma=tma)
+        kl_timings(tokens(8192), d, v, torch.bfloat16, "llama3-8b", rate, tma=tma)
     for zipf in (1.5, 2.0):
         filtered_timings(sizes[-1], d, v, zipf, rate)
     losses_check()
