@@ -97,26 +97,28 @@ def _linear_logprob_op(
     softcap: float,
     want_entropy: bool,
     filter_eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(logp, lse, entropy, tile_lse)``; entropy empty unless wanted, ``tile_lse`` (per-row
-    log-sum-exp of every vocabulary tile, for the filtered backward) empty unless
-    ``filter_eps > 0``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logp, lse, entropy, tile_lse, norm)``; entropy empty unless wanted, ``tile_lse``
+    (per-row log-sum-exp of every vocabulary tile, for the filtered backward) empty unless
+    ``filter_eps > 0``, ``norm [2, labels.numel()]`` the log-sum-exp in two parts (the kernels'
+    ``Forward.norm``, saved for backward)."""
     from .kernels.linear_logprob import logprob_forward
 
     rows = _valid_rows(labels, ignore_index)
     flat = labels.reshape(-1)
     tile_lse = _tile_lse_buffer(hidden, weight, labels, filter_eps)
     with _on_device(hidden):
-        logp_c, lse_c, ent_c = logprob_forward(
+        fwd = logprob_forward(
             _rows_view(hidden), _rows_view(weight), _contiguous(bias),
             flat.index_select(0, rows), rows, temperature=temperature, softcap=softcap or None,
             want_entropy=want_entropy, tile_lse=tile_lse if tile_lse.numel() else None,
         )
 
-    entropy = (_scatter_rows(ent_c, rows, labels.shape) if want_entropy
+    entropy = (_scatter_rows(fwd.entropy, rows, labels.shape) if want_entropy
                else labels.new_empty(0, dtype=torch.float32))
-    return (_scatter_rows(logp_c, rows, labels.shape), _scatter_rows(lse_c, rows, labels.shape),
-            entropy, tile_lse)
+    norm = torch.zeros((2, labels.numel()), dtype=torch.float32, device=labels.device)
+    return (_scatter_rows(fwd.logp, rows, labels.shape), _scatter_rows(fwd.lse, rows, labels.shape),
+            entropy, tile_lse, norm.index_copy_(1, rows, fwd.norm))
 
 
 def _tile_lse_buffer(hidden, weight, labels, filter_eps: float) -> torch.Tensor:
@@ -135,8 +137,8 @@ def _(hidden, weight, labels, bias, ignore_index, temperature, softcap, want_ent
       filter_eps):
     out = labels.new_empty(labels.shape, dtype=torch.float32)
     entropy = torch.empty_like(out) if want_entropy else out.new_empty(0)
-    return out, torch.empty_like(out), entropy, _tile_lse_buffer(hidden, weight, labels,
-                                                                 filter_eps)
+    return (out, torch.empty_like(out), entropy,
+            _tile_lse_buffer(hidden, weight, labels, filter_eps), out.new_empty(2, labels.numel()))
 
 
 @torch.library.custom_op("hypo_fast::linear_logprob_backward", mutates_args=())
@@ -145,7 +147,7 @@ def _linear_logprob_backward_op(
     weight: torch.Tensor,
     labels: torch.Tensor,
     bias: torch.Tensor | None,
-    lse: torch.Tensor,
+    norm: torch.Tensor,
     entropy: torch.Tensor,
     tile_lse: torch.Tensor,
     g_logp: torch.Tensor,
@@ -167,7 +169,8 @@ def _linear_logprob_backward_op(
     with _on_device(hidden):
         dh, dw, db = logprob_backward(
             _rows_view(hidden), _rows_view(weight), _contiguous(bias),
-            labels.reshape(-1).index_select(0, rows), rows, pick(lse), pick(entropy),
+            labels.reshape(-1).index_select(0, rows), rows, norm.index_select(1, rows),
+            pick(entropy),
             pick(g_logp), pick(g_lse), pick(g_entropy),
             temperature=temperature, softcap=softcap or None,
             need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2],
@@ -177,25 +180,25 @@ def _linear_logprob_backward_op(
 
 
 @_linear_logprob_backward_op.register_fake
-def _(hidden, weight, labels, bias, lse, entropy, tile_lse, g_logp, g_lse, g_entropy,
+def _(hidden, weight, labels, bias, norm, entropy, tile_lse, g_logp, g_lse, g_entropy,
       ignore_index, temperature, softcap, filter_eps, needs):
     return _fake_head_grads(hidden, weight, bias, needs)
 
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, labels, bias, ignore_index, temperature, softcap, _, filter_eps = inputs
-    _, lse, entropy, tile_lse = output
-    ctx.save_for_backward(hidden, weight, labels, bias, lse, entropy, tile_lse)
+    _, _, entropy, tile_lse, norm = output
+    ctx.save_for_backward(hidden, weight, labels, bias, norm, entropy, tile_lse)
     ctx.options = (ignore_index, temperature, softcap, filter_eps)
-    ctx.mark_non_differentiable(tile_lse)
+    ctx.mark_non_differentiable(tile_lse, norm)
 
 
-def _backward(ctx, g_logp, g_lse, g_entropy, _):
-    hidden, weight, labels, bias, lse, entropy, tile_lse = ctx.saved_tensors
+def _backward(ctx, g_logp, g_lse, g_entropy, _, __):
+    hidden, weight, labels, bias, norm, entropy, tile_lse = ctx.saved_tensors
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
              bias is not None and ctx.needs_input_grad[3]]
     dh, dw, db = _linear_logprob_backward_op(
-        hidden, weight, labels, bias, lse, entropy, tile_lse, g_logp, g_lse,
+        hidden, weight, labels, bias, norm, entropy, tile_lse, g_logp, g_lse,
         g_entropy if entropy.numel() else entropy, *ctx.options, needs,
     )
     return (dh if needs[0] else None, dw if needs[1] else None, None,
@@ -272,7 +275,7 @@ def linear_logprob(
         filter_eps = torch.finfo(hidden.dtype).eps / 32
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
-    logp, lse, entropy, _ = _linear_logprob_op(
+    logp, lse, entropy, _, _ = _linear_logprob_op(
         hidden, weight, labels, bias, ignore_index, float(temperature), float(softcap or 0.0),
         return_entropy, float(filter_eps or 0.0) if needs_grad else 0.0,
     )

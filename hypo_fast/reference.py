@@ -77,8 +77,21 @@ def linear_logits(
     if bias is not None:
         z = z + bias.to(dtype)
     if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
+        z = soft_cap(z, softcap)
     return z / temperature
+
+
+def soft_cap(x: torch.Tensor, c: float) -> torch.Tensor:
+    """``c·tanh(u)``, ``u = x/c``: ``torch.tanh`` where |u| < 1, and ``c·s·(1 − 2e/(1 + e))``
+    beyond, with s = ±1 the sign of u and ``e = e^{−2|u|}``. Autograd differentiates the second
+    form to ``4e/(1 + e)² = sech²(u)`` from e itself, exact where tanh saturates, where
+    ``torch.tanh``'s backward, ``1 − tanh²``, cancels to 0 (from |u| ≈ 9 in fp32, 19 in fp64);
+    the first keeps small values exact (no ``1 − e`` there). Both branches have finite
+    gradients, so ``torch.where`` passes no NaN."""
+    u = x / c
+    e = torch.exp(-2.0 * u.abs())
+    s = torch.where(u < 0, -1.0, 1.0).to(x.dtype)
+    return c * torch.where(u.abs() < 1.0, torch.tanh(u), s * (1.0 - 2.0 * e / (1.0 + e)))
 
 
 def logprob_from_logits(z: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100):

@@ -13,9 +13,11 @@ splits: ``lse = M + log S``, ``S = Σ_k s_k e^{m_k-M}``, and the entropy in the 
 ``GROUP_M`` row blocks x all splits so that the H blocks and W tiles in flight stay in L2.
 
 Backward (:func:`logprob_backward`): per vocabulary chunk, a kernel recomputes the logits tile by
-tile and writes ``dX = ∂loss/∂x`` in the input dtype (fp32 math),
+tile and writes ``dX = ∂loss/∂x`` in the input dtype (fp32 math), with
+``log p_j = (z_j - M) - log S`` from the forward's normaliser kept in two parts (``lse = M +
+log S`` rounds to the ulp of M: at |z| ~ 500 that alone is 3e-5 in every log p),
 
-    dz_j = g_logp·[j = y] + p_j·(g_lse - g_logp - g_ent·(z_j - lse + entropy)),
+    dz_j = g_logp·[j = y] + p_j·(g_lse - g_logp - g_ent·(log p_j + entropy)),
     dx_j = dz_j · sech²(x_j/c) / T            (softcap c; without it dx = dz / T),
 
 with ``sech²(u) = 4e/(1+e)², e = e^{-2|u|}`` from the raw logit (accurate where tanh saturates),
@@ -37,6 +39,7 @@ tile that is skipped costs nothing at all:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -114,8 +117,9 @@ def _forward_kernel(
 
 @triton.jit
 def _grad_logits_kernel(
-    H, W, B, Y, ROWS, LSE, ENT, G_LOGP, G_LSE, G_ENT, DX, DB_PART, PAIRS,
-    N, V, D, col_start, n_cols, stride_h, stride_w, stride_dx, stride_db, inv_temp, softcap,
+    H, W, B, Y, ROWS, NORM, ENT, G_LOGP, G_LSE, G_ENT, DX, DB_PART, PAIRS,
+    N, V, D, col_start, n_cols, stride_h, stride_w, stride_norm, stride_dx, stride_db, inv_temp,
+    softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_G_LSE: tl.constexpr,
     HAS_G_ENT: tl.constexpr, WANT_DB: tl.constexpr, CAST_F32: tl.constexpr,
     PRECISION: tl.constexpr, TMA: tl.constexpr, SPARSE: tl.constexpr,
@@ -137,16 +141,18 @@ def _grad_logits_kernel(
                      BM, BN, BK)
     z, slope = softcap_with_slope(x, inv_temp, softcap, HAS_SOFTCAP)
     labels = tl.load(Y + offs_m, mask=row_mask, other=-1).to(tl.int64)
-    lse = tl.load(LSE + offs_m, mask=row_mask, other=0.0)
+    m = tl.load(NORM + offs_m, mask=row_mask, other=0.0)
+    log_s = tl.load(NORM + stride_norm + offs_m, mask=row_mask, other=0.0)
     g_logp = tl.load(G_LOGP + offs_m, mask=row_mask, other=0.0)
-    p = tl.exp(z - lse[:, None])
+    log_p = (z - m[:, None]) - log_s[:, None]
+    p = tl.exp(log_p)
     coef = -g_logp[:, None]
     if HAS_G_LSE:
         coef += tl.load(G_LSE + offs_m, mask=row_mask, other=0.0)[:, None]
     if HAS_G_ENT:
         ent = tl.load(ENT + offs_m, mask=row_mask, other=0.0)
         g_ent = tl.load(G_ENT + offs_m, mask=row_mask, other=0.0)
-        coef -= g_ent[:, None] * (z - lse[:, None] + ent[:, None])
+        coef -= g_ent[:, None] * (log_p + ent[:, None])
     dz = p * coef + tl.where(offs_n[None, :] == labels[:, None], g_logp[:, None], 0.0)
     store_grad_tile(DX, DB_PART, dz * slope, rb, offs_m, row_mask, local_n, col_mask, n_cols,
                     stride_dx, stride_db, WANT_DB)
@@ -168,6 +174,17 @@ def tile_width(dtype: torch.dtype) -> int:
     return block_config("forward", dtype)["BN"]
 
 
+class Forward(NamedTuple):
+    """Per valid row, fp32 ``[n]``: ``logp``, ``lse``, ``entropy`` (None unless wanted), and
+    ``norm [2, n]``, the log-sum-exp in two parts ``(M, log S)`` (``lse = M + log S``, M the row's
+    largest logit) that the backward takes."""
+
+    logp: torch.Tensor
+    lse: torch.Tensor
+    entropy: torch.Tensor | None
+    norm: torch.Tensor
+
+
 def logprob_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -180,8 +197,9 @@ def logprob_forward(
     want_entropy: bool = False,
     tile_lse: torch.Tensor | None = None,
     config: dict | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Per valid row ``(logp, lse, entropy or None)``, fp32, each ``[n]``. ``config``: the
+) -> Forward:
+    """Per valid row ``logp``, ``lse``, ``entropy`` and the backward's ``norm`` (a
+    :class:`Forward`). ``config``: the
     blocks (default :func:`block_config`), and ``FLATTEN`` to let Triton fuse the tile and K
     loops (off until timed on a GPU).
 
@@ -194,7 +212,7 @@ def logprob_forward(
     n, (V, D) = rows.numel(), weight.shape
     if n == 0:  # reachable under torch.compile, which skips the validation
         empty = torch.zeros(0, dtype=torch.float32, device=hidden.device)
-        return empty, empty, empty if want_entropy else None
+        return Forward(empty, empty, empty if want_entropy else None, empty.view(2, 0))
     cfg = config or block_config("forward", hidden.dtype)
     if tile_lse is not None and (cfg["BN"] != tile_width(hidden.dtype) or tile_lse.stride(1) != 1):
         raise ValueError("tile_lse needs tiles of tile_width() columns and unit stride along rows")
@@ -216,11 +234,11 @@ def logprob_forward(
         **{**cfg, "TMA": tma, "FLATTEN": bool(cfg.get("FLATTEN"))},
     )
     m_max, s_tot, w = merge_splits(m, s)
-    lse = m_max + torch.log(s_tot)
-    logp = t.sum(dim=0) - lse
-    entropy = (torch.log(s_tot) - ((a + (m - m_max) * s) * w).sum(dim=0) / s_tot
+    norm = torch.stack((m_max, torch.log(s_tot)))
+    logp = (t.sum(dim=0) - norm[0]) - norm[1]
+    entropy = (norm[1] - ((a + (m - m_max) * s) * w).sum(dim=0) / s_tot
                if want_entropy else None)
-    return logp, lse, entropy
+    return Forward(logp, norm[0] + norm[1], entropy, norm)
 
 
 def filter_tiles(
@@ -278,7 +296,7 @@ def logprob_backward(
     bias: torch.Tensor | None,
     labels: torch.Tensor,
     rows: torch.Tensor,
-    lse: torch.Tensor,
+    norm: torch.Tensor,
     entropy: torch.Tensor | None,
     g_logp: torch.Tensor,
     g_lse: torch.Tensor | None,
@@ -296,7 +314,8 @@ def logprob_backward(
     config: dict | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients ``(dH [N_all, d], dW [V, d], db [V])`` (None where not needed) from per-valid-row
-    upstream gradients ``g_logp``, ``g_lse``, ``g_entropy`` (fp32 ``[n]``; None = zero).
+    upstream gradients ``g_logp``, ``g_lse``, ``g_entropy`` (fp32 ``[n]``; None = zero), with the
+    forward's ``norm [2, n]`` and ``entropy [n]`` (:class:`Forward`).
 
     Rows of dH that are not in ``rows`` are zero. ``chunk_bytes`` bounds the dX chunk buffer.
     With ``tile_lse`` (the forward's) and ``filter_eps > 0``, the tiles :func:`filter_tiles`
@@ -310,7 +329,7 @@ def logprob_backward(
     cfg = config or backward_config(hidden.dtype, softcap)
     n, (V, D) = rows.numel(), weight.shape
     constants = head_constants(hidden.dtype, temperature, softcap)
-    zero = lse  # any fp32 tensor: the kernel never reads a pointer whose HAS_* flag is off
+    zero = norm  # any fp32 tensor: the kernel never reads a pointer whose HAS_* flag is off
     keep = None
     if tile_lse is not None and filter_eps > 0:
         width = tile_width(hidden.dtype)
@@ -318,8 +337,8 @@ def logprob_backward(
         if rest:
             raise ValueError(f"a filtered backward needs dX tiles of a width dividing "
                              f"tile_width() = {width}, got BN = {cfg['BN']}")
-        keep = filter_tiles(tile_lse, rows, labels, lse, entropy, g_logp, g_lse, g_entropy,
-                            filter_eps, cfg["BM"], width)
+        keep = filter_tiles(tile_lse, rows, labels, norm[0] + norm[1], entropy, g_logp, g_lse,
+                            g_entropy, filter_eps, cfg["BM"], width)
         # narrower dX tiles (a softcap's): every part of a kept tile is kept
         keep = keep.repeat_interleave(ratio, dim=1)[:, :triton.cdiv(V, cfg["BN"])]
     h_arg, w_arg, tma = head_operands(hidden, weight, rows, cfg)
@@ -331,12 +350,12 @@ def logprob_backward(
         else:
             grid = (pairs.shape[0],)
         _grad_logits_kernel[grid](
-            h_arg, w_arg, bias if bias is not None else hidden, labels, rows, lse,
+            h_arg, w_arg, bias if bias is not None else hidden, labels, rows, norm,
             entropy if entropy is not None else zero, g_logp,
             g_lse if g_lse is not None else zero, g_entropy if g_entropy is not None else zero,
             dx, db_part, pairs if pairs is not None else rows,
-            n, V, D, start, cols, hidden.stride(0), weight.stride(0), dx.stride(0),
-            db_part.stride(0),
+            n, V, D, start, cols, hidden.stride(0), weight.stride(0), norm.stride(0),
+            dx.stride(0), db_part.stride(0),
             HAS_BIAS=bias is not None, HAS_G_LSE=g_lse is not None,
             HAS_G_ENT=g_entropy is not None, WANT_DB=need_bias, SPARSE=pairs is not None,
             **constants, **{**cfg, "TMA": tma},

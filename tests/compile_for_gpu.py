@@ -102,7 +102,7 @@ def main(dtype: str, tma: bool) -> int:
                  "A_OUT": f32, "T_OUT": f32, "TLSE": f32, "inv_temp": "fp32", "softcap": "fp32"},
                 {**heads, **fwd, "FLATTEN": tma, "WANT_ENTROPY": True, "WANT_TILE_LSE": True},
                 **launch)
-    grad_args = {"B": ptr, "Y": i64, "ROWS": i64, "LSE": f32, "ENT": f32, "G_LOGP": f32,
+    grad_args = {"B": ptr, "Y": i64, "ROWS": i64, "NORM": f32, "ENT": f32, "G_LOGP": f32,
                  "G_LSE": f32, "G_ENT": f32, "DX": ptr, "DB_PART": f32, "PAIRS": "*i32",
                  "inv_temp": "fp32", "softcap": "fp32"}
     for sparse in (False, True):  # every option, so a softcap: its blocks, filtered or not

@@ -60,11 +60,11 @@ def run_filtered(hidden, weight, bias, labels, coefs, *, eps, temperature, softc
     width = K.tile_width(hidden.dtype)
     tile_lse = torch.empty(triton.cdiv(weight.shape[0], width), hidden.shape[0])
     opts = dict(temperature=temperature, softcap=softcap)
-    _, lse, ent = K.logprob_forward(hidden, weight, bias, lab, rows, want_entropy=entropy,
-                                    tile_lse=tile_lse, **opts)
+    _, lse, ent, norm = K.logprob_forward(hidden, weight, bias, lab, rows, want_entropy=entropy,
+                                          tile_lse=tile_lse, **opts)
     g_logp, g_lse = coefs[0].float(), coefs[1].float()
     g_ent = coefs[2].float() if entropy else None
-    grads = K.logprob_backward(hidden, weight, bias, lab, rows, lse, ent, g_logp, g_lse, g_ent,
+    grads = K.logprob_backward(hidden, weight, bias, lab, rows, norm, ent, g_logp, g_lse, g_ent,
                                need_bias=True, tile_lse=tile_lse, filter_eps=eps,
                                max_fraction=max_fraction, chunk_bytes=chunk_bytes, **opts)
     bm = K.block_config("backward", hidden.dtype)["BM"]
@@ -212,11 +212,11 @@ def test_filtered_backward_is_the_same_over_any_chunking(tiles_per_chunk):
     lab = labels[rows]
     width = K.tile_width(hidden.dtype)
     tile_lse = torch.empty(triton.cdiv(weight.shape[0], width), hidden.shape[0])
-    _, lse, _ = K.logprob_forward(hidden, weight, bias, lab, rows, tile_lse=tile_lse)
+    norm = K.logprob_forward(hidden, weight, bias, lab, rows, tile_lse=tile_lse).norm
     g_logp = torch.randn(rows.numel(), generator=g)
 
     def backward(chunk_bytes):
-        return K.logprob_backward(hidden, weight, bias, lab, rows, lse, None, g_logp, None, None,
+        return K.logprob_backward(hidden, weight, bias, lab, rows, norm, None, g_logp, None, None,
                                   need_bias=True, tile_lse=tile_lse, filter_eps=1e-3,
                                   max_fraction=1.0, chunk_bytes=chunk_bytes)
 
@@ -236,14 +236,14 @@ def test_filtered_backward_on_narrower_dx_tiles(softcap):
     lab = labels[rows]
     width = K.tile_width(hidden.dtype)
     tile_lse = torch.empty(triton.cdiv(weight.shape[0], width), hidden.shape[0])
-    _, lse, _ = K.logprob_forward(hidden, weight, bias, lab, rows, softcap=softcap,
-                                  tile_lse=tile_lse)
+    norm = K.logprob_forward(hidden, weight, bias, lab, rows, softcap=softcap,
+                             tile_lse=tile_lse).norm
     g_logp = torch.randn(rows.numel(), generator=g)
 
     def backward(bn):
         config = {**K.backward_config(hidden.dtype, softcap), "BN": bn}
-        return K.logprob_backward(hidden, weight, bias, lab, rows, lse, None, g_logp, None, None,
-                                  softcap=softcap, need_bias=True, tile_lse=tile_lse,
+        return K.logprob_backward(hidden, weight, bias, lab, rows, norm, None, g_logp, None,
+                                  None, softcap=softcap, need_bias=True, tile_lse=tile_lse,
                                   filter_eps=1e-3, max_fraction=1.0, config=config)
 
     full, half = backward(width), backward(width // 2)

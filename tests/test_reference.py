@@ -222,6 +222,28 @@ def test_softcap_equals_hand_tanh(cap, temperature):
     assert (out.logp[valid] >= -2 * cap / temperature - math.log(9) - 1e-4).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_softcap_gradient_is_sech_squared_also_where_tanh_saturates(dtype):
+    """The softcap's value is c·tanh(x/c) and its derivative sech²(x/c) = 1/cosh²(x/c) (here
+    from cosh in fp64) to within rounding, at 0, in the linear range and where tanh saturates:
+    there ``1 − tanh²`` (torch.tanh's backward) cancels to 0, which would make a kernel that gets
+    these tiny gradients right look wrong against the spec."""
+    c = 20.0
+    x = torch.tensor([-1500.0, -549.0, -120.0, -3.0, 0.0, 1e-4, 2.5, 200.0, 700.0], dtype=dtype,
+                     requires_grad=True)
+    z = R.soft_cap(x, c)
+    (slope,) = torch.autograd.grad(z.sum(), x)
+    u = x.detach().double() / c
+    torch.testing.assert_close(z.double(), c * torch.tanh(u), rtol=4 * torch.finfo(dtype).eps,
+                               atol=0.0)
+    want = 1.0 / torch.cosh(u) ** 2
+    normal = want >= torch.finfo(dtype).tiny  # below it the dtype keeps few digits
+    assert bool((want[normal] > 0).all()) and int(normal.sum()) >= 7
+    torch.testing.assert_close(slope.double()[normal], want[normal],
+                               rtol=64 * torch.finfo(dtype).eps, atol=0.0)
+    assert bool((slope.double()[~normal] <= 2 * torch.finfo(dtype).tiny).all())
+
+
 def test_softcap_changes_result_and_large_cap_is_identity():
     g = gen(4)
     hidden, weight = torch.randn(5, 4, generator=g, dtype=F64) * 4, torch.randn(
