@@ -1,10 +1,32 @@
 #!/usr/bin/env bash
 # What a lent GPU runs, from a copy of the committed tree (benchmarks/RESULTS.md says how):
-# install the package without its dependencies (the device image has torch and triton), then
-# gpu_check with the sweep; the log and gpu_check's JSON + markdown land in $OUT.
-set -euo pipefail
+# install the package without its dependencies (the device image has torch and triton), run
+# gpu_check with the sweep, then, in the time left, `pytest benchmarks --benchmark-only` (with
+# Liger-Kernel and Cut Cross-Entropy when WHEELS names a folder of their wheels). The logs and
+# gpu_check's JSON + markdown land in $OUT.
+#
+#   WHEELS=$PWD/.whl bash .gpurun/benchmarks/run_on_device.sh [gpu_check arguments]
+#
+# LIMIT (default 560 s) bounds the whole script, inside the device's 600 s per call;
+# GPU_CHECK_SECONDS (default 450) bounds gpu_check alone.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q --no-deps --no-build-isolation -e .
-cd benchmarks
-PYTHONUNBUFFERED=1 timeout "${GPU_CHECK_SECONDS:-500}" python3 gpu_check.py --sweep "$@" 2>&1 \
-    | tee "${OUT:-.}/log.txt"
+out="${OUT:-.}"
+limit="${LIMIT:-560}"
+if compgen -G "${WHEELS:-/nonexistent}/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site "$WHEELS"/*.whl || exit 1
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+(cd benchmarks && PYTHONUNBUFFERED=1 timeout "${GPU_CHECK_SECONDS:-450}" \
+    python3 gpu_check.py --sweep "$@" 2>&1 | tee "$out/log.txt")
+echo "gpu_check: exit $? after $SECONDS s"
+left=$((limit - SECONDS))
+if [ "$left" -gt 60 ]; then
+    PYTHONUNBUFFERED=1 timeout "$left" python3 -m pytest benchmarks --benchmark-only -q \
+        -p no:cacheprovider --benchmark-json "$out/bench.json" 2>&1 | tee "$out/bench.txt"
+    echo "benchmarks: exit $? after $SECONDS s"
+else
+    echo "benchmarks: skipped, $left s left"
+fi
