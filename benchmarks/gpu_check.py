@@ -56,7 +56,8 @@ def tokens(n: int) -> int:
     return min(n, 512) if DRY else n
 
 
-def sync() -> None:
+def free_cache() -> None:
+    """Between measurements: the allocator's cached blocks go back (a no-op on the CPU)."""
     if DEV == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -249,7 +250,7 @@ def kl_timings(n, d, v, dtype, head, rate, tma=False):
         row[name + "_ms"] = bench(fn)
         row[name + "_frac"] = gemm_eq * flop / row[name + "_ms"] / 1e9 / rate if rate else None
         row[name + "_peak_mib"] = peak_extra(fn)
-        sync()
+        free_cache()
     row["cublas_3gemm_ms"] = float("nan")
     row["cublas_3gemm_frac"] = None
     use_tma(False)
@@ -334,7 +335,7 @@ def timings(n, d, v, dtype, head, rate, tma=False):
         row[name + "_frac"] = gemm_eq * flop / ms / 1e9 / rate if rate else None
         if name != "cublas_3gemm":
             row[name + "_peak_mib"] = peak_extra(fn)
-        sync()
+        free_cache()
     use_tma(False)
     RESULTS["timings"].append(row)
     print(json.dumps(row), flush=True)
@@ -357,10 +358,12 @@ def profile_forward(n, d, v):
         ("forward+backward",
          lambda: ops.linear_logprob(h, w, y, backend="triton").logp.sum().backward()),
     ]:
-        sync()
+        if DEV == "cuda":  # no empty_cache: the profile then matches a training step's
+            torch.cuda.synchronize()
         with profile(activities=activities) as prof:
             fn()
-            sync()
+            if DEV == "cuda":
+                torch.cuda.synchronize()
         tables[name] = prof.key_averages().table(
             sort_by="cuda_time_total" if DEV == "cuda" else "cpu_time_total", row_limit=14)
         print(f"--- profile: {name}\n{tables[name]}", flush=True)
@@ -522,6 +525,8 @@ def record(kind, cfg, fn):
     try:
         entry = {"kind": kind, **cfg, "ms": bench(fn)}
     except Exception as exc:  # out of shared memory etc.
+        if DRY:  # the interpreter has no such limits: a failure here is the script's
+            raise
         entry = {"kind": kind, **cfg, "error": type(exc).__name__ + ": " + str(exc)[:200]}
     RESULTS["sweep"].append(entry)
     print(json.dumps(entry), flush=True)
@@ -608,8 +613,9 @@ def main(argv=None) -> int:
     p.add_argument("--dry", action="store_true",
                    help="every section on the CPU, interpreted, at small shapes (a test)")
     args = p.parse_args(argv)
-    if args.dry != DRY or (DRY and os.environ.get("TRITON_INTERPRET") != "1"):
-        p.error("--dry runs as a script, with TRITON_INTERPRET=1 in the environment")
+    if args.dry != DRY or (os.environ.get("TRITON_INTERPRET") == "1") != DRY:
+        p.error("--dry runs as a script with TRITON_INTERPRET=1 in the environment, and only "
+                "--dry runs with it")
     device = "CPU, dry run" if DRY else torch.cuda.get_device_name()
     RESULTS["env"] = {"device": device, "torch": torch.__version__,
                       "triton": triton.__version__, "python": platform.python_version(),

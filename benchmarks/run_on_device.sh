@@ -8,10 +8,11 @@
 #   WHEELS=$PWD/.whl bash .gpurun/benchmarks/run_on_device.sh [gpu_check arguments]
 #
 # LIMIT (default 560 s) bounds the whole script, inside the device's 600 s per call;
-# GPU_CHECK_SECONDS (default 450) bounds gpu_check alone.
+# GPU_CHECK_SECONDS (default 450) bounds gpu_check alone. Exit status: gpu_check's if it failed
+# (124: out of time), else the benchmarks'.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-out="${OUT:-.}"
+cd "$(dirname "$0")/.." || exit 1
+mkdir -p "${OUT:-.}" && out="$(cd "${OUT:-.}" && pwd)" || exit 1
 limit="${LIMIT:-560}"
 if compgen -G "${WHEELS:-/nonexistent}/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -21,12 +22,18 @@ fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 (cd benchmarks && PYTHONUNBUFFERED=1 timeout "${GPU_CHECK_SECONDS:-450}" \
     python3 gpu_check.py --sweep "$@" 2>&1 | tee "$out/log.txt")
-echo "gpu_check: exit $? after $SECONDS s"
+check=$?
+echo "gpu_check: exit $check after $SECONDS s"
+bench=0
 left=$((limit - SECONDS))
-if [ "$left" -gt 60 ]; then
-    PYTHONUNBUFFERED=1 timeout "$left" python3 -m pytest benchmarks --benchmark-only -q \
-        -p no:cacheprovider --benchmark-json "$out/bench.json" 2>&1 | tee "$out/bench.txt"
-    echo "benchmarks: exit $? after $SECONDS s"
+if [ "$left" -gt 90 ]; then
+    # SIGINT: pytest ends the session and still writes the JSON of what finished
+    PYTHONUNBUFFERED=1 timeout -s INT -k 20 "$((left - 20))" python3 -m pytest benchmarks \
+        --benchmark-only -q -p no:cacheprovider --benchmark-json "$out/bench.json" 2>&1 \
+        | tee "$out/bench.txt"
+    bench=$?
+    echo "benchmarks: exit $bench after $SECONDS s"
 else
     echo "benchmarks: skipped, $left s left"
 fi
+exit $((check ? check : bench))

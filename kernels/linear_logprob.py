@@ -328,6 +328,10 @@ def logprob_backward(
     """
     cfg = config or backward_config(hidden.dtype, softcap)
     n, (V, D) = rows.numel(), weight.shape
+    if norm.shape != (2, n) or norm.dtype != torch.float32:
+        raise ValueError(f"norm must be the forward's fp32 [2, n] = [2, {n}] (M, log S), got "
+                         f"{norm.dtype} {tuple(norm.shape)}")
+    norm = norm if norm.stride(1) == 1 else norm.contiguous()
     constants = head_constants(hidden.dtype, temperature, softcap)
     zero = norm  # any fp32 tensor: the kernel never reads a pointer whose HAS_* flag is off
     keep = None

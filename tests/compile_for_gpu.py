@@ -110,15 +110,16 @@ def main(dtype: str, tma: bool) -> int:
                     {**operands(softcapped), **grad_args},
                     {**heads, **softcapped, "HAS_G_LSE": True, "HAS_G_ENT": True,
                      "WANT_DB": True, "SPARSE": sparse}, **bwd_launch)
-    sparse_blocks = {"BM": bwd["BM"], "BN": LP.tile_width(torch_dtype), "BD": _tiles.SPARSE_BD,
-                     **dots}
     sparse_budget = {"max_spill": 256 if dtype != "fp32" else None, **_tiles.SPARSE_LAUNCH}
-    compile_one(f"sparse dW {dtype}", _tiles._sparse_dw_kernel,
-                {"DX": ptr, "H": ptr, "ROWS": i64, "DW": ptr, "TILE_PTR": "*i32",
-                 "TILE_RB": "*i32"}, sparse_blocks, **sparse_budget)
-    compile_one(f"sparse dH {dtype}", _tiles._sparse_dh_kernel,
-                {"DX": ptr, "W": ptr, "DH": f32, "SEG_PTR": "*i32", "SEG_LEN": "*i32",
-                 "ROW_TILE": "*i32"}, sparse_blocks, **sparse_budget)
+    # the forward's tile width, and a softcap's narrower dX tiles
+    for bn in sorted({LP.tile_width(torch_dtype), softcapped["BN"]}):
+        sparse_blocks = {"BM": bwd["BM"], "BN": bn, "BD": _tiles.SPARSE_BD, **dots}
+        compile_one(f"sparse dW {dtype} BN={bn}", _tiles._sparse_dw_kernel,
+                    {"DX": ptr, "H": ptr, "ROWS": i64, "DW": ptr, "TILE_PTR": "*i32",
+                     "TILE_RB": "*i32"}, sparse_blocks, **sparse_budget)
+        compile_one(f"sparse dH {dtype} BN={bn}", _tiles._sparse_dh_kernel,
+                    {"DX": ptr, "W": ptr, "DH": f32, "SEG_PTR": "*i32", "SEG_LEN": "*i32",
+                     "ROW_TILE": "*i32"}, sparse_blocks, **sparse_budget)
     ref = {"HAS_REF_BIAS": True, "REF_CAST_F32": False, "REF_PRECISION": "ieee", **heads}
     kl_fwd, kl_launch = blocks(KL.two_head_config("forward", torch_dtype))
     kl_bwd, kl_bwd_launch = blocks(KL.two_head_config("backward", torch_dtype))

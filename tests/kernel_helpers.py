@@ -55,14 +55,17 @@ def assert_comparable(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
     assert bool(torch.isfinite(got).all()), f"{name}: not finite"
 
 
-def assume_representable(g_out: dict, g_ref: dict) -> None:
-    """Reject (``hypothesis.assume``) an example whose true gradients exceed the input dtype's
-    range (fp16 at extreme scales): the spec's, cast to that dtype, are ±inf there and nothing
-    can be compared. The kernels' may be ±inf too, never NaN."""
-    over = [k for k, v in g_ref.items() if v is not None and not bool(torch.isfinite(v).all())]
+def representable(g_out: dict, g_ref: dict) -> dict:
+    """``g_ref`` without the gradients whose true values exceed the input dtype's range (fp16
+    at extreme scales): the spec's, cast to that dtype, are ±inf there and cannot be compared;
+    the kernels' may be ±inf too, never NaN. With none left the example is rejected
+    (``hypothesis.assume``: outside a property test that raises)."""
+    over = {k for k, v in g_ref.items() if v is not None and not bool(torch.isfinite(v).all())}
     for k in over:
         assert not bool(torch.isnan(g_out[k]).any()), f"d{k}: NaN where the gradient overflows"
-    assume(not over)
+    kept = {k: v for k, v in g_ref.items() if k not in over}
+    assume(bool(kept))
+    return kept
 
 
 def assert_rel(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
