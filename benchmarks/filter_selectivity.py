@@ -42,7 +42,7 @@ def kept_fractions(n: int, d: int, zipf: float, entropy: float) -> tuple[float, 
     tiles = torch.nn.functional.pad(z, (0, n_tiles * TILE_W - v), value=-1.0e30)
     tiles = tiles.view(n, n_tiles, TILE_W)
     g = torch.randn(n, generator=torch.Generator().manual_seed(1))
-    ours = klp.filter_tiles(torch.logsumexp(tiles, -1).T.contiguous(), torch.arange(n), y, lse,
+    ours = klp.filter_tiles(torch.logsumexp(tiles, -1).T.contiguous(), y, lse,
                             None, g, None, None, EPS, BLOCK_M, TILE_W)
     entry = (tiles.max(-1).values - lse[:, None]).exp() * g.abs()[:, None] >= EPS
     entry[torch.arange(n), y // TILE_W] = True

@@ -435,7 +435,7 @@ def filtered_timings(n, d, v, zipf, rate):
     tile_lse = torch.empty(triton.cdiv(v, klp.tile_width(h.dtype)), n, device=DEV)
     lse = klp.logprob_forward(h, w, None, labels, rows, tile_lse=tile_lse).lse
     bm = klp.block_config("backward", h.dtype)["BM"]
-    keep = klp.filter_tiles(tile_lse, rows, labels, lse, None, g[rows], None, None,
+    keep = klp.filter_tiles(tile_lse, labels, lse, None, g[rows], None, None,
                             torch.finfo(h.dtype).eps / 32, bm, klp.tile_width(h.dtype))
     h.requires_grad_()
     w.requires_grad_()

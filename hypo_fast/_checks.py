@@ -102,11 +102,11 @@ def raise_flagged(flags: list[tuple[str, torch.Tensor]]) -> None:
 
 
 def _not_finite(t: torch.Tensor) -> torch.Tensor:
-    """0-d bool: t holds a NaN or ±inf. One read of t through a reduction, no t-sized temporary
-    (min/max propagate NaN and keep ±inf)."""
+    """0-d bool: t holds a NaN or ±inf. One read of t through a reduction, whatever its strides,
+    no t-sized temporary (min/max propagate NaN and keep ±inf)."""
     if t.numel() == 0:
         return torch.zeros((), dtype=torch.bool, device=t.device)
-    lo, hi = torch.aminmax(t.detach().reshape(-1))
+    lo, hi = torch.aminmax(t.detach())
     return ~(torch.isfinite(lo) & torch.isfinite(hi))
 
 

@@ -62,23 +62,54 @@ def _rows_view(hidden: torch.Tensor) -> torch.Tensor:
     return h if h.stride(-1) == 1 else h.contiguous()
 
 
+def _row_map(hidden: torch.Tensor) -> tuple[int, tuple[int, ...]] | None:
+    """``(step, coefficients)`` when every token's row of ``hidden [..., d]`` starts at a
+    multiple of one row stride ``step`` (unit stride along d): token ``(i_0, i_1, ...)`` is then
+    row ``Σ_k i_k·c_k`` of a 2-D ``[R, d]`` view with row stride ``step`` over the same memory
+    (a slice such as ``h[:, :-1]``, which ``reshape`` would copy). None otherwise."""
+    lead = [(n, s) for n, s in zip(hidden.shape[:-1], hidden.stride()[:-1], strict=True)]
+    if hidden.stride(-1) != 1 and hidden.shape[-1] > 1:
+        return None
+    step = math.gcd(*(s for n, s in lead if n > 1)) or hidden.shape[-1]
+    return step, tuple(s // step for _, s in lead)
+
+
+def _row_source(hidden: torch.Tensor, rows: torch.Tensor,
+                row_map: tuple[int, tuple[int, ...]] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(view [R, d], indices [n])``: the rows the kernels read for the flat tokens ``rows`` of
+    ``hidden``, through :func:`_row_map`'s view without a copy, or (``row_map`` None) from a
+    contiguous copy."""
+    if row_map is None:
+        return _rows_view(hidden), rows
+    step, coefs = row_map
+    d = hidden.shape[-1]
+    span = sum((n - 1) * c for n, c in zip(hidden.shape[:-1], coefs, strict=True)) + 1
+    index = sum(i * c for i, c in zip(torch.unravel_index(rows, hidden.shape[:-1]), coefs,
+                                      strict=True))
+    return hidden.as_strided((span, d), (step, 1)), index
+
+
 def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.contiguous() if t is not None else None
 
 
-def _head_grads(hidden, bias, dh, dw, db):
-    """A backward op's outputs ``(dH, dW, db)``: the gradients shaped like their inputs, a fresh
-    empty tensor for each absent one (an op's outputs must not alias)."""
+def _head_grads(hidden, bias, rows, dh, dw, db):
+    """A backward op's outputs ``(dH, dW, db)``: the gradients shaped like their inputs (dH from
+    the valid rows' ``dh [n, d]``, zero elsewhere), a fresh empty tensor for each absent one (an
+    op's outputs must not alias)."""
+    if dh is not None:
+        full = hidden.new_zeros(hidden.shape)
+        full.view(-1, hidden.shape[-1]).index_copy_(0, rows, dh)
     return (
-        dh.reshape(hidden.shape) if dh is not None else hidden.new_empty(0),
+        full if dh is not None else hidden.new_empty(0),
         dw if dw is not None else hidden.new_empty(0),
         db.to(bias.dtype) if db is not None and bias is not None else hidden.new_empty(0),
     )
 
 
 def _fake_head_grads(hidden, weight, bias, needs):
-    """What :func:`_head_grads` returns, for the fake impls: dense row-major gradients (the real
-    ops copy strided inputs)."""
+    """What :func:`_head_grads` returns, for the fake impls: dense row-major gradients, as the
+    real ops build them whatever the inputs' strides."""
     return (
         hidden.new_empty(hidden.shape) if needs[0] else hidden.new_empty(0),
         weight.new_empty(weight.shape) if needs[1] else hidden.new_empty(0),
@@ -107,10 +138,11 @@ def _linear_logprob_op(
     rows = _valid_rows(labels, ignore_index)
     flat = labels.reshape(-1)
     tile_lse = _tile_lse_buffer(hidden, weight, labels, filter_eps)
+    h, h_rows = _row_source(hidden, rows, _row_map(hidden))
     with _on_device(hidden):
         fwd = logprob_forward(
-            _rows_view(hidden), _rows_view(weight), _contiguous(bias),
-            flat.index_select(0, rows), rows, temperature=temperature, softcap=softcap or None,
+            h, _rows_view(weight), _contiguous(bias), flat.index_select(0, rows), h_rows,
+            temperature=temperature, softcap=softcap or None,
             want_entropy=want_entropy, tile_lse=tile_lse if tile_lse.numel() else None,
         )
 
@@ -166,17 +198,18 @@ def _linear_logprob_backward_op(
     def pick(t: torch.Tensor) -> torch.Tensor | None:
         return t.reshape(-1).index_select(0, rows).float() if t.numel() else None
 
+    h, h_rows = _row_source(hidden, rows, _row_map(hidden))
     with _on_device(hidden):
         dh, dw, db = logprob_backward(
-            _rows_view(hidden), _rows_view(weight), _contiguous(bias),
-            labels.reshape(-1).index_select(0, rows), rows, norm.index_select(1, rows),
+            h, _rows_view(weight), _contiguous(bias), labels.reshape(-1).index_select(0, rows),
+            h_rows, norm.index_select(1, rows),
             pick(entropy),
             pick(g_logp), pick(g_lse), pick(g_entropy),
             temperature=temperature, softcap=softcap or None,
             need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2],
             tile_lse=tile_lse if tile_lse.numel() else None, filter_eps=filter_eps,
         )
-    return _head_grads(hidden, bias, dh, dw, db)
+    return _head_grads(hidden, bias, rows, dh, dw, db)
 
 
 @_linear_logprob_backward_op.register_fake
@@ -294,15 +327,20 @@ def linear_logprob(
 k1, k2, k3 = reference.k1, reference.k2, reference.k3
 
 
-def _kl_heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias):
-    """Both heads as the kernels take them: ``[N, d]`` rows and ``[V, d]`` weights with unit
-    stride along d, contiguous biases (copies only where a layout differs)."""
+def _kl_heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows):
+    """``(policy, ref, indices)``: both heads as the kernels take them, and the rows of both
+    hidden views that hold the flat tokens ``rows``. The views read the inputs' memory where both
+    map tokens to rows alike (:func:`_row_map`; slices such as ``h[:, :-1]`` of both), else
+    contiguous copies; ``[V, d]`` weights with unit stride along d, contiguous biases."""
     from .kernels.linear_kl import Head
 
-    def head(h, w, b):
-        return Head(_rows_view(h), _rows_view(w), _contiguous(b))
-
-    return head(hidden, weight, bias), head(ref_hidden, ref_weight, ref_bias)
+    maps = [_row_map(hidden), _row_map(ref_hidden)]
+    if maps[0] is None or maps[1] is None or maps[0][1] != maps[1][1]:
+        maps = [None, None]
+    (h, index), (h_ref, _) = (_row_source(t, rows, m)
+                              for t, m in zip((hidden, ref_hidden), maps, strict=True))
+    return (Head(h, _rows_view(weight), _contiguous(bias)),
+            Head(h_ref, _rows_view(ref_weight), _contiguous(ref_bias)), index)
 
 
 @torch.library.custom_op("hypo_fast::linear_kl", mutates_args=())
@@ -328,7 +366,7 @@ def _linear_kl_op(
     y = labels.reshape(-1).index_select(0, rows) if labels is not None else None
     with _on_device(hidden):
         st = kl_forward(
-            *_kl_heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias), rows, y,
+            *_kl_heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows), y,
             reverse=reverse, temperature=temperature, softcap=softcap or None,
             want_entropy=want_entropy,
         )
@@ -384,14 +422,14 @@ def _linear_kl_backward_op(
 
     with _on_device(hidden):
         dh, dw, db = kl_backward(
-            *_kl_heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias), rows,
+            *_kl_heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows),
             labels.reshape(-1).index_select(0, rows) if labels is not None else None,
             stats.reshape(5, -1).index_select(1, rows), pick(entropy), pick(g_kl), pick(g_entropy),
             pick(g_logp),
             reverse=reverse, temperature=temperature, softcap=softcap or None,
             need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2],
         )
-    return _head_grads(hidden, bias, dh, dw, db)
+    return _head_grads(hidden, bias, rows, dh, dw, db)
 
 
 @_linear_kl_backward_op.register_fake

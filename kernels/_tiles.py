@@ -397,7 +397,8 @@ def chunked_head_backward(
     max_fraction: float = 1.0,
     compact: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """``(dH [N_all, d], dW [V, d], db [V] fp32)`` of one head, None where not needed.
+    """``(dH [n, d], dW [V, d], db [V] fp32)`` of one head, None where not needed (dH of the
+    rows ``rows``, in their order).
 
     For each vocabulary chunk ``[start, start + cols)``, ``fill(dx, db_part, start, cols)``
     writes ``dX[:, :cols]`` (``[n, chunk]``, input dtype) and, when ``need_bias``, the per-row-block
@@ -459,9 +460,6 @@ def chunked_head_backward(
                     **SPARSE_LAUNCH)
         if need_bias:
             db[start:start + cols] = db_part[:, :cols].sum(dim=0)
-    # The chunk buffers go before dH is assembled: the peak stays that of the loop.
+    # The chunk buffers go before dH is rounded: the peak stays that of the loop.
     del dx, db_part, h_rows, tiles
-    dh = None
-    if need_hidden:
-        dh = torch.zeros_like(hidden).index_copy_(0, rows, dh_acc.to(dtype))
-    return dh, dw, db
+    return dh_acc.to(dtype) if need_hidden else None, dw, db

@@ -417,18 +417,19 @@ def kl_backward(
     chunk_bytes: int = CHUNK_BYTES,
     config: dict | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Policy gradients ``(dH [N_all, d], dW [V, d], db [V] fp32)`` (None where not needed) from
+    """Policy gradients ``(dH [n, d], dW [V, d], db [V] fp32)`` (None where not needed; dH of
+    the valid rows, in the order of ``rows``) from
     per-valid-row upstream gradients ``g_kl``, ``g_entropy``, ``g_logp`` (fp32 ``[n]``; None =
     zero) and the forward's :class:`KLStats` fields ``norm [5, n]`` (unit stride along n) and
     ``entropy`` (read only with ``g_entropy``).
 
-    Rows of dH not in ``rows`` are zero. ``chunk_bytes`` bounds the dX chunk buffer.
+    ``chunk_bytes`` bounds the dX chunk buffer.
     """
     h, w = policy.hidden, policy.weight
     n, V = rows.numel(), w.shape[0]
     if n == 0 or (g_kl is None and g_entropy is None and g_logp is None):
         dev = h.device
-        return (torch.zeros_like(h) if need_hidden else None,
+        return (h.new_zeros(n, h.shape[1]) if need_hidden else None,
                 torch.zeros_like(w) if need_weight else None,
                 torch.zeros(V, dtype=torch.float32, device=dev) if need_bias else None)
     if g_logp is not None and labels is None:

@@ -80,7 +80,7 @@ def _forward_kernel(
     a_i = tl.zeros((BM,), tl.float32)
     t_i = tl.zeros((BM,), tl.float32)
     first_tile = split * tiles_per_split
-    tlse_ptrs = TLSE + first_tile.to(tl.int64) * stride_tlse + rows  # advanced tile by tile
+    tlse_ptrs = TLSE + first_tile.to(tl.int64) * stride_tlse + offs_m  # advanced tile by tile
     last_tile = tl.minimum(first_tile + tiles_per_split, tl.cdiv(V, BN))
     cols = tl.arange(0, BN)
     # FLATTEN: the compiler fuses this loop with the K loop inside, one pipeline for both
@@ -203,11 +203,10 @@ def logprob_forward(
     blocks (default :func:`block_config`), and ``FLATTEN`` to let Triton fuse the tile and K
     loops (off until timed on a GPU).
 
-    hidden ``[N_all, d]`` (rows with unit stride), weight ``[V, d]``, bias ``[V]``, labels ``[n]``
+    hidden ``[R, d]`` (rows with unit stride), weight ``[V, d]``, bias ``[V]``, labels ``[n]``
     (the labels of the valid rows, in ``[0, V)``), rows ``[n]`` int64 indices into hidden.
-    ``tile_lse [cdiv(V, tile_width), N_all]`` (fp32, optional) receives ``log Σ_j e^{z_ij}`` over
-    each vocabulary tile for every valid row i (at row ``rows[i]``): what a filtered backward
-    needs.
+    ``tile_lse [cdiv(V, tile_width), ≥ n]`` (fp32, optional) receives ``log Σ_j e^{z_ij}`` over
+    each vocabulary tile for every valid row i (in column i): what a filtered backward needs.
     """
     n, (V, D) = rows.numel(), weight.shape
     if n == 0:  # reachable under torch.compile, which skips the validation
@@ -243,7 +242,6 @@ def logprob_forward(
 
 def filter_tiles(
     tile_lse: torch.Tensor,
-    rows: torch.Tensor,
     labels: torch.Tensor,
     lse: torch.Tensor,
     entropy: torch.Tensor | None,
@@ -272,9 +270,9 @@ def filter_tiles(
     and hence ``‖ΔdH_i‖_∞ ≤ eps·(a_i + b_i)/T · max_j ‖W_j‖_∞``. Tiles no row block keeps leave
     their rows of dW and db exactly 0.
     """
-    n_tiles, n = tile_lse.shape[0], rows.numel()
+    n_tiles, n = tile_lse.shape[0], labels.numel()
     # a floor for tiles whose mass underflowed (-inf): P = 0 there, and P·log P stays 0
-    log_p = (tile_lse.index_select(1, rows) - lse[None, :]).clamp_min(-1.0e4)
+    log_p = (tile_lse[:, :n] - lse[None, :]).clamp_min(-1.0e4)
     a = (g_lse - g_logp).abs() if g_lse is not None else g_logp.abs()
     b = g_entropy.abs() if g_entropy is not None else torch.zeros_like(a)
     h = entropy if entropy is not None and g_entropy is not None else 0.0
@@ -313,11 +311,10 @@ def logprob_backward(
     chunk_bytes: int = CHUNK_BYTES,
     config: dict | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients ``(dH [N_all, d], dW [V, d], db [V])`` (None where not needed) from per-valid-row
-    upstream gradients ``g_logp``, ``g_lse``, ``g_entropy`` (fp32 ``[n]``; None = zero), with the
-    forward's ``norm [2, n]`` and ``entropy [n]`` (:class:`Forward`).
-
-    Rows of dH that are not in ``rows`` are zero. ``chunk_bytes`` bounds the dX chunk buffer.
+    """Gradients ``(dH [n, d], dW [V, d], db [V])`` (None where not needed; dH of the valid rows,
+    in the order of ``rows``) from per-valid-row upstream gradients ``g_logp``, ``g_lse``,
+    ``g_entropy`` (fp32 ``[n]``; None = zero), with the forward's ``norm [2, n]`` and
+    ``entropy [n]`` (:class:`Forward`). ``chunk_bytes`` bounds the dX chunk buffer.
     With ``tile_lse`` (the forward's) and ``filter_eps > 0``, the tiles :func:`filter_tiles`
     rejects are neither recomputed nor multiplied: what is dropped from each row of dX stays
     within an L1 budget of ``filter_eps`` times the row's gradient scale (see there), so
@@ -341,7 +338,7 @@ def logprob_backward(
         if rest:
             raise ValueError(f"a filtered backward needs dX tiles of a width dividing "
                              f"tile_width() = {width}, got BN = {cfg['BN']}")
-        keep = filter_tiles(tile_lse, rows, labels, norm[0] + norm[1], entropy, g_logp, g_lse,
+        keep = filter_tiles(tile_lse, labels, norm[0] + norm[1], entropy, g_logp, g_lse,
                             g_entropy, filter_eps, cfg["BM"], width)
         # narrower dX tiles (a softcap's): every part of a kept tile is kept
         keep = keep.repeat_interleave(ratio, dim=1)[:, :triton.cdiv(V, cfg["BN"])]

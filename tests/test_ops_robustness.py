@@ -80,3 +80,55 @@ def test_token_weights_without_seq_ids_is_an_error(backend):
     with pytest.raises(ValueError, match="pass seq_ids"):
         ops.linear_logprob(hidden, weight, labels, token_weights=torch.ones(2, 9),
                            backend=backend)
+
+
+def shifted_case():
+    """A causal LM's shift: hidden[:, :-1] of a [3, 10, 16] buffer (``reshape`` would copy it),
+    labels aligned with it, a frozen reference head laid out alike."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(3, 10, 16, generator=g, requires_grad=True)
+    ref_base = torch.randn(3, 10, 16, generator=g)
+    weight = (torch.randn(40, 16, generator=g) / 4).requires_grad_()
+    labels = torch.randint(0, 40, (3, 9), generator=g)
+    labels[1, :4] = -100
+    return base, ref_base, weight, labels
+
+
+@pytest.mark.parametrize("op", ["logprob", "kl"])
+def test_shifted_hidden_is_read_in_place(op, monkeypatch):
+    """hidden[:, :-1] reaches the kernels, forward and backward, as a view of its own memory (no
+    copy of the hidden states), and gives exactly what a contiguous copy gives; the gradient of
+    the buffer's last position is 0."""
+    from hypo_fast.kernels import linear_kl as KL
+
+    base, ref_base, weight, labels = shifted_case()
+    hidden, ref_hidden = base[:, :-1], ref_base[:, :-1]
+    launchers = ((K, ("logprob_forward", "logprob_backward")) if op == "logprob"
+                 else (KL, ("kl_forward", "kl_backward")))
+    read = []
+    for name in launchers[1]:
+        real = getattr(launchers[0], name)
+
+        def spy(first, *args, real=real, **kwargs):
+            h = first if op == "logprob" else first.hidden
+            read.append(h.untyped_storage().data_ptr())
+            return real(first, *args, **kwargs)
+
+        monkeypatch.setattr(launchers[0], name, spy)
+
+    def loss(h, h_ref):
+        if op == "logprob":
+            out = ops.linear_logprob(h, weight, labels, backend="triton", return_entropy=True)
+            return (out.logp + out.entropy).sum()
+        return ops.linear_kl(h, weight, h_ref, weight.detach(), labels=labels,
+                             backend="triton").kl.sum()
+
+    g_view = torch.autograd.grad(loss(hidden, ref_hidden), (base, weight))
+    assert read == [base.untyped_storage().data_ptr()] * 2
+    copy = hidden.detach().contiguous().requires_grad_()
+    g_copy = torch.autograd.grad(loss(copy, ref_hidden.contiguous()), (copy, weight))
+    assert torch.equal(g_view[0][:, :-1], g_copy[0]) and not g_view[0][:, -1].any()
+    assert torch.equal(g_view[1], g_copy[1])
+    if op == "kl":  # heads laid out unlike each other: both copied, the same result
+        g_mixed = torch.autograd.grad(loss(hidden, ref_hidden.contiguous()), (base, weight))
+        assert all(torch.equal(a, b) for a, b in zip(g_mixed, g_view, strict=True))
