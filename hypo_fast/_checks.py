@@ -106,7 +106,9 @@ def _not_finite(t: torch.Tensor) -> torch.Tensor:
     no t-sized temporary (min/max propagate NaN and keep ±inf)."""
     if t.numel() == 0:
         return torch.zeros((), dtype=torch.bool, device=t.device)
-    lo, hi = torch.aminmax(t.detach())
+    t = t.detach()
+    # aminmax copies a strided tensor to reduce it (a causal LM's shifted hidden states)
+    lo, hi = torch.aminmax(t) if t.is_contiguous() else (torch.amin(t), torch.amax(t))
     return ~(torch.isfinite(lo) & torch.isfinite(hi))
 
 

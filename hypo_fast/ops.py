@@ -63,15 +63,18 @@ def _rows_view(hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _row_map(hidden: torch.Tensor) -> tuple[int, tuple[int, ...]] | None:
-    """``(step, coefficients)`` when every token's row of ``hidden [..., d]`` starts at a
-    multiple of one row stride ``step`` (unit stride along d): token ``(i_0, i_1, ...)`` is then
-    row ``Σ_k i_k·c_k`` of a 2-D ``[R, d]`` view with row stride ``step`` over the same memory
-    (a slice such as ``h[:, :-1]``, which ``reshape`` would copy). None otherwise."""
-    lead = [(n, s) for n, s in zip(hidden.shape[:-1], hidden.stride()[:-1], strict=True)]
-    if hidden.stride(-1) != 1 and hidden.shape[-1] > 1:
+    """``(step, coefficients)``: token ``(i_0, i_1, ...)`` of ``hidden [..., d]`` is row
+    ``Σ_k i_k·c_k`` of a 2-D ``[R, d]`` view with row stride ``step`` over the same memory, every
+    token's row starting at a multiple of ``step`` (a slice such as ``h[:, :-1]``, which
+    ``reshape`` would copy). None, for a copy, without unit stride along d, with no tokens, or
+    where rows would not be 16-byte aligned (the kernels' vectorised loads need that)."""
+    if hidden.dim() < 2 or hidden.numel() == 0 or hidden.stride(-1) != 1:
         return None
+    lead = [(n, s) for n, s in zip(hidden.shape[:-1], hidden.stride()[:-1], strict=True)]
     step = math.gcd(*(s for n, s in lead if n > 1)) or hidden.shape[-1]
-    return step, tuple(s // step for _, s in lead)
+    if (step * hidden.element_size()) % 16 or hidden.data_ptr() % 16:
+        return None
+    return step, tuple(s // step if n > 1 else 0 for n, s in lead)
 
 
 def _row_source(hidden: torch.Tensor, rows: torch.Tensor,
@@ -79,7 +82,7 @@ def _row_source(hidden: torch.Tensor, rows: torch.Tensor,
     """``(view [R, d], indices [n])``: the rows the kernels read for the flat tokens ``rows`` of
     ``hidden``, through :func:`_row_map`'s view without a copy, or (``row_map`` None) from a
     contiguous copy."""
-    if row_map is None:
+    if row_map is None or hidden.is_contiguous():  # a copy, or rows are rows already
         return _rows_view(hidden), rows
     step, coefs = row_map
     d = hidden.shape[-1]
@@ -159,8 +162,8 @@ def _tile_lse_buffer(hidden, weight, labels, filter_eps: float) -> torch.Tensor:
     from .kernels.linear_logprob import tile_width
 
     n_tiles = -(-weight.shape[0] // tile_width(hidden.dtype))
-    # zeros, not empty: the rows of ignored tokens are never written, and an op's outputs must
-    # not depend on uninitialised memory
+    # zeros, not empty: the columns past the valid rows' are never written, and an op's outputs
+    # must not depend on uninitialised memory
     return labels.new_zeros((n_tiles, labels.numel()), dtype=torch.float32)
 
 

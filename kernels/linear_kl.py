@@ -73,7 +73,7 @@ from ._tiles import (
 
 
 class Head(NamedTuple):
-    """One linear head: hidden ``[N_all, d]`` (unit stride along d), weight ``[V, d]``,
+    """One linear head: hidden ``[R, d]`` (unit stride along d), weight ``[V, d]``,
     bias ``[V]`` or None."""
 
     hidden: torch.Tensor

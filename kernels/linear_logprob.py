@@ -213,8 +213,11 @@ def logprob_forward(
         empty = torch.zeros(0, dtype=torch.float32, device=hidden.device)
         return Forward(empty, empty, empty if want_entropy else None, empty.view(2, 0))
     cfg = config or block_config("forward", hidden.dtype)
-    if tile_lse is not None and (cfg["BN"] != tile_width(hidden.dtype) or tile_lse.stride(1) != 1):
-        raise ValueError("tile_lse needs tiles of tile_width() columns and unit stride along rows")
+    if tile_lse is not None and (
+            cfg["BN"] != tile_width(hidden.dtype) or tile_lse.stride(1) != 1
+            or tile_lse.shape[0] < triton.cdiv(V, cfg["BN"]) or tile_lse.shape[1] < n):
+        raise ValueError("tile_lse needs [cdiv(V, tile_width()), >= n] with unit stride along "
+                         "rows, and tiles of tile_width() columns")
     h_arg, w_arg, tma = head_operands(hidden, weight, rows, cfg)
     n_row_blocks, n_tiles = triton.cdiv(n, cfg["BM"]), triton.cdiv(V, cfg["BN"])
     splits, tiles_per_split = split_vocab(n_row_blocks, n_tiles, hidden.device)

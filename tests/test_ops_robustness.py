@@ -96,9 +96,10 @@ def shifted_case():
 
 @pytest.mark.parametrize("op", ["logprob", "kl"])
 def test_shifted_hidden_is_read_in_place(op, monkeypatch):
-    """hidden[:, :-1] reaches the kernels, forward and backward, as a view of its own memory (no
-    copy of the hidden states), and gives exactly what a contiguous copy gives; the gradient of
-    the buffer's last position is 0."""
+    """hidden[:, :-1] reaches the kernels, forward and backward, as a view of its own memory (the
+    forward, validation included, copies no hidden states; the backward's launcher reads them in
+    place too), and gives exactly what a contiguous copy gives; the gradient of the buffer's
+    last position is 0."""
     from hypo_fast.kernels import linear_kl as KL
 
     base, ref_base, weight, labels = shifted_case()
@@ -110,8 +111,8 @@ def test_shifted_hidden_is_read_in_place(op, monkeypatch):
         real = getattr(launchers[0], name)
 
         def spy(first, *args, real=real, **kwargs):
-            h = first if op == "logprob" else first.hidden
-            read.append(h.untyped_storage().data_ptr())
+            heads = (first,) if op == "logprob" else (first.hidden, args[0].hidden)
+            read.append(tuple(h.untyped_storage().data_ptr() for h in heads))
             return real(first, *args, **kwargs)
 
         monkeypatch.setattr(launchers[0], name, spy)
@@ -123,8 +124,15 @@ def test_shifted_hidden_is_read_in_place(op, monkeypatch):
         return ops.linear_kl(h, weight, h_ref, weight.detach(), labels=labels,
                              backend="triton").kl.sum()
 
-    g_view = torch.autograd.grad(loss(hidden, ref_hidden), (base, weight))
-    assert read == [base.untyped_storage().data_ptr()] * 2
+    with torch.profiler.profile(record_shapes=True) as prof:  # the forward, validation included
+        total = loss(hidden, ref_hidden)
+    copies = [e.key for e in prof.key_averages(group_by_input_shape=True)
+              if e.key in ("aten::clone", "aten::contiguous", "aten::copy_")
+              and [3, 9, 16] in e.input_shapes]
+    assert not copies, copies
+    g_view = torch.autograd.grad(total, (base, weight))
+    stored = (base, ref_base)[: 1 if op == "logprob" else 2]
+    assert read == [tuple(t.untyped_storage().data_ptr() for t in stored)] * 2
     copy = hidden.detach().contiguous().requires_grad_()
     g_copy = torch.autograd.grad(loss(copy, ref_hidden.contiguous()), (copy, weight))
     assert torch.equal(g_view[0][:, :-1], g_copy[0]) and not g_view[0][:, -1].any()
@@ -132,3 +140,22 @@ def test_shifted_hidden_is_read_in_place(op, monkeypatch):
     if op == "kl":  # heads laid out unlike each other: both copied, the same result
         g_mixed = torch.autograd.grad(loss(hidden, ref_hidden.contiguous()), (base, weight))
         assert all(torch.equal(a, b) for a, b in zip(g_mixed, g_view, strict=True))
+
+
+def test_row_map_edges():
+    """Which hidden layouts are read in place: views whose rows start at 16-byte aligned
+    multiples of one stride (size-1 dims do not count); copies otherwise, and for no tokens."""
+    wide = torch.zeros(4, 6, 20)
+    assert ops._row_map(wide[:, :-1, :16]) == (20, (120 // 20, 1))
+    assert ops._row_map(torch.zeros(1, 5, 16)[:, 1:]) == (16, (0, 1))  # size-1 dim: coefficient 0
+    assert ops._row_map(torch.zeros(5, 16).expand(3, 5, 16)) == (16, (0, 1))  # stride 0
+    assert ops._row_map(torch.zeros(4, 6, 17)[..., :16]) is None  # 68-byte rows: unaligned
+    assert ops._row_map(torch.zeros(3, 0, 16)) is None  # no tokens
+    assert ops._row_map(torch.zeros(16, 4).T) is None  # d not unit-stride
+    rows = torch.tensor([0, 3, 7])
+    contiguous = torch.randn(2, 4, 16)
+    view, index = ops._row_source(contiguous, rows, ops._row_map(contiguous))
+    assert index is rows and view.data_ptr() == contiguous.data_ptr()
+    shifted = torch.randn(2, 5, 16)[:, 1:]
+    view, index = ops._row_source(shifted, rows, ops._row_map(shifted))
+    assert torch.equal(view[index], shifted.reshape(-1, 16)[rows])
