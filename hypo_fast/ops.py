@@ -92,6 +92,13 @@ def _row_source(hidden: torch.Tensor, rows: torch.Tensor,
     return hidden.as_strided((span, d), (step, 1)), index
 
 
+def _all_rows(view: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> bool:
+    """Whether the kernels' ``index`` (from :func:`_row_source`) is every row of ``view`` in
+    order, so that ``view`` serves as ``view[index]`` with no gathered copy: the flat tokens
+    ``rows`` themselves (increasing, from ``nonzero``), all of them."""
+    return index is rows and rows.numel() == view.shape[0]
+
+
 def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.contiguous() if t is not None else None
 
@@ -145,7 +152,8 @@ def _linear_logprob_op(
     with _on_device(hidden):
         fwd = logprob_forward(
             h, _rows_view(weight), _contiguous(bias), flat.index_select(0, rows), h_rows,
-            temperature=temperature, softcap=softcap or None,
+            all_rows=_all_rows(h, h_rows, rows), temperature=temperature,
+            softcap=softcap or None,
             want_entropy=want_entropy, tile_lse=tile_lse if tile_lse.numel() else None,
         )
 
@@ -205,9 +213,8 @@ def _linear_logprob_backward_op(
     with _on_device(hidden):
         dh, dw, db = logprob_backward(
             h, _rows_view(weight), _contiguous(bias), labels.reshape(-1).index_select(0, rows),
-            h_rows, norm.index_select(1, rows),
-            pick(entropy),
-            pick(g_logp), pick(g_lse), pick(g_entropy),
+            h_rows, norm.index_select(1, rows), pick(entropy),
+            pick(g_logp), pick(g_lse), pick(g_entropy), all_rows=_all_rows(h, h_rows, rows),
             temperature=temperature, softcap=softcap or None,
             need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2],
             tile_lse=tile_lse if tile_lse.numel() else None, filter_eps=filter_eps,
@@ -368,10 +375,12 @@ def _linear_kl_op(
     rows = valid.reshape(-1).nonzero().squeeze(1)
     y = labels.reshape(-1).index_select(0, rows) if labels is not None else None
     with _on_device(hidden):
+        policy, ref, index = _kl_heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
+                                       rows)
         st = kl_forward(
-            *_kl_heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows), y,
-            reverse=reverse, temperature=temperature, softcap=softcap or None,
-            want_entropy=want_entropy,
+            policy, ref, index, y, reverse=reverse, temperature=temperature,
+            softcap=softcap or None, want_entropy=want_entropy,
+            all_rows=_all_rows(policy.hidden, index, rows),
         )
 
     def scatter(values: torch.Tensor | None) -> torch.Tensor:
@@ -424,13 +433,16 @@ def _linear_kl_backward_op(
         return t.reshape(-1).index_select(0, rows).float() if t is not None and t.numel() else None
 
     with _on_device(hidden):
+        policy, ref, index = _kl_heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
+                                       rows)
         dh, dw, db = kl_backward(
-            *_kl_heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows),
+            policy, ref, index,
             labels.reshape(-1).index_select(0, rows) if labels is not None else None,
             stats.reshape(5, -1).index_select(1, rows), pick(entropy), pick(g_kl), pick(g_entropy),
             pick(g_logp),
             reverse=reverse, temperature=temperature, softcap=softcap or None,
             need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2],
+            all_rows=_all_rows(policy.hidden, index, rows),
         )
     return _head_grads(hidden, bias, rows, dh, dw, db)
 

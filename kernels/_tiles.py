@@ -199,14 +199,19 @@ def tma_eligible(weight: torch.Tensor, rows: torch.Tensor, cfg: dict) -> bool:
 
 
 def head_operands(
-    hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, cfg: dict
+    hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, cfg: dict,
+    all_rows: bool = False,
 ) -> tuple[object, object, bool]:
     """``(H, W, tma)``, the operands a kernel's ``logits_tile`` reads: descriptors over
-    ``hidden[rows]`` (a compacted ``[n, d]`` copy) and ``weight`` when :func:`tma_eligible`,
-    ``tma`` True; otherwise ``hidden`` and ``weight`` themselves, gathered through ``rows``."""
+    ``hidden[rows]`` (a compacted ``[n, d]`` copy, or hidden itself when ``all_rows``: rows is
+    every row in order) and ``weight`` when :func:`tma_eligible`, ``tma`` True; otherwise
+    ``hidden`` and ``weight`` themselves, gathered through ``rows``."""
+    if all_rows and rows.numel() != hidden.shape[0]:
+        raise ValueError(f"all_rows: rows must be every row of hidden in order, got "
+                         f"{rows.numel()} of {hidden.shape[0]}")
     if not tma_eligible(weight, rows, cfg):
         return hidden, weight, False
-    compact = hidden.index_select(0, rows)
+    compact = hidden if all_rows and hidden.is_contiguous() else hidden.index_select(0, rows)
     return (TensorDescriptor.from_tensor(compact, [cfg["BM"], cfg["BK"]]),
             TensorDescriptor.from_tensor(weight, [cfg["BN"], cfg["BK"]]), True)
 
@@ -410,7 +415,7 @@ def chunked_head_backward(
     of it True, only the kept ``[BM, BN]`` tiles exist: ``fill(dx, db_part, start, cols, pairs)``
     writes just the tiles in ``pairs [k, 2]`` (row block, tile) and two block-sparse kernels
     replace the library GEMMs, skipping the others. ``compact``: ``hidden[rows]`` if the caller
-    already made it.
+    already has it (hidden itself when rows is every row in order).
     """
     n, (V, D) = rows.numel(), weight.shape
     dtype, device = hidden.dtype, hidden.device

@@ -292,7 +292,8 @@ def _grad_logits_kernel(
 
 
 def _kernel_heads(
-    policy: Head, ref: Head, rows: torch.Tensor, cfg: dict, need_ref: bool = True
+    policy: Head, ref: Head, rows: torch.Tensor, cfg: dict, need_ref: bool = True,
+    all_rows: bool = False,
 ) -> tuple[tuple, dict]:
     """Both heads' kernel arguments ``(H, W, b, d, stride_h, stride_w)`` and the blocks with
     ``TMA`` set to whether the heads the kernel reads load through descriptors (all or none)
@@ -308,7 +309,7 @@ def _kernel_heads(
     cfg = {**cfg, "TMA": tma, "FUSE_K": bool(cfg.get("FUSE_K")) and tma and alike and need_ref}
     args: tuple = ()
     for head, is_read in ((policy, True), (ref, need_ref)):
-        h, w = (head_operands(head.hidden, head.weight, rows, cfg)[:2] if is_read
+        h, w = (head_operands(head.hidden, head.weight, rows, cfg, all_rows)[:2] if is_read
                 else (head.hidden, head.weight))
         args += (h, w, head.bias if head.bias is not None else head.hidden, head.weight.shape[1],
                  head.hidden.stride(0), head.weight.stride(0))
@@ -343,10 +344,13 @@ def kl_forward(
     softcap: float | None = None,
     want_entropy: bool = False,
     config: dict | None = None,
+    all_rows: bool = False,
 ) -> KLStats:
     """Per valid row statistics of the two heads (:class:`KLStats`), fp32 ``[n]``.
 
-    ``rows [n]`` int64 indices into both hidden tensors; ``labels [n]`` (the valid rows' labels,
+    ``rows [n]`` int64 indices into both hidden tensors (``all_rows``: every row in order, so
+    the hidden tensors serve as ``hidden[rows]`` without gathered copies); ``labels [n]`` (the
+    valid rows' labels,
     in ``[0, V)``) or None for no ``logp``/``ref_logp``. KL is clamped at 0 (it is ≥ 0 exactly;
     only rounding makes it negative).
     """
@@ -361,7 +365,7 @@ def kl_forward(
     n_row_blocks, n_tiles = triton.cdiv(n, cfg["BM"]), triton.cdiv(V, cfg["BN"])
     splits, tiles_per_split = split_vocab(n_row_blocks, n_tiles, dev)
     part = torch.empty((9, splits, n), dtype=torch.float32, device=dev)
-    heads, cfg = _kernel_heads(policy, ref, rows, cfg)
+    heads, cfg = _kernel_heads(policy, ref, rows, cfg, all_rows=all_rows)
     _forward_kernel[(n_row_blocks * splits,)](
         *heads, labels if labels is not None else rows, rows,
         part, n, V, part.stride(0), splits, tiles_per_split,
@@ -416,6 +420,7 @@ def kl_backward(
     need_bias: bool = False,
     chunk_bytes: int = CHUNK_BYTES,
     config: dict | None = None,
+    all_rows: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Policy gradients ``(dH [n, d], dW [V, d], db [V] fp32)`` (None where not needed; dH of
     the valid rows, in the order of ``rows``) from
@@ -423,7 +428,7 @@ def kl_backward(
     zero) and the forward's :class:`KLStats` fields ``norm [5, n]`` (unit stride along n) and
     ``entropy`` (read only with ``g_entropy``).
 
-    ``chunk_bytes`` bounds the dX chunk buffer.
+    ``chunk_bytes`` bounds the dX chunk buffer; ``all_rows`` as for :func:`kl_forward`.
     """
     h, w = policy.hidden, policy.weight
     n, V = rows.numel(), w.shape[0]
@@ -436,7 +441,8 @@ def kl_backward(
         raise ValueError("g_logp needs the labels")
     cfg = config or two_head_config("backward", h.dtype)
     constants = _constants(policy, ref, temperature, softcap)
-    heads, cfg = _kernel_heads(policy, ref, rows, cfg, need_ref=g_kl is not None)
+    heads, cfg = _kernel_heads(policy, ref, rows, cfg, need_ref=g_kl is not None,
+                               all_rows=all_rows)
     # Any fp32 tensor stands in for an absent one: the kernel never reads it (HAS_* flag off).
     grads = [t if t is not None else norm for t in (g_kl, g_entropy, g_logp)]
 
@@ -453,5 +459,6 @@ def kl_backward(
     return chunked_head_backward(
         h, w, rows, fill, cfg=cfg, need_hidden=need_hidden, need_weight=need_weight,
         need_bias=need_bias, chunk_bytes=chunk_bytes,
-        compact=heads[0].base if cfg["TMA"] else None,
+        compact=(heads[0].base if cfg["TMA"] else h if all_rows and h.is_contiguous()
+                 else None),
     )

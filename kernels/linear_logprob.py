@@ -197,6 +197,7 @@ def logprob_forward(
     want_entropy: bool = False,
     tile_lse: torch.Tensor | None = None,
     config: dict | None = None,
+    all_rows: bool = False,
 ) -> Forward:
     """Per valid row ``logp``, ``lse``, ``entropy`` and the backward's ``norm`` (a
     :class:`Forward`). ``config``: the
@@ -207,6 +208,8 @@ def logprob_forward(
     (the labels of the valid rows, in ``[0, V)``), rows ``[n]`` int64 indices into hidden.
     ``tile_lse [cdiv(V, tile_width), ≥ n]`` (fp32, optional) receives ``log Σ_j e^{z_ij}`` over
     each vocabulary tile for every valid row i (in column i): what a filtered backward needs.
+    ``all_rows``: rows is every row of hidden in order (hidden then serves as ``hidden[rows]``,
+    no gathered copy).
     """
     n, (V, D) = rows.numel(), weight.shape
     if n == 0:  # reachable under torch.compile, which skips the validation
@@ -218,7 +221,7 @@ def logprob_forward(
             or tile_lse.shape[0] < triton.cdiv(V, cfg["BN"]) or tile_lse.shape[1] < n):
         raise ValueError("tile_lse needs [cdiv(V, tile_width()), >= n] with unit stride along "
                          "rows, and tiles of tile_width() columns")
-    h_arg, w_arg, tma = head_operands(hidden, weight, rows, cfg)
+    h_arg, w_arg, tma = head_operands(hidden, weight, rows, cfg, all_rows)
     n_row_blocks, n_tiles = triton.cdiv(n, cfg["BM"]), triton.cdiv(V, cfg["BN"])
     splits, tiles_per_split = split_vocab(n_row_blocks, n_tiles, hidden.device)
     part = torch.empty((4 if want_entropy else 3, splits, n), dtype=torch.float32,
@@ -313,11 +316,13 @@ def logprob_backward(
     max_fraction: float = 0.25,
     chunk_bytes: int = CHUNK_BYTES,
     config: dict | None = None,
+    all_rows: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients ``(dH [n, d], dW [V, d], db [V])`` (None where not needed; dH of the valid rows,
     in the order of ``rows``) from per-valid-row upstream gradients ``g_logp``, ``g_lse``,
     ``g_entropy`` (fp32 ``[n]``; None = zero), with the forward's ``norm [2, n]`` and
-    ``entropy [n]`` (:class:`Forward`). ``chunk_bytes`` bounds the dX chunk buffer.
+    ``entropy [n]`` (:class:`Forward`). ``chunk_bytes`` bounds the dX chunk buffer;
+    ``all_rows`` as for :func:`logprob_forward`.
     With ``tile_lse`` (the forward's) and ``filter_eps > 0``, the tiles :func:`filter_tiles`
     rejects are neither recomputed nor multiplied: what is dropped from each row of dX stays
     within an L1 budget of ``filter_eps`` times the row's gradient scale (see there), so
@@ -345,7 +350,7 @@ def logprob_backward(
                             g_entropy, filter_eps, cfg["BM"], width)
         # narrower dX tiles (a softcap's): every part of a kept tile is kept
         keep = keep.repeat_interleave(ratio, dim=1)[:, :triton.cdiv(V, cfg["BN"])]
-    h_arg, w_arg, tma = head_operands(hidden, weight, rows, cfg)
+    h_arg, w_arg, tma = head_operands(hidden, weight, rows, cfg, all_rows)
 
     def fill(dx: torch.Tensor, db_part: torch.Tensor, start: int, cols: int,
              pairs: torch.Tensor | None = None) -> None:
@@ -368,5 +373,5 @@ def logprob_backward(
     return chunked_head_backward(
         hidden, weight, rows, fill, cfg=cfg, need_hidden=need_hidden, need_weight=need_weight,
         need_bias=need_bias, chunk_bytes=chunk_bytes, keep=keep, max_fraction=max_fraction,
-        compact=h_arg.base if tma else None,
+        compact=h_arg.base if tma else hidden if all_rows and hidden.is_contiguous() else None,
     )

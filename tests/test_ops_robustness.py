@@ -159,3 +159,25 @@ def test_row_map_edges():
     shifted = torch.randn(2, 5, 16)[:, 1:]
     view, index = ops._row_source(shifted, rows, ops._row_map(shifted))
     assert torch.equal(view[index], shifted.reshape(-1, 16)[rows])
+
+
+@pytest.mark.parametrize("op", ["logprob", "kl"])
+def test_every_token_valid_gathers_no_rows(op):
+    """With no ignored token the hidden states serve as their own valid rows: neither pass
+    gathers an [n, d] copy of them (a launcher told so checks that it is true)."""
+    hidden, weight, _ = small(torch.float32)
+    labels = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.profiler.profile(record_shapes=True) as prof:
+        if op == "logprob":
+            loss = ops.linear_logprob(hidden, weight, labels, backend="triton").logp.sum()
+        else:
+            loss = ops.linear_kl(hidden, weight, hidden.detach() * 0.5, weight.detach(),
+                                 backend="triton").kl.sum()
+        loss.backward()
+    gathers = [e.input_shapes for e in prof.key_averages(group_by_input_shape=True)
+               if e.key == "aten::index_select" and e.input_shapes[:1] == [[18, 16]]]
+    assert not gathers, gathers
+    rows = torch.arange(17)
+    with pytest.raises(ValueError, match="all_rows: rows must be every row"):
+        K.logprob_forward(hidden.detach().reshape(18, 16), weight.detach(), None,
+                          labels.reshape(-1)[:17], rows, all_rows=True)
