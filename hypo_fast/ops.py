@@ -18,6 +18,7 @@ import torch
 
 from . import reference
 from ._checks import check_choice, check_tensor, validate_head
+from ._layout import all_rows, row_map, row_source, rows_view
 from .reference import LogProbOutput
 
 BACKENDS = ("triton", "cpu", "reference")
@@ -54,49 +55,6 @@ def _fp32_if_fp64(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, .
 
 def _valid_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return (labels.reshape(-1) != ignore_index).nonzero().squeeze(1)
-
-
-def _rows_view(hidden: torch.Tensor) -> torch.Tensor:
-    """``[rows, d]`` view with unit stride along d (what the kernels index), copying if needed."""
-    h = hidden.reshape(-1, hidden.shape[-1])
-    return h if h.stride(-1) == 1 else h.contiguous()
-
-
-def _row_map(hidden: torch.Tensor) -> tuple[int, tuple[int, ...]] | None:
-    """``(step, coefficients)``: token ``(i_0, i_1, ...)`` of ``hidden [..., d]`` is row
-    ``Σ_k i_k·c_k`` of a 2-D ``[R, d]`` view with row stride ``step`` over the same memory, every
-    token's row starting at a multiple of ``step`` (a slice such as ``h[:, :-1]``, which
-    ``reshape`` would copy). None, for a copy, without unit stride along d, with no tokens, or
-    where rows would not be 16-byte aligned (the kernels' vectorised loads need that)."""
-    if hidden.dim() < 2 or hidden.numel() == 0 or hidden.stride(-1) != 1:
-        return None
-    lead = [(n, s) for n, s in zip(hidden.shape[:-1], hidden.stride()[:-1], strict=True)]
-    step = math.gcd(*(s for n, s in lead if n > 1)) or hidden.shape[-1]
-    if (step * hidden.element_size()) % 16 or hidden.data_ptr() % 16:
-        return None
-    return step, tuple(s // step if n > 1 else 0 for n, s in lead)
-
-
-def _row_source(hidden: torch.Tensor, rows: torch.Tensor,
-                row_map: tuple[int, tuple[int, ...]] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(view [R, d], indices [n])``: the rows the kernels read for the flat tokens ``rows`` of
-    ``hidden``, through :func:`_row_map`'s view without a copy, or (``row_map`` None) from a
-    contiguous copy."""
-    if row_map is None or hidden.is_contiguous():  # a copy, or rows are rows already
-        return _rows_view(hidden), rows
-    step, coefs = row_map
-    d = hidden.shape[-1]
-    span = sum((n - 1) * c for n, c in zip(hidden.shape[:-1], coefs, strict=True)) + 1
-    index = sum(i * c for i, c in zip(torch.unravel_index(rows, hidden.shape[:-1]), coefs,
-                                      strict=True))
-    return hidden.as_strided((span, d), (step, 1)), index
-
-
-def _all_rows(view: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> bool:
-    """Whether the kernels' ``index`` (from :func:`_row_source`) is every row of ``view`` in
-    order, so that ``view`` serves as ``view[index]`` with no gathered copy: the flat tokens
-    ``rows`` themselves (increasing, from ``nonzero``), all of them."""
-    return index is rows and rows.numel() == view.shape[0]
 
 
 def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -148,11 +106,11 @@ def _linear_logprob_op(
     rows = _valid_rows(labels, ignore_index)
     flat = labels.reshape(-1)
     tile_lse = _tile_lse_buffer(hidden, weight, labels, filter_eps)
-    h, h_rows = _row_source(hidden, rows, _row_map(hidden))
+    h, h_rows = row_source(hidden, rows, row_map(hidden))
     with _on_device(hidden):
         fwd = logprob_forward(
-            h, _rows_view(weight), _contiguous(bias), flat.index_select(0, rows), h_rows,
-            all_rows=_all_rows(h, h_rows, rows), temperature=temperature,
+            h, rows_view(weight), _contiguous(bias), flat.index_select(0, rows), h_rows,
+            all_rows=all_rows(h, h_rows, rows), temperature=temperature,
             softcap=softcap or None,
             want_entropy=want_entropy, tile_lse=tile_lse if tile_lse.numel() else None,
         )
@@ -209,12 +167,12 @@ def _linear_logprob_backward_op(
     def pick(t: torch.Tensor) -> torch.Tensor | None:
         return t.reshape(-1).index_select(0, rows).float() if t.numel() else None
 
-    h, h_rows = _row_source(hidden, rows, _row_map(hidden))
+    h, h_rows = row_source(hidden, rows, row_map(hidden))
     with _on_device(hidden):
         dh, dw, db = logprob_backward(
-            h, _rows_view(weight), _contiguous(bias), labels.reshape(-1).index_select(0, rows),
+            h, rows_view(weight), _contiguous(bias), labels.reshape(-1).index_select(0, rows),
             h_rows, norm.index_select(1, rows), pick(entropy),
-            pick(g_logp), pick(g_lse), pick(g_entropy), all_rows=_all_rows(h, h_rows, rows),
+            pick(g_logp), pick(g_lse), pick(g_entropy), all_rows=all_rows(h, h_rows, rows),
             temperature=temperature, softcap=softcap or None,
             need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2],
             tile_lse=tile_lse if tile_lse.numel() else None, filter_eps=filter_eps,
@@ -340,17 +298,17 @@ k1, k2, k3 = reference.k1, reference.k2, reference.k3
 def _kl_heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows):
     """``(policy, ref, indices)``: both heads as the kernels take them, and the rows of both
     hidden views that hold the flat tokens ``rows``. The views read the inputs' memory where both
-    map tokens to rows alike (:func:`_row_map`; slices such as ``h[:, :-1]`` of both), else
+    map tokens to rows alike (:func:`row_map`; slices such as ``h[:, :-1]`` of both), else
     contiguous copies; ``[V, d]`` weights with unit stride along d, contiguous biases."""
     from .kernels.linear_kl import Head
 
-    maps = [_row_map(hidden), _row_map(ref_hidden)]
+    maps = [row_map(hidden), row_map(ref_hidden)]
     if maps[0] is None or maps[1] is None or maps[0][1] != maps[1][1]:
         maps = [None, None]
-    (h, index), (h_ref, _) = (_row_source(t, rows, m)
+    (h, index), (h_ref, _) = (row_source(t, rows, m)
                               for t, m in zip((hidden, ref_hidden), maps, strict=True))
-    return (Head(h, _rows_view(weight), _contiguous(bias)),
-            Head(h_ref, _rows_view(ref_weight), _contiguous(ref_bias)), index)
+    return (Head(h, rows_view(weight), _contiguous(bias)),
+            Head(h_ref, rows_view(ref_weight), _contiguous(ref_bias)), index)
 
 
 @torch.library.custom_op("hypo_fast::linear_kl", mutates_args=())
@@ -380,7 +338,7 @@ def _linear_kl_op(
         st = kl_forward(
             policy, ref, index, y, reverse=reverse, temperature=temperature,
             softcap=softcap or None, want_entropy=want_entropy,
-            all_rows=_all_rows(policy.hidden, index, rows),
+            all_rows=all_rows(policy.hidden, index, rows),
         )
 
     def scatter(values: torch.Tensor | None) -> torch.Tensor:
@@ -442,7 +400,7 @@ def _linear_kl_backward_op(
             pick(g_logp),
             reverse=reverse, temperature=temperature, softcap=softcap or None,
             need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2],
-            all_rows=_all_rows(policy.hidden, index, rows),
+            all_rows=all_rows(policy.hidden, index, rows),
         )
     return _head_grads(hidden, bias, rows, dh, dw, db)
 

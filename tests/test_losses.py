@@ -202,6 +202,12 @@ def test_dpo_logits_means_are_liger_definition():
     assert aux[2].dtype == F32
     _, aux = call(FusedLinearDPOLoss(), replace(p, b=None, rb=None))
     torch.testing.assert_close(aux[2].double(), (p.h[:3] @ p.w.T).mean(), rtol=1e-5, atol=1e-6)
+    # hidden states as a view of a longer buffer (read in place): the same means
+    wide = torch.zeros(p.h.shape[0], p.h.shape[1] + 1, p.h.shape[2], dtype=p.h.dtype)
+    wide[:, 1:] = p.h.detach()
+    _, aux_view = call(FusedLinearDPOLoss(), replace(p, h=wide[:, 1:]))
+    _, aux = call(FusedLinearDPOLoss(), p)
+    torch.testing.assert_close(aux_view[2:4], aux[2:4])
 
 
 def test_dpo_precomputed_reference_equals_reference_head():

@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypo_fast.kernels import linear_logprob as K
 
-from hypo_fast import ops
+from hypo_fast import _layout, ops
 from hypo_fast import reference as R
 
 
@@ -146,18 +146,18 @@ def test_row_map_edges():
     """Which hidden layouts are read in place: views whose rows start at 16-byte aligned
     multiples of one stride (size-1 dims do not count); copies otherwise, and for no tokens."""
     wide = torch.zeros(4, 6, 20)
-    assert ops._row_map(wide[:, :-1, :16]) == (20, (120 // 20, 1))
-    assert ops._row_map(torch.zeros(1, 5, 16)[:, 1:]) == (16, (0, 1))  # size-1 dim: coefficient 0
-    assert ops._row_map(torch.zeros(5, 16).expand(3, 5, 16)) == (16, (0, 1))  # stride 0
-    assert ops._row_map(torch.zeros(4, 6, 17)[..., :16]) is None  # 68-byte rows: unaligned
-    assert ops._row_map(torch.zeros(3, 0, 16)) is None  # no tokens
-    assert ops._row_map(torch.zeros(16, 4).T) is None  # d not unit-stride
+    assert _layout.row_map(wide[:, :-1, :16]) == (20, (120 // 20, 1))
+    assert _layout.row_map(torch.zeros(1, 5, 16)[:, 1:]) == (16, (0, 1))  # size-1 dim: 0
+    assert _layout.row_map(torch.zeros(5, 16).expand(3, 5, 16)) == (16, (0, 1))  # stride 0
+    assert _layout.row_map(torch.zeros(4, 6, 17)[..., :16]) is None  # 68-byte rows: unaligned
+    assert _layout.row_map(torch.zeros(3, 0, 16)) is None  # no tokens
+    assert _layout.row_map(torch.zeros(16, 4).T) is None  # d not unit-stride
     rows = torch.tensor([0, 3, 7])
     contiguous = torch.randn(2, 4, 16)
-    view, index = ops._row_source(contiguous, rows, ops._row_map(contiguous))
+    view, index = _layout.row_source(contiguous, rows, _layout.row_map(contiguous))
     assert index is rows and view.data_ptr() == contiguous.data_ptr()
     shifted = torch.randn(2, 5, 16)[:, 1:]
-    view, index = ops._row_source(shifted, rows, ops._row_map(shifted))
+    view, index = _layout.row_source(shifted, rows, _layout.row_map(shifted))
     assert torch.equal(view[index], shifted.reshape(-1, 16)[rows])
 
 

@@ -27,6 +27,7 @@ from .._checks import (
     check_shape,
     raise_flagged,
 )
+from .._layout import row_map, row_source
 
 Tensor = torch.Tensor
 Metrics = dict[str, Tensor]
@@ -444,11 +445,14 @@ def logits_means(x: Head) -> tuple[Tensor, Tensor]:
     One ``[2, N] @ [N, d]`` product and one column sum of W; fp32 except that the per-half hidden
     sums are rounded to the input dtype (bf16: a relative error ~4e-3 on this metric).
     """
-    h = x.hidden.reshape(-1, x.hidden.shape[-1])
     chosen = x.seq_ids.reshape(-1) < x.num_seqs // 2
-    halves = torch.stack([chosen, ~chosen]).to(h.dtype)
+    per_token = torch.stack([chosen, ~chosen]).to(x.hidden.dtype)
+    # the hidden states' rows read in place (a shifted view would otherwise be copied)
+    tokens = torch.arange(chosen.numel(), device=chosen.device)
+    h, index = row_source(x.hidden, tokens, row_map(x.hidden))
+    halves = per_token.new_zeros(2, h.shape[0]).index_add_(1, index, per_token)
     h_sums = (halves @ h).float()
-    n = halves.sum(1, dtype=torch.float32)
+    n = per_token.sum(1, dtype=torch.float32)
     total = h_sums @ x.weight.sum(0, dtype=torch.float32)
     if x.bias is not None:
         total = total + n * x.bias.sum(dtype=torch.float32)
