@@ -57,6 +57,27 @@ def _valid_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return (labels.reshape(-1) != ignore_index).nonzero().squeeze(1)
 
 
+def _check_filter_eps(filter_eps: object) -> None:
+    if filter_eps not in ("auto", None) and (
+        isinstance(filter_eps, bool) or not isinstance(filter_eps, (int, float))
+        or not math.isfinite(filter_eps) or filter_eps < 0
+    ):
+        raise ValueError(f"filter_eps must be 'auto', None or a finite number >= 0, got "
+                         f"{filter_eps!r}")
+
+
+def _filter_eps(filter_eps: float | str | None, hidden: torch.Tensor,
+                *params: torch.Tensor | None) -> float:
+    """The ε a backward filters with: 0 (exact) for None or without gradients to compute, the
+    input dtype's machine epsilon / 32 for ``"auto"``."""
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                            for t in (hidden, *params))):
+        return 0.0
+    if filter_eps == "auto":
+        return torch.finfo(hidden.dtype).eps / 32
+    return float(filter_eps or 0.0)
+
+
 def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.contiguous() if t is not None else None
 
@@ -249,12 +270,7 @@ def linear_logprob(
     ``filter_eps=None`` or 0, it is exact. Either way no atomics are used: gradients are
     bit-identical run to run, so ``deterministic`` needs no separate mode.
     """
-    if filter_eps not in ("auto", None) and (
-        isinstance(filter_eps, bool) or not isinstance(filter_eps, (int, float))
-        or not math.isfinite(filter_eps) or filter_eps < 0
-    ):
-        raise ValueError(f"filter_eps must be 'auto', None or a finite number >= 0, got "
-                         f"{filter_eps!r}")
+    _check_filter_eps(filter_eps)
     chosen = resolve_backend(backend, check_tensor("hidden", hidden).device)
     if chosen != "triton":
         return reference.linear_logprob(
@@ -272,13 +288,9 @@ def linear_logprob(
     elif seq_ids is not None and num_seqs is None:
         raise ValueError("num_seqs must be given with seq_ids under torch.compile")
     hidden, weight, bias = _fp32_if_fp64(hidden, weight, bias)
-    if filter_eps == "auto":
-        filter_eps = torch.finfo(hidden.dtype).eps / 32
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias))
     logp, lse, entropy, _, _ = _linear_logprob_op(
         hidden, weight, labels, bias, ignore_index, float(temperature), float(softcap or 0.0),
-        return_entropy, float(filter_eps or 0.0) if needs_grad else 0.0,
+        return_entropy, _filter_eps(filter_eps, hidden, weight, bias),
     )
     out = LogProbOutput(logp=logp, lse=lse, entropy=entropy if return_entropy else None)
     if seq_ids is not None:
@@ -325,9 +337,12 @@ def _linear_kl_op(
     temperature: float,
     softcap: float,
     want_entropy: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(kl, stats [5, ...], entropy, logp, ref_logp)`` per token, 0 where ``valid`` is False;
-    absent outputs are empty. ``stats`` is the kernels' ``KLStats.norm``, saved for backward."""
+    filter_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(kl, stats [5, ...], entropy, logp, ref_logp, tile_stats)`` per token, 0 where ``valid``
+    is False; absent outputs are empty. ``stats`` is the kernels' ``KLStats.norm``, saved for
+    backward; ``tile_stats`` (the per-tile statistics a filtered backward needs, column i for
+    valid row i) is empty unless ``filter_eps > 0``."""
     from .kernels.linear_kl import kl_forward
 
     rows = valid.reshape(-1).nonzero().squeeze(1)
@@ -335,10 +350,12 @@ def _linear_kl_op(
     with _on_device(hidden):
         policy, ref, index = _kl_heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
                                        rows)
+        tile_stats = _kl_tile_stats_buffer(hidden, weight, valid, filter_eps)
         st = kl_forward(
             policy, ref, index, y, reverse=reverse, temperature=temperature,
             softcap=softcap or None, want_entropy=want_entropy,
             all_rows=all_rows(policy.hidden, index, rows),
+            tile_stats=tile_stats if tile_stats.numel() else None,
         )
 
     def scatter(values: torch.Tensor | None) -> torch.Tensor:
@@ -347,19 +364,30 @@ def _linear_kl_op(
         return _scatter_rows(values, rows, valid.shape)
 
     stats = torch.stack([scatter(t) for t in st.norm])
-    return scatter(st.kl), stats, scatter(st.entropy), scatter(st.logp), scatter(st.ref_logp)
+    return (scatter(st.kl), stats, scatter(st.entropy), scatter(st.logp), scatter(st.ref_logp),
+            tile_stats)
+
+
+def _kl_tile_stats_buffer(hidden, weight, valid, filter_eps: float) -> torch.Tensor:
+    if filter_eps <= 0:
+        return valid.new_empty(0, dtype=torch.float32)
+    from .kernels.linear_kl import tile_width
+
+    n_tiles = -(-weight.shape[0] // tile_width(hidden.dtype))
+    # zeros: the columns past the valid rows' are never written
+    return valid.new_zeros((3, n_tiles, valid.numel()), dtype=torch.float32)
 
 
 @_linear_kl_op.register_fake
 def _(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, valid, labels, reverse,
-      temperature, softcap, want_entropy):
+      temperature, softcap, want_entropy, filter_eps):
     kl = valid.new_empty(valid.shape, dtype=torch.float32)
 
     def maybe(present: bool) -> torch.Tensor:
         return torch.empty_like(kl) if present else kl.new_empty(0)
 
     return (kl, kl.new_empty((5, *valid.shape)), maybe(want_entropy), maybe(labels is not None),
-            maybe(labels is not None))
+            maybe(labels is not None), _kl_tile_stats_buffer(hidden, weight, valid, filter_eps))
 
 
 @torch.library.custom_op("hypo_fast::linear_kl_backward", mutates_args=())
@@ -374,12 +402,14 @@ def _linear_kl_backward_op(
     labels: torch.Tensor | None,
     stats: torch.Tensor,
     entropy: torch.Tensor,
+    tile_stats: torch.Tensor,
     g_kl: torch.Tensor | None,
     g_entropy: torch.Tensor | None,
     g_logp: torch.Tensor | None,
     reverse: bool,
     temperature: float,
     softcap: float,
+    filter_eps: float,
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Policy gradients ``(dH, dW, db)`` (empty where not needed) of :func:`_linear_kl_op`."""
@@ -401,41 +431,42 @@ def _linear_kl_backward_op(
             reverse=reverse, temperature=temperature, softcap=softcap or None,
             need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2],
             all_rows=all_rows(policy.hidden, index, rows),
+            tile_stats=tile_stats if tile_stats.numel() else None, filter_eps=filter_eps,
         )
     return _head_grads(hidden, bias, rows, dh, dw, db)
 
 
 @_linear_kl_backward_op.register_fake
 def _(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, valid, labels, stats, entropy,
-      g_kl, g_entropy, g_logp, reverse, temperature, softcap, needs):
+      tile_stats, g_kl, g_entropy, g_logp, reverse, temperature, softcap, filter_eps, needs):
     # Row-major like the real op's results, whatever the inputs' strides.
     return _fake_head_grads(hidden, weight, bias, needs)
 
 
 def _kl_setup_context(ctx, inputs, output):
-    *tensors, valid, labels, reverse, temperature, softcap, _ = inputs
-    _, stats, entropy, _, _ = output
-    ctx.save_for_backward(*tensors, valid, labels, stats, entropy)
-    ctx.options = (reverse, temperature, softcap)
+    *tensors, valid, labels, reverse, temperature, softcap, _, filter_eps = inputs
+    _, stats, entropy, _, _, tile_stats = output
+    ctx.save_for_backward(*tensors, valid, labels, stats, entropy, tile_stats)
+    ctx.options = (reverse, temperature, softcap, filter_eps)
+    ctx.mark_non_differentiable(tile_stats)
     # Unused outputs then get None, not zeros, and their terms are skipped in the kernel.
     ctx.set_materialize_grads(False)
 
 
-def _kl_backward(ctx, g_kl, _g_stats, g_entropy, g_logp, _g_ref_logp):
-    hidden, weight, ref_hidden, ref_weight, bias, ref_bias, valid, labels, stats, entropy = (
-        ctx.saved_tensors
-    )
+def _kl_backward(ctx, g_kl, _g_stats, g_entropy, g_logp, _g_ref_logp, _g_tile_stats):
+    (hidden, weight, ref_hidden, ref_weight, bias, ref_bias, valid, labels, stats, entropy,
+     tile_stats) = ctx.saved_tensors
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
              bias is not None and ctx.needs_input_grad[4]]
     if not any(needs):
-        return (None,) * 12
+        return (None,) * 13
     dh, dw, db = _linear_kl_backward_op(
         hidden, weight, ref_hidden, ref_weight, bias, ref_bias, valid, labels, stats, entropy,
-        g_kl, g_entropy if entropy.numel() else None, g_logp if labels is not None else None,
-        *ctx.options, needs,
+        tile_stats, g_kl, g_entropy if entropy.numel() else None,
+        g_logp if labels is not None else None, *ctx.options, needs,
     )
     return (dh if needs[0] else None, dw if needs[1] else None, None, None,
-            db if needs[2] else None) + (None,) * 7
+            db if needs[2] else None) + (None,) * 8
 
 
 torch.library.register_autograd(
@@ -461,6 +492,7 @@ def linear_kl(
     num_seqs: int | None = None,
     token_weights: torch.Tensor | None = None,
     return_entropy: bool = False,
+    filter_eps: float | str | None = None,
     backend: str | None = None,
 ) -> reference.KLOutput:
     """Exact per-token full-vocabulary KL between the policy head ``z = softcap(H @ W.T + b) / T``
@@ -478,7 +510,13 @@ def linear_kl(
     ``logp``/``ref_logp`` of the labels when given, and with ``seq_ids`` ``seq_kl[s] = Σ w_i·kl_i``
     (w = 1 without ``token_weights``) and ``seq_count`` over ``num_seqs`` sequences. Gradients
     flow to hidden, weight, bias and token_weights; the reference tensors must not require grad.
+
+    ``filter_eps`` (triton backend; default None, exact): as :func:`linear_logprob`'s, the
+    backward skips the (row block, tile) pairs whose logits gradients provably add up, per row,
+    to at most ε·(|g_kl| + |g_entropy| + |g_logp|) (bounds from tile statistics the forward
+    then records; see ``kernels.linear_kl.filter_tiles``), when enough are skipped to pay.
     """
+    _check_filter_eps(filter_eps)
     chosen = resolve_backend(backend, check_tensor("hidden", hidden).device)
     if chosen != "triton":
         return reference.linear_kl(
@@ -509,9 +547,10 @@ def linear_kl(
         valid = reference.kl_rows(hidden, labels, ignore_index, mask)
     hidden, weight, bias, ref_hidden, ref_weight, ref_bias = _fp32_if_fp64(
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
-    kl, _, entropy, logp, ref_logp = _linear_kl_op(
+    kl, _, entropy, logp, ref_logp, _ = _linear_kl_op(
         hidden, weight, ref_hidden, ref_weight, bias, ref_bias, valid, labels,
         direction == "reverse", float(temperature), float(softcap or 0.0), return_entropy,
+        _filter_eps(filter_eps, hidden, weight, bias),
     )
     out = reference.KLOutput(kl=kl, entropy=entropy if return_entropy else None)
     if labels is not None:

@@ -10,6 +10,7 @@ their backward writes ``dX = ∂loss/∂(H @ W.T + b)`` chunk by chunk for two l
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Callable
 
@@ -359,6 +360,26 @@ def _sparse_dh_kernel(
     ptrs = DH + offs_m.to(tl.int64)[:, None] * stride_dh + offs_d[None, :]
     mask = m_mask[:, None] & d_mask[None, :]
     tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + acc, mask=mask)
+
+
+def drop_within_budget(
+    rate: torch.Tensor, budget: torch.Tensor, label_tiles: torch.Tensor | None, block_m: int
+) -> torch.Tensor:
+    """``keep [cdiv(n, block_m), n_tiles]`` bool from ``rate [n_tiles, n]``, a bound on what each
+    (tile, row) carries: each row drops its tiles in increasing order of rate while their sum
+    stays within ``budget [n]`` (less 1e-5 of it: the fp32 running sum's rounding), never its
+    ``label_tiles [n]`` tile (None: none); a row block keeps the union of its rows' tiles."""
+    n_tiles, n = rate.shape
+    if label_tiles is not None:
+        rate = rate.clone()
+        rate[label_tiles.long(), torch.arange(n, device=rate.device)] = math.inf
+    ordered, order = rate.sort(dim=0)
+    kept = ordered.cumsum(dim=0) > budget * (1.0 - 1.0e-5)
+    keep = torch.empty_like(kept).scatter_(0, order, kept)
+    n_rb = triton.cdiv(n, block_m)
+    padded = torch.zeros((n_tiles, n_rb * block_m), dtype=torch.bool, device=keep.device)
+    padded[:, :n] = keep
+    return padded.view(n_tiles, n_rb, block_m).any(dim=2).T.contiguous()
 
 
 class TileSet:

@@ -47,6 +47,7 @@ and reference recompute, dH, dW); the reference recompute is skipped when ``g_kl
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -57,7 +58,9 @@ from ._tiles import (
     CHUNK_BYTES,
     block_config,
     chunked_head_backward,
+    drop_within_budget,
     expm1_small,
+    fast_log,
     head_constants,
     head_operands,
     head_transform,
@@ -135,9 +138,11 @@ def _label_and_max(x, hit, col_mask, m, t, HAS_LABELS: tl.constexpr):
 @triton.jit
 def _forward_kernel(
     H, W, B, D, stride_h, stride_w, HR, WR, BR, DR, stride_hr, stride_wr,
-    Y, ROWS, OUT, N, V, stride_out, n_splits, tiles_per_split, inv_temp, softcap,
+    Y, ROWS, OUT, TSTAT, N, V, stride_out, stride_ts, stride_tp, n_splits, tiles_per_split,
+    inv_temp, softcap,
     HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     REVERSE: tl.constexpr, WANT_ENTROPY: tl.constexpr, HAS_LABELS: tl.constexpr,
+    WANT_TILE_STATS: tl.constexpr,
     CAST_F32: tl.constexpr, PRECISION: tl.constexpr,
     REF_CAST_F32: tl.constexpr, REF_PRECISION: tl.constexpr, TMA: tl.constexpr,
     FUSE_K: tl.constexpr,
@@ -165,6 +170,7 @@ def _forward_kernel(
     first_tile = split * tiles_per_split
     last_tile = tl.minimum(first_tile + tiles_per_split, tl.cdiv(V, BN))
     cols = tl.arange(0, BN)
+    stat_ptrs = TSTAT + first_tile.to(tl.int64) * stride_ts + offs_m  # advanced tile by tile
     # Each tile's own work follows its product, so that few [BM, BN] tensors are live at once
     # (at 128 x 128 the two logits tiles alone take half the registers).
     for tile in range(first_tile, last_tile):
@@ -207,8 +213,16 @@ def _forward_kernel(
         if WANT_ENTROPY:
             ent = (scale_z * (ent + (m_z - m_z_new) * s_z)
                    + tl.sum(e_z * z_c, axis=1))
-        s_z = s_z * scale_z + tl.sum(e_z, axis=1)
-        s_r = s_r * scale_r + tl.sum(e_r, axis=1)
+        sum_z = tl.sum(e_z, axis=1)
+        sum_r = tl.sum(e_r, axis=1)
+        if WANT_TILE_STATS:  # each tile's log-sum-exp of both heads and least reference logit
+            tl.store(stat_ptrs, m_z_new + fast_log(sum_z), mask=row_mask)
+            tl.store(stat_ptrs + stride_tp, m_r_new + fast_log(sum_r), mask=row_mask)
+            tl.store(stat_ptrs + 2 * stride_tp,
+                     tl.min(tl.where(col_mask[None, :], r, 3.0e38), axis=1), mask=row_mask)
+            stat_ptrs += stride_ts
+        s_z = s_z * scale_z + sum_z
+        s_r = s_r * scale_r + sum_r
         m_z, m_r = m_z_new, m_r_new
     out = OUT + split.to(tl.int64) * N + offs_m
     tl.store(out, m_z, mask=row_mask)
@@ -227,17 +241,21 @@ def _forward_kernel(
 @triton.jit
 def _grad_logits_kernel(
     H, W, B, D, stride_h, stride_w, HR, WR, BR, DR, stride_hr, stride_wr,
-    Y, ROWS, NORM, ENT, G_KL, G_ENT, G_LOGP, DX, DB_PART,
+    Y, ROWS, NORM, ENT, G_KL, G_ENT, G_LOGP, DX, DB_PART, PAIRS,
     N, V, col_start, n_cols, stride_norm, stride_dx, stride_db, inv_temp, softcap,
     HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     REVERSE: tl.constexpr, HAS_G_KL: tl.constexpr, HAS_G_ENT: tl.constexpr,
-    HAS_G_LOGP: tl.constexpr, WANT_DB: tl.constexpr,
+    HAS_G_LOGP: tl.constexpr, WANT_DB: tl.constexpr, SPARSE: tl.constexpr,
     CAST_F32: tl.constexpr, PRECISION: tl.constexpr,
     REF_CAST_F32: tl.constexpr, REF_PRECISION: tl.constexpr, TMA: tl.constexpr,
     FUSE_K: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    rb, ct = swizzle(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(n_cols, BN), GROUP_M)
+    if SPARSE:  # one program per kept (row block, tile) pair of the chunk
+        rb = tl.load(PAIRS + 2 * tl.program_id(0))
+        ct = tl.load(PAIRS + 2 * tl.program_id(0) + 1) - col_start // BN
+    else:
+        rb, ct = swizzle(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(n_cols, BN), GROUP_M)
     offs_m = rb * BM + tl.arange(0, BM)
     row_mask = offs_m < N
     local_n = ct * BN + tl.arange(0, BN)
@@ -324,6 +342,56 @@ def _constants(policy: Head, ref: Head, temperature: float, softcap: float | Non
             "HAS_BIAS": policy.bias is not None, "HAS_REF_BIAS": ref.bias is not None}
 
 
+def tile_width(dtype: torch.dtype) -> int:
+    """Vocabulary width of the tiles whose statistics the forward records for filtering."""
+    return two_head_config("forward", dtype)["BN"]
+
+
+def filter_tiles(
+    tile_stats: torch.Tensor,
+    norm: torch.Tensor,
+    labels: torch.Tensor | None,
+    entropy: torch.Tensor | None,
+    g_kl: torch.Tensor | None,
+    g_entropy: torch.Tensor | None,
+    g_logp: torch.Tensor | None,
+    reverse: bool,
+    eps: float,
+    block_m: int,
+    tile_w: int,
+) -> torch.Tensor:
+    """``keep [cdiv(n, block_m), n_tiles]``: the (row block, tile) pairs a filtered backward
+    computes, as ``linear_logprob.filter_tiles`` does for one head. For row i and tile t, with
+    the tile masses ``P = Σ_t p_j``, ``Q = Σ_t q_j`` (from the forward's tile log-sum-exps) and
+    ``ℓ = lse_r − min_t r`` (so ``|log q_j| ≤ ℓ`` in the tile), the non-label columns carry
+
+        Σ_t |dz_j| ≤ |g_kl|·K + |g_ent|·P·(H − log P + log W) + |g_logp|·P,
+        K = P + Q (forward: dz = p − q), K = P·(−log P + log W + ℓ + |KL|) (reverse:
+        p·(log p − log q − KL)),
+
+    with ``−Σ_t p log p ≤ P·(−log P + log W)`` (W = tile width). Each row drops its smallest
+    tiles while their bounds add up to at most ``eps·(|g_kl| + |g_ent| + |g_logp|)``, never the
+    label's tile; so ``‖ΔdH_i‖_∞ ≤ eps·(|g_kl| + |g_ent| + |g_logp|)/T · max_j ‖W_j‖_∞``.
+    """
+    n = norm.shape[1]
+    zero = torch.zeros(n, dtype=torch.float32, device=norm.device)
+    c, b, a = (g.abs() if g is not None else zero for g in (g_kl, g_entropy, g_logp))
+    lse_z, lse_r = norm[0] + norm[1], norm[2] + norm[3]
+    # floors for tiles whose mass underflowed (-inf): P = 0 there, and P·log P stays 0
+    log_p = (tile_stats[0, :, :n] - lse_z).clamp_min(-1.0e4)
+    p = log_p.exp()
+    log_w = math.log(tile_w)
+    h = entropy if entropy is not None and g_entropy is not None else 0.0
+    if reverse:  # |KL| = |E_p[δ] − log S_z/S_r|, over-estimated by the sum of both
+        kl = norm[4].abs() + (norm[1] - norm[3]).abs()
+        k = p * (log_w - log_p + (lse_r - tile_stats[2, :, :n]) + kl)
+    else:
+        k = p + (tile_stats[1, :, :n] - lse_r).exp()
+    rate = c * k + b * p * (h - log_p + log_w) + a * p
+    label_tiles = labels // tile_w if labels is not None else None
+    return drop_within_budget(rate, eps * (a + b + c), label_tiles, block_m)
+
+
 def two_head_config(kind: str, dtype: torch.dtype) -> dict:
     """``linear_logprob``'s blocks with BN capped at 128: a program holds two fp32 ``[BM, BN]``
     logits tiles here, and at 128 x 256 (16-bit inputs) they spill registers (forward, H200,
@@ -345,14 +413,16 @@ def kl_forward(
     want_entropy: bool = False,
     config: dict | None = None,
     all_rows: bool = False,
+    tile_stats: torch.Tensor | None = None,
 ) -> KLStats:
     """Per valid row statistics of the two heads (:class:`KLStats`), fp32 ``[n]``.
 
     ``rows [n]`` int64 indices into both hidden tensors (``all_rows``: every row in order, so
     the hidden tensors serve as ``hidden[rows]`` without gathered copies); ``labels [n]`` (the
-    valid rows' labels,
-    in ``[0, V)``) or None for no ``logp``/``ref_logp``. KL is clamped at 0 (it is ≥ 0 exactly;
-    only rounding makes it negative).
+    valid rows' labels, in ``[0, V)``) or None for no ``logp``/``ref_logp``. KL is clamped at 0
+    (it is ≥ 0 exactly; only rounding makes it negative). ``tile_stats [3, cdiv(V,
+    tile_width()), ≥ n]`` (fp32, optional) receives, per vocabulary tile and valid row (column
+    i), the tile's log-sum-exp of z, of r, and its least r: what a filtered backward needs.
     """
     n, V = rows.numel(), policy.weight.shape[0]
     dev = policy.hidden.device
@@ -363,13 +433,21 @@ def kl_forward(
                        zero if has_labels else None, zero if has_labels else None)
     cfg = config or two_head_config("forward", policy.hidden.dtype)
     n_row_blocks, n_tiles = triton.cdiv(n, cfg["BM"]), triton.cdiv(V, cfg["BN"])
+    if tile_stats is not None and (
+            cfg["BN"] != tile_width(policy.hidden.dtype) or tile_stats.shape[0] != 3
+            or tile_stats.shape[1] < n_tiles or tile_stats.shape[2] < n
+            or tile_stats.stride(2) != 1):
+        raise ValueError("tile_stats needs [3, cdiv(V, tile_width()), >= n] with unit stride "
+                         "along rows, and tiles of tile_width() columns")
     splits, tiles_per_split = split_vocab(n_row_blocks, n_tiles, dev)
     part = torch.empty((9, splits, n), dtype=torch.float32, device=dev)
     heads, cfg = _kernel_heads(policy, ref, rows, cfg, all_rows=all_rows)
+    stats = tile_stats if tile_stats is not None else part
     _forward_kernel[(n_row_blocks * splits,)](
         *heads, labels if labels is not None else rows, rows,
-        part, n, V, part.stride(0), splits, tiles_per_split,
-        REVERSE=reverse, WANT_ENTROPY=want_entropy, HAS_LABELS=labels is not None,
+        part, stats, n, V, part.stride(0), stats.stride(1), stats.stride(0), splits,
+        tiles_per_split, REVERSE=reverse, WANT_ENTROPY=want_entropy,
+        HAS_LABELS=labels is not None, WANT_TILE_STATS=tile_stats is not None,
         **_constants(policy, ref, temperature, softcap), **cfg,
     )
     m_z, s_z, m_r, s_r, a, b, ent, t_z, t_r = part
@@ -421,6 +499,9 @@ def kl_backward(
     chunk_bytes: int = CHUNK_BYTES,
     config: dict | None = None,
     all_rows: bool = False,
+    tile_stats: torch.Tensor | None = None,
+    filter_eps: float = 0.0,
+    max_fraction: float = 0.25,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Policy gradients ``(dH [n, d], dW [V, d], db [V] fp32)`` (None where not needed; dH of
     the valid rows, in the order of ``rows``) from
@@ -428,7 +509,10 @@ def kl_backward(
     zero) and the forward's :class:`KLStats` fields ``norm [5, n]`` (unit stride along n) and
     ``entropy`` (read only with ``g_entropy``).
 
-    ``chunk_bytes`` bounds the dX chunk buffer; ``all_rows`` as for :func:`kl_forward`.
+    ``chunk_bytes`` bounds the dX chunk buffer; ``all_rows`` as for :func:`kl_forward`. With the
+    forward's ``tile_stats`` and ``filter_eps > 0``, the (row block, tile) pairs
+    :func:`filter_tiles` rejects are neither recomputed nor multiplied (its docstring bounds
+    what that drops), when at most ``max_fraction`` of them survive; else the exact path runs.
     """
     h, w = policy.hidden, policy.weight
     n, V = rows.numel(), w.shape[0]
@@ -443,22 +527,36 @@ def kl_backward(
     constants = _constants(policy, ref, temperature, softcap)
     heads, cfg = _kernel_heads(policy, ref, rows, cfg, need_ref=g_kl is not None,
                                all_rows=all_rows)
+    keep = None
+    if tile_stats is not None and filter_eps > 0:
+        width = tile_width(h.dtype)
+        if cfg["BN"] != width:
+            raise ValueError(f"a filtered backward needs dX tiles of tile_width() = {width} "
+                             f"columns, got BN = {cfg['BN']}")
+        keep = filter_tiles(tile_stats, norm, labels, entropy, g_kl, g_entropy, g_logp, reverse,
+                            filter_eps, cfg["BM"], width)
     # Any fp32 tensor stands in for an absent one: the kernel never reads it (HAS_* flag off).
     grads = [t if t is not None else norm for t in (g_kl, g_entropy, g_logp)]
 
-    def fill(dx: torch.Tensor, db_part: torch.Tensor, start: int, cols: int) -> None:
-        grid = (triton.cdiv(n, cfg["BM"]) * triton.cdiv(cols, cfg["BN"]),)
+    def fill(dx: torch.Tensor, db_part: torch.Tensor, start: int, cols: int,
+             pairs: torch.Tensor | None = None) -> None:
+        if pairs is None:
+            grid = (triton.cdiv(n, cfg["BM"]) * triton.cdiv(cols, cfg["BN"]),)
+        else:
+            grid = (pairs.shape[0],)
         _grad_logits_kernel[grid](
             *heads, labels if labels is not None else rows, rows,
             norm, entropy if entropy is not None else norm, *grads,
-            dx, db_part, n, V, start, cols, norm.stride(0), dx.stride(0), db_part.stride(0),
+            dx, db_part, pairs if pairs is not None else rows, n, V, start, cols,
+            norm.stride(0), dx.stride(0), db_part.stride(0),
             REVERSE=reverse, HAS_G_KL=g_kl is not None, HAS_G_ENT=g_entropy is not None,
-            HAS_G_LOGP=g_logp is not None, WANT_DB=need_bias, **constants, **cfg,
+            HAS_G_LOGP=g_logp is not None, WANT_DB=need_bias, SPARSE=pairs is not None,
+            **constants, **cfg,
         )
 
     return chunked_head_backward(
         h, w, rows, fill, cfg=cfg, need_hidden=need_hidden, need_weight=need_weight,
-        need_bias=need_bias, chunk_bytes=chunk_bytes,
+        need_bias=need_bias, chunk_bytes=chunk_bytes, keep=keep, max_fraction=max_fraction,
         compact=(heads[0].base if cfg["TMA"] else h if all_rows and h.is_contiguous()
                  else None),
     )

@@ -49,6 +49,7 @@ from ._tiles import (
     CHUNK_BYTES,
     block_config,
     chunked_head_backward,
+    drop_within_budget,
     fast_log,
     head_constants,
     head_operands,
@@ -276,22 +277,14 @@ def filter_tiles(
     and hence ``‖ΔdH_i‖_∞ ≤ eps·(a_i + b_i)/T · max_j ‖W_j‖_∞``. Tiles no row block keeps leave
     their rows of dW and db exactly 0.
     """
-    n_tiles, n = tile_lse.shape[0], labels.numel()
+    n = labels.numel()
     # a floor for tiles whose mass underflowed (-inf): P = 0 there, and P·log P stays 0
     log_p = (tile_lse[:, :n] - lse[None, :]).clamp_min(-1.0e4)
     a = (g_lse - g_logp).abs() if g_lse is not None else g_logp.abs()
     b = g_entropy.abs() if g_entropy is not None else torch.zeros_like(a)
     h = entropy if entropy is not None and g_entropy is not None else 0.0
     rate = log_p.exp() * (a + b * (h - log_p + math.log(tile_w)))
-    rate[labels.long() // tile_w, torch.arange(n, device=rate.device)] = math.inf
-    ordered, order = rate.sort(dim=0)
-    # 1 - 1e-5: the fp32 running sum's rounding stays inside the budget
-    kept = ordered.cumsum(dim=0) > eps * (1.0 - 1.0e-5) * (a + b)
-    keep = torch.empty_like(kept).scatter_(0, order, kept)
-    n_rb = triton.cdiv(n, block_m)
-    padded = torch.zeros((n_tiles, n_rb * block_m), dtype=torch.bool, device=keep.device)
-    padded[:, :n] = keep
-    return padded.view(n_tiles, n_rb, block_m).any(dim=2).T.contiguous()
+    return drop_within_budget(rate, eps * (a + b), labels // tile_w, block_m)
 
 
 def logprob_backward(

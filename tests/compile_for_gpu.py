@@ -129,15 +129,18 @@ def main(dtype: str, tma: bool) -> int:
         return {**operands(cfg), **operands(cfg, "HR", "WR"), "B": ptr, "BR": ptr, "Y": i64,
                 "ROWS": i64, "inv_temp": "fp32", "softcap": "fp32"}
 
-    compile_one(f"linear_kl forward {tag}", KL._forward_kernel, {**kl_heads(kl_fwd), "OUT": f32},
+    kl_fwd_args = {**kl_heads(kl_fwd), "OUT": f32, "TSTAT": f32}
+    kl_grad_args = {**kl_heads(kl_bwd), "NORM": f32, "ENT": f32, "G_KL": f32, "G_ENT": f32,
+                    "G_LOGP": f32, "DX": ptr, "DB_PART": f32, "PAIRS": "*i32"}
+    compile_one(f"linear_kl forward {tag}", KL._forward_kernel, kl_fwd_args,
                 {**ref, **kl_fwd, **fused, "REVERSE": True, "WANT_ENTROPY": True,
-                 "HAS_LABELS": True}, **kl_launch)
-    for reverse in (True, False):
-        compile_one(f"linear_kl grad reverse={reverse} {tag}", KL._grad_logits_kernel,
-                    {**kl_heads(kl_bwd), "NORM": f32, "ENT": f32, "G_KL": f32, "G_ENT": f32,
-                     "G_LOGP": f32, "DX": ptr, "DB_PART": f32},
+                 "HAS_LABELS": True, "WANT_TILE_STATS": True}, **kl_launch)
+    for reverse, sparse in ((True, False), (False, False), (True, True)):
+        compile_one(f"linear_kl grad reverse={reverse} sparse={sparse} {tag}",
+                    KL._grad_logits_kernel, kl_grad_args,
                     {**ref, **kl_bwd, **fused, "REVERSE": reverse, "HAS_G_KL": True,
-                     "HAS_G_ENT": True, "HAS_G_LOGP": True, "WANT_DB": True}, **kl_bwd_launch)
+                     "HAS_G_ENT": True, "HAS_G_LOGP": True, "WANT_DB": True, "SPARSE": sparse},
+                    **kl_bwd_launch)
 
     # As benchmarked (no bias, softcap or entropy): register spills here cost measured time
     # (the KL forward's 1.7 KB came with 51% of the matmul rate), so 16-bit inputs, the fast
@@ -156,16 +159,13 @@ def main(dtype: str, tma: bool) -> int:
                     {**plain, **grad, "HAS_G_LSE": False, "HAS_G_ENT": False, "WANT_DB": False,
                      "SPARSE": sparse}, **budget, **bwd_launch)
     plain_ref = {**plain, "HAS_REF_BIAS": False, "REF_CAST_F32": False, "REF_PRECISION": "ieee"}
-    compile_one(f"linear_kl forward {tag} as benchmarked", KL._forward_kernel,
-                {**kl_heads(kl_fwd), "OUT": f32},
+    compile_one(f"linear_kl forward {tag} as benchmarked", KL._forward_kernel, kl_fwd_args,
                 {**plain_ref, **kl_fwd, **fused, "REVERSE": True, "WANT_ENTROPY": False,
-                 "HAS_LABELS": True}, **budget, **kl_launch)
-    compile_one(f"linear_kl grad {tag} as benchmarked", KL._grad_logits_kernel,
-                {**kl_heads(kl_bwd), "NORM": f32, "ENT": f32, "G_KL": f32, "G_ENT": f32,
-                 "G_LOGP": f32, "DX": ptr, "DB_PART": f32},
+                 "HAS_LABELS": True, "WANT_TILE_STATS": False}, **budget, **kl_launch)
+    compile_one(f"linear_kl grad {tag} as benchmarked", KL._grad_logits_kernel, kl_grad_args,
                 {**plain_ref, **kl_bwd, **fused, "REVERSE": True, "HAS_G_KL": True,
-                 "HAS_G_ENT": False, "HAS_G_LOGP": False, "WANT_DB": False}, **budget,
-                **kl_bwd_launch)
+                 "HAS_G_ENT": False, "HAS_G_LOGP": False, "WANT_DB": False, "SPARSE": False},
+                **budget, **kl_bwd_launch)
     return 1 if FAILED else 0
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 import triton
 from hypo_fast.kernels import _tiles as TILES
+from hypo_fast.kernels import linear_kl as KL
 from hypo_fast.kernels import linear_logprob as K
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -250,3 +251,103 @@ def test_filtered_backward_on_narrower_dx_tiles(softcap):
         assert rel(a, b) < 1e-6
     with pytest.raises(ValueError, match="dividing tile_width"):
         backward(width // 2 + 16)
+
+
+# --------------------------------------------------------------------------------------------
+# linear_kl's filtered backward
+# --------------------------------------------------------------------------------------------
+
+
+def run_kl_filtered(seed, n, v, *, reverse, eps, temperature, softcap, gap):
+    """The KL launchers on a peaked policy head and a perturbed copy of it as the reference:
+    ``(rows, labels, coefs, (dH, dW, db), element_keep, keep)`` of a filtered backward."""
+    hidden, weight, bias, labels, g = peaked_case(seed, n, 32, v, bias_gap=gap)
+    ref_weight = weight * (1 + 0.1 * torch.randn(weight.shape, generator=g))
+    ref_bias = bias + torch.randn(bias.shape, generator=g)
+    rows = (labels != -100).nonzero().squeeze(1)
+    lab = labels[rows]
+    policy, ref = KL.Head(hidden, weight, bias), KL.Head(hidden * 0.9, ref_weight, ref_bias)
+    width = KL.tile_width(hidden.dtype)
+    stats = torch.empty(3, triton.cdiv(v, width), n)
+    opts = dict(reverse=reverse, temperature=temperature, softcap=softcap)
+    st = KL.kl_forward(policy, ref, rows, lab, want_entropy=True, tile_stats=stats, **opts)
+    coefs = torch.randn(3, rows.numel(), generator=g)
+    grads = KL.kl_backward(policy, ref, rows, lab, st.norm, st.entropy, *coefs, need_bias=True,
+                           tile_stats=stats, filter_eps=eps, max_fraction=1.0, **opts)
+    bm = KL.two_head_config("backward", hidden.dtype)["BM"]
+    keep = KL.filter_tiles(stats, st.norm, lab, st.entropy, *coefs, reverse, eps, bm, width)
+    element_keep = keep.repeat_interleave(bm, 0)[: rows.numel()]
+    element_keep = element_keep.repeat_interleave(width, 1)[:, :v]
+    return (hidden, weight, bias, ref, rows, lab, coefs), grads, element_keep, keep
+
+
+@settings(max_examples=12, deadline=None, database=None)
+@given(
+    seed=st.integers(0, 2**20),
+    n=st.integers(40, 160),
+    v=st.integers(100, 600),
+    reverse=st.booleans(),
+    temperature=st.sampled_from([1.0, 0.7]),
+    softcap=st.sampled_from([None, 15.0]),
+    eps=st.sampled_from([2.0**-12, 1e-3, 1e-2]),
+    gap=st.sampled_from([10.0, 30.0]),
+)
+def test_kl_filtered_equals_exact_on_kept_tiles_and_drops_only_small_entries(
+    seed, n, v, reverse, temperature, softcap, eps, gap
+):
+    """As the log-prob op's: the filtered KL backward is the exact one restricted to the kept
+    tiles, and what each row drops obeys ``filter_tiles``' L1 bound."""
+    case, (dh, dw, db), element_keep, _ = run_kl_filtered(
+        seed, n, v, reverse=reverse, eps=eps, temperature=temperature, softcap=softcap, gap=gap)
+    hidden, weight, bias, ref, rows, lab, coefs = case
+    if rows.numel() == 0:
+        return
+    x = (hidden[rows].double() @ weight.double().T + bias.double()).requires_grad_()
+    z = (x if softcap is None else R.soft_cap(x, softcap)) / temperature
+    r = R.linear_logits(ref.hidden[rows].double(), ref.weight.double(), ref.bias.double(),
+                        temperature=temperature, softcap=softcap)
+    c = coefs.double()
+    loss = ((c[0] * R.kl_from_logits(z, r, "reverse" if reverse else "forward")).sum()
+            + (c[1] * R.entropy_from_logits(z)).sum()
+            + (c[2] * R.logprob_from_logits(z, lab)[0]).sum())
+    dx = torch.autograd.grad(loss, x)[0]
+    kept = dx * element_keep
+    assert rel(dh, kept @ weight.double()) <= 1e-5
+    assert rel(dw, kept.T @ hidden[rows].double()) <= 1e-5
+    assert rel(db, kept.sum(0)) <= 1e-5
+    dropped = (dx.abs() * (~element_keep)).sum(1)
+    assert bool((dropped <= eps * c.abs().sum(0) / temperature + 1e-12).all())
+
+
+@pytest.mark.parametrize("reverse", [True, False])
+def test_kl_filtering_skips_tiles_of_a_peaked_head(reverse):
+    """Not a vacuous filter: on peaked heads many tiles go, and the result moves by little."""
+    kw = dict(reverse=reverse, temperature=1.0, softcap=None, gap=30.0)
+    _, filtered, _, keep = run_kl_filtered(0, 256, 1000, eps=1e-2, **kw)
+    _, exact, _, _ = run_kl_filtered(0, 256, 1000, eps=0.0, **kw)
+    assert keep.float().mean() < 0.75
+    for a, b in zip(filtered, exact, strict=True):
+        assert 0 < rel(a, b) < 2e-2
+
+
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_public_kl_op_filters_deterministically(direction):
+    """``ops.linear_kl(filter_eps=...)``: gradients within the filter's reach of the exact ones,
+    bit-identical run to run; without gradients to compute the forward records no tile
+    statistics (ε resolves to 0)."""
+    hidden, weight, bias, labels, g = peaked_case(9, 128, 32, 700, bias_gap=30.0)
+    hidden.requires_grad_()
+    ref_weight = weight * (1 + 0.1 * torch.randn(weight.shape, generator=g))
+    coef = torch.randn(128, generator=g)
+
+    def grads(filter_eps):
+        out = ops.linear_kl(hidden, weight, hidden.detach() * 0.9, ref_weight, bias=bias,
+                            ref_bias=bias, labels=labels, direction=direction,
+                            filter_eps=filter_eps, backend="triton")
+        return torch.autograd.grad((out.kl * coef).sum() + out.logp.sum(), hidden)[0]
+
+    exact, filtered = grads(None), grads(1e-2)
+    assert 0 < rel(filtered, exact) < 2e-2  # the block-sparse path ran, close to exact
+    assert torch.equal(filtered, grads(1e-2))
+    assert ops._filter_eps("auto", hidden.detach(), weight) == 0.0
+    assert ops._filter_eps("auto", hidden, weight) == torch.finfo(hidden.dtype).eps / 32

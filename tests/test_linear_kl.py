@@ -584,22 +584,25 @@ def small_inputs(requires_grad=False):
 
 
 @needs_triton
-@pytest.mark.parametrize(("with_labels", "softcap", "reverse"),
-                         [(True, 0.0, True), (False, 5.0, False), (True, 3.0, False)])
-def test_opcheck(with_labels, softcap, reverse):
+@pytest.mark.parametrize(("with_labels", "softcap", "reverse", "eps"),
+                         [(True, 0.0, True, 0.0), (False, 5.0, False, 0.0),
+                          (True, 3.0, False, 1e-3), (True, 0.0, True, 1e-2)])
+def test_opcheck(with_labels, softcap, reverse, eps):
     hidden, weight, bias, ref_hidden, ref_weight, labels, mask = small_inputs(requires_grad=True)
     valid = mask & (labels != -100)
     args = (hidden, weight, ref_hidden, ref_weight, bias, None, valid,
-            labels if with_labels else None, reverse, 1.0, softcap, True)
+            labels if with_labels else None, reverse, 1.0, softcap, True, eps)
     torch.library.opcheck(torch.ops.hypo_fast.linear_kl.default, args)
-    _, stats, entropy, _, _ = (t.detach() for t in torch.ops.hypo_fast.linear_kl(*args))
+    _, stats, entropy, _, _, tile_stats = (
+        t.detach() for t in torch.ops.hypo_fast.linear_kl(*args))
     g = torch.randn(9, generator=gen(3)).to(DEVICE)
     weight, bias = weight.detach(), bias.detach()
     for needs in ([True, True, True], [False, True, False]):
         for h in (hidden.detach(), hidden.detach().T.contiguous().T):  # row- and column-major
             bargs = (h, weight, ref_hidden, ref_weight, bias, None, valid,
-                     labels if with_labels else None, stats, entropy, g, None if reverse else -g,
-                     0.5 * g if with_labels else None, reverse, 1.0, softcap, needs)
+                     labels if with_labels else None, stats, entropy, tile_stats, g,
+                     None if reverse else -g, 0.5 * g if with_labels else None, reverse, 1.0,
+                     softcap, eps, needs)
             torch.library.opcheck(torch.ops.hypo_fast.linear_kl_backward.default, bargs)
 
 
