@@ -362,20 +362,30 @@ def _sparse_dh_kernel(
     tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + acc, mask=mask)
 
 
+def log_mass(tile_lse: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """An upper bound on ``log P = tile_lse − lse``, the log of a tile's softmax mass: both are
+    fp32 roundings of O(|lse|) values, so 2⁻²¹·(|tile_lse| + |lse|) (4 ulps) is added; floored at
+    -1e4 where the mass underflowed (-inf), so that P = 0 and P·log P stays 0."""
+    slack = 2.0**-21 * (tile_lse.abs().nan_to_num(posinf=0.0) + lse.abs())
+    return (tile_lse - lse + slack).clamp_min(-1.0e4)
+
+
 def drop_within_budget(
     rate: torch.Tensor, budget: torch.Tensor, label_tiles: torch.Tensor | None, block_m: int
 ) -> torch.Tensor:
     """``keep [cdiv(n, block_m), n_tiles]`` bool from ``rate [n_tiles, n]``, a bound on what each
     (tile, row) carries: each row drops its tiles in increasing order of rate while their sum
     stays within ``budget [n]`` (less 1e-5 of it: the fp32 running sum's rounding), never its
-    ``label_tiles [n]`` tile (None: none); a row block keeps the union of its rows' tiles."""
+    ``label_tiles [n]`` tile (None: none); a row block keeps the union of its rows' tiles. A row
+    whose budget or bounds are not finite (a NaN or inf upstream gradient) drops nothing."""
     n_tiles, n = rate.shape
     if label_tiles is not None:
         rate = rate.clone()
         rate[label_tiles.long(), torch.arange(n, device=rate.device)] = math.inf
     ordered, order = rate.sort(dim=0)
-    kept = ordered.cumsum(dim=0) > budget * (1.0 - 1.0e-5)
-    keep = torch.empty_like(kept).scatter_(0, order, kept)
+    budget = torch.where(torch.isfinite(budget), budget, 0.0)
+    dropped = ordered.cumsum(dim=0) <= budget * (1.0 - 1.0e-5)  # NaN sums are kept
+    keep = torch.empty_like(dropped).scatter_(0, order, ~dropped)
     n_rb = triton.cdiv(n, block_m)
     padded = torch.zeros((n_tiles, n_rb * block_m), dtype=torch.bool, device=keep.device)
     padded[:, :n] = keep

@@ -64,6 +64,7 @@ from ._tiles import (
     head_constants,
     head_operands,
     head_transform,
+    log_mass,
     logits_tile,
     merge_splits,
     softcap_with_slope,
@@ -218,7 +219,7 @@ def _forward_kernel(
         if WANT_TILE_STATS:  # each tile's log-sum-exp of both heads and least reference logit
             tl.store(stat_ptrs, m_z_new + fast_log(sum_z), mask=row_mask)
             tl.store(stat_ptrs + stride_tp, m_r_new + fast_log(sum_r), mask=row_mask)
-            tl.store(stat_ptrs + 2 * stride_tp,
+            tl.store(stat_ptrs + stride_tp + stride_tp,  # 2·stride could wrap in int32
                      tl.min(tl.where(col_mask[None, :], r, 3.0e38), axis=1), mask=row_mask)
             stat_ptrs += stride_ts
         s_z = s_z * scale_z + sum_z
@@ -377,16 +378,17 @@ def filter_tiles(
     zero = torch.zeros(n, dtype=torch.float32, device=norm.device)
     c, b, a = (g.abs() if g is not None else zero for g in (g_kl, g_entropy, g_logp))
     lse_z, lse_r = norm[0] + norm[1], norm[2] + norm[3]
-    # floors for tiles whose mass underflowed (-inf): P = 0 there, and P·log P stays 0
-    log_p = (tile_stats[0, :, :n] - lse_z).clamp_min(-1.0e4)
+    log_p = log_mass(tile_stats[0, :, :n], lse_z)
     p = log_p.exp()
     log_w = math.log(tile_w)
     h = entropy if entropy is not None and g_entropy is not None else 0.0
     if reverse:  # |KL| = |E_p[δ] − log S_z/S_r|, over-estimated by the sum of both
         kl = norm[4].abs() + (norm[1] - norm[3]).abs()
-        k = p * (log_w - log_p + (lse_r - tile_stats[2, :, :n]) + kl)
+        r_min = tile_stats[2, :, :n]
+        log_q_max = lse_r - r_min + 2.0**-21 * (lse_r.abs() + r_min.abs())  # ≥ |log q| in t
+        k = p * (log_w - log_p + log_q_max + kl)
     else:
-        k = p + (tile_stats[1, :, :n] - lse_r).exp()
+        k = p + log_mass(tile_stats[1, :, :n], lse_r).exp()
     rate = c * k + b * p * (h - log_p + log_w) + a * p
     label_tiles = labels // tile_w if labels is not None else None
     return drop_within_budget(rate, eps * (a + b + c), label_tiles, block_m)

@@ -53,6 +53,7 @@ from ._tiles import (
     fast_log,
     head_constants,
     head_operands,
+    log_mass,
     logits_tile,
     merge_splits,
     softcap_with_slope,
@@ -278,8 +279,7 @@ def filter_tiles(
     their rows of dW and db exactly 0.
     """
     n = labels.numel()
-    # a floor for tiles whose mass underflowed (-inf): P = 0 there, and P·log P stays 0
-    log_p = (tile_lse[:, :n] - lse[None, :]).clamp_min(-1.0e4)
+    log_p = log_mass(tile_lse[:, :n], lse[None, :])
     a = (g_lse - g_logp).abs() if g_lse is not None else g_logp.abs()
     b = g_entropy.abs() if g_entropy is not None else torch.zeros_like(a)
     h = entropy if entropy is not None and g_entropy is not None else 0.0

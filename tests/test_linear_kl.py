@@ -586,7 +586,8 @@ def small_inputs(requires_grad=False):
 @needs_triton
 @pytest.mark.parametrize(("with_labels", "softcap", "reverse", "eps"),
                          [(True, 0.0, True, 0.0), (False, 5.0, False, 0.0),
-                          (True, 3.0, False, 1e-3), (True, 0.0, True, 1e-2)])
+                          (True, 3.0, False, 1e-3), (True, 0.0, True, 1e-2),
+                          (False, 0.0, True, 1e-3)])
 def test_opcheck(with_labels, softcap, reverse, eps):
     hidden, weight, bias, ref_hidden, ref_weight, labels, mask = small_inputs(requires_grad=True)
     valid = mask & (labels != -100)
