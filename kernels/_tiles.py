@@ -370,6 +370,14 @@ def log_mass(tile_lse: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     return (tile_lse - lse + slack).clamp_min(-1.0e4)
 
 
+def grad_grid(n: int, cols: int, cfg: dict, pairs: torch.Tensor | None) -> tuple[int]:
+    """A dX kernel's grid over one chunk of ``cols`` columns: one program per (row block, column
+    tile), or per kept pair of ``pairs [k, 2]``."""
+    if pairs is None:
+        return (triton.cdiv(n, cfg["BM"]) * triton.cdiv(cols, cfg["BN"]),)
+    return (pairs.shape[0],)
+
+
 def drop_within_budget(
     rate: torch.Tensor, budget: torch.Tensor, label_tiles: torch.Tensor | None, block_m: int
 ) -> torch.Tensor:

@@ -61,6 +61,7 @@ from ._tiles import (
     drop_within_budget,
     expm1_small,
     fast_log,
+    grad_grid,
     head_constants,
     head_operands,
     head_transform,
@@ -542,11 +543,7 @@ def kl_backward(
 
     def fill(dx: torch.Tensor, db_part: torch.Tensor, start: int, cols: int,
              pairs: torch.Tensor | None = None) -> None:
-        if pairs is None:
-            grid = (triton.cdiv(n, cfg["BM"]) * triton.cdiv(cols, cfg["BN"]),)
-        else:
-            grid = (pairs.shape[0],)
-        _grad_logits_kernel[grid](
+        _grad_logits_kernel[grad_grid(n, cols, cfg, pairs)](
             *heads, labels if labels is not None else rows, rows,
             norm, entropy if entropy is not None else norm, *grads,
             dx, db_part, pairs if pairs is not None else rows, n, V, start, cols,

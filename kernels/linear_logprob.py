@@ -51,6 +51,7 @@ from ._tiles import (
     chunked_head_backward,
     drop_within_budget,
     fast_log,
+    grad_grid,
     head_constants,
     head_operands,
     log_mass,
@@ -347,11 +348,7 @@ def logprob_backward(
 
     def fill(dx: torch.Tensor, db_part: torch.Tensor, start: int, cols: int,
              pairs: torch.Tensor | None = None) -> None:
-        if pairs is None:
-            grid = (triton.cdiv(n, cfg["BM"]) * triton.cdiv(cols, cfg["BN"]),)
-        else:
-            grid = (pairs.shape[0],)
-        _grad_logits_kernel[grid](
+        _grad_logits_kernel[grad_grid(n, cols, cfg, pairs)](
             h_arg, w_arg, bias if bias is not None else hidden, labels, rows, norm,
             entropy if entropy is not None else zero, g_logp,
             g_lse if g_lse is not None else zero, g_entropy if g_entropy is not None else zero,
