@@ -11,6 +11,7 @@ tensors are served by the reference). Default: CUDA tensors â†’ triton, others â
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import os
 
@@ -126,7 +127,7 @@ def _linear_logprob_op(
 
     rows = _valid_rows(labels, ignore_index)
     flat = labels.reshape(-1)
-    tile_lse = _tile_lse_buffer(hidden, weight, labels, filter_eps)
+    tile_lse = _tile_stats_buffer("linear_logprob", (), hidden, weight, labels, filter_eps)
     h, h_rows = row_source(hidden, rows, row_map(hidden))
     with _on_device(hidden):
         fwd = logprob_forward(
@@ -143,15 +144,18 @@ def _linear_logprob_op(
             entropy, tile_lse, norm.index_copy_(1, rows, fwd.norm))
 
 
-def _tile_lse_buffer(hidden, weight, labels, filter_eps: float) -> torch.Tensor:
+def _tile_stats_buffer(family: str, planes: tuple[int, ...], hidden, weight, tokens,
+                       filter_eps: float) -> torch.Tensor:
+    """The per-tile statistics a filtered backward of kernel family ``family`` needs,
+    ``[*planes, cdiv(V, tile_width), tokens.numel()]`` fp32 (column i for valid row i); empty
+    without filtering."""
     if filter_eps <= 0:
-        return labels.new_empty(0, dtype=torch.float32)
-    from .kernels.linear_logprob import tile_width
-
-    n_tiles = -(-weight.shape[0] // tile_width(hidden.dtype))
+        return tokens.new_empty(0, dtype=torch.float32)
+    kernels = importlib.import_module(f".kernels.{family}", __package__)
+    n_tiles = -(-weight.shape[0] // kernels.tile_width(hidden.dtype))
     # zeros, not empty: the columns past the valid rows' are never written, and an op's outputs
     # must not depend on uninitialised memory
-    return labels.new_zeros((n_tiles, labels.numel()), dtype=torch.float32)
+    return tokens.new_zeros((*planes, n_tiles, tokens.numel()), dtype=torch.float32)
 
 
 @_linear_logprob_op.register_fake
@@ -160,7 +164,8 @@ def _(hidden, weight, labels, bias, ignore_index, temperature, softcap, want_ent
     out = labels.new_empty(labels.shape, dtype=torch.float32)
     entropy = torch.empty_like(out) if want_entropy else out.new_empty(0)
     return (out, torch.empty_like(out), entropy,
-            _tile_lse_buffer(hidden, weight, labels, filter_eps), out.new_empty(2, labels.numel()))
+            _tile_stats_buffer("linear_logprob", (), hidden, weight, labels, filter_eps),
+            out.new_empty(2, labels.numel()))
 
 
 @torch.library.custom_op("hypo_fast::linear_logprob_backward", mutates_args=())
@@ -350,7 +355,7 @@ def _linear_kl_op(
     with _on_device(hidden):
         policy, ref, index = _kl_heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
                                        rows)
-        tile_stats = _kl_tile_stats_buffer(hidden, weight, valid, filter_eps)
+        tile_stats = _tile_stats_buffer("linear_kl", (3,), hidden, weight, valid, filter_eps)
         st = kl_forward(
             policy, ref, index, y, reverse=reverse, temperature=temperature,
             softcap=softcap or None, want_entropy=want_entropy,
@@ -368,15 +373,6 @@ def _linear_kl_op(
             tile_stats)
 
 
-def _kl_tile_stats_buffer(hidden, weight, valid, filter_eps: float) -> torch.Tensor:
-    if filter_eps <= 0:
-        return valid.new_empty(0, dtype=torch.float32)
-    from .kernels.linear_kl import tile_width
-
-    n_tiles = -(-weight.shape[0] // tile_width(hidden.dtype))
-    # zeros: the columns past the valid rows' are never written
-    return valid.new_zeros((3, n_tiles, valid.numel()), dtype=torch.float32)
-
 
 @_linear_kl_op.register_fake
 def _(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, valid, labels, reverse,
@@ -387,7 +383,8 @@ def _(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, valid, labels, rev
         return torch.empty_like(kl) if present else kl.new_empty(0)
 
     return (kl, kl.new_empty((5, *valid.shape)), maybe(want_entropy), maybe(labels is not None),
-            maybe(labels is not None), _kl_tile_stats_buffer(hidden, weight, valid, filter_eps))
+            maybe(labels is not None),
+            _tile_stats_buffer("linear_kl", (3,), hidden, weight, valid, filter_eps))
 
 
 @torch.library.custom_op("hypo_fast::linear_kl_backward", mutates_args=())

@@ -158,6 +158,19 @@ def swizzle(pid, n_row_blocks, n_cols, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def grad_tile(PAIRS, col_start, N, n_cols, SPARSE: tl.constexpr, BM: tl.constexpr,
+              BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """The (row block, chunk-local column tile) of a dX program: the kept pair ``PAIRS`` names
+    (``SPARSE``, a filtered backward; see :func:`grad_grid`), else the swizzled dense one."""
+    if SPARSE:
+        rb = tl.load(PAIRS + 2 * tl.program_id(0))
+        ct = tl.load(PAIRS + 2 * tl.program_id(0) + 1) - col_start // BN
+    else:
+        rb, ct = swizzle(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(n_cols, BN), GROUP_M)
+    return rb, ct
+
+
+@triton.jit
 def store_grad_tile(
     DX, DB_PART, dx, rb, offs_m, row_mask, local_n, col_mask, n_cols, stride_dx, stride_db,
     WANT_DB: tl.constexpr,
@@ -212,9 +225,15 @@ def head_operands(
                          f"{rows.numel()} of {hidden.shape[0]}")
     if not tma_eligible(weight, rows, cfg):
         return hidden, weight, False
-    compact = hidden if all_rows and hidden.is_contiguous() else hidden.index_select(0, rows)
-    return (TensorDescriptor.from_tensor(compact, [cfg["BM"], cfg["BK"]]),
+    return (TensorDescriptor.from_tensor(gather_rows(hidden, rows, all_rows),
+                                         [cfg["BM"], cfg["BK"]]),
             TensorDescriptor.from_tensor(weight, [cfg["BN"], cfg["BK"]]), True)
+
+
+def gather_rows(hidden: torch.Tensor, rows: torch.Tensor, all_rows: bool) -> torch.Tensor:
+    """``hidden[rows]`` as a contiguous ``[n, d]`` tensor: hidden itself when ``all_rows`` (rows
+    is every row in order) and it is contiguous, else a gathered copy."""
+    return hidden if all_rows and hidden.is_contiguous() else hidden.index_select(0, rows)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -440,6 +459,7 @@ def chunked_head_backward(
     keep: torch.Tensor | None = None,
     max_fraction: float = 1.0,
     compact: torch.Tensor | None = None,
+    all_rows: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(dH [n, d], dW [V, d], db [V] fp32)`` of one head, None where not needed (dH of the
     rows ``rows``, in their order).
@@ -454,7 +474,7 @@ def chunked_head_backward(
     of it True, only the kept ``[BM, BN]`` tiles exist: ``fill(dx, db_part, start, cols, pairs)``
     writes just the tiles in ``pairs [k, 2]`` (row block, tile) and two block-sparse kernels
     replace the library GEMMs, skipping the others. ``compact``: ``hidden[rows]`` if the caller
-    already has it (hidden itself when rows is every row in order).
+    already made it; ``all_rows``: rows is every row in order (:func:`gather_rows`).
     """
     n, (V, D) = rows.numel(), weight.shape
     dtype, device = hidden.dtype, hidden.device
@@ -465,7 +485,7 @@ def chunked_head_backward(
     tiles = TileSet(keep, chunk // bn) if sparse else None
     h_rows = None
     if need_weight and not sparse:
-        h_rows = compact if compact is not None else hidden.index_select(0, rows)
+        h_rows = compact if compact is not None else gather_rows(hidden, rows, all_rows)
     dh_acc = torch.zeros((n, D), dtype=torch.float32, device=device) if need_hidden else None
     dw = torch.empty_like(weight) if need_weight else None
     db = torch.empty(V, dtype=torch.float32, device=device) if need_bias else None

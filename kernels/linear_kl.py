@@ -62,6 +62,7 @@ from ._tiles import (
     expm1_small,
     fast_log,
     grad_grid,
+    grad_tile,
     head_constants,
     head_operands,
     head_transform,
@@ -253,11 +254,7 @@ def _grad_logits_kernel(
     FUSE_K: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    if SPARSE:  # one program per kept (row block, tile) pair of the chunk
-        rb = tl.load(PAIRS + 2 * tl.program_id(0))
-        ct = tl.load(PAIRS + 2 * tl.program_id(0) + 1) - col_start // BN
-    else:
-        rb, ct = swizzle(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(n_cols, BN), GROUP_M)
+    rb, ct = grad_tile(PAIRS, col_start, N, n_cols, SPARSE, BM, BN, GROUP_M)
     offs_m = rb * BM + tl.arange(0, BM)
     row_mask = offs_m < N
     local_n = ct * BN + tl.arange(0, BN)
@@ -556,6 +553,5 @@ def kl_backward(
     return chunked_head_backward(
         h, w, rows, fill, cfg=cfg, need_hidden=need_hidden, need_weight=need_weight,
         need_bias=need_bias, chunk_bytes=chunk_bytes, keep=keep, max_fraction=max_fraction,
-        compact=(heads[0].base if cfg["TMA"] else h if all_rows and h.is_contiguous()
-                 else None),
+        compact=heads[0].base if cfg["TMA"] else None, all_rows=all_rows,
     )

@@ -52,6 +52,7 @@ from ._tiles import (
     drop_within_budget,
     fast_log,
     grad_grid,
+    grad_tile,
     head_constants,
     head_operands,
     log_mass,
@@ -128,11 +129,7 @@ def _grad_logits_kernel(
     PRECISION: tl.constexpr, TMA: tl.constexpr, SPARSE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    if SPARSE:  # one program per kept (row block, tile) pair of the chunk
-        rb = tl.load(PAIRS + 2 * tl.program_id(0))
-        ct = tl.load(PAIRS + 2 * tl.program_id(0) + 1) - col_start // BN
-    else:
-        rb, ct = swizzle(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(n_cols, BN), GROUP_M)
+    rb, ct = grad_tile(PAIRS, col_start, N, n_cols, SPARSE, BM, BN, GROUP_M)
     offs_m = rb * BM + tl.arange(0, BM)
     row_mask = offs_m < N
     local_n = ct * BN + tl.arange(0, BN)
@@ -363,5 +360,5 @@ def logprob_backward(
     return chunked_head_backward(
         hidden, weight, rows, fill, cfg=cfg, need_hidden=need_hidden, need_weight=need_weight,
         need_bias=need_bias, chunk_bytes=chunk_bytes, keep=keep, max_fraction=max_fraction,
-        compact=h_arg.base if tma else hidden if all_rows and hidden.is_contiguous() else None,
+        compact=h_arg.base if tma else None, all_rows=all_rows,
     )
