@@ -698,3 +698,12 @@ def test_bad_inputs_raise_before_any_kernel(monkeypatch, case):
     with pytest.raises(exc, match=text):
         ops.linear_kl(args.pop("hidden"), args.pop("weight"), args.pop("ref_hidden"),
                       args.pop("ref_weight"), backend="triton", **args)
+
+
+@pytest.mark.parametrize("eps", [-1e-3, math.nan, math.inf, "exact"])
+def test_filter_eps_rejects_meaningless_values(monkeypatch, eps):
+    forbid_kernels(monkeypatch)
+    hidden, weight, bias, ref_hidden, ref_weight, labels, _ = small_inputs(requires_grad=True)
+    with pytest.raises(ValueError, match="filter_eps"):
+        ops.linear_kl(hidden, weight, ref_hidden, ref_weight, bias=bias, labels=labels,
+                      filter_eps=eps, backend="triton")
