@@ -12,8 +12,9 @@ Sections (each guarded, so one failure does not lose the rest of a lease):
    4 forward+backward);
 4. with ``--sweep``: forward and backward block configurations at the largest shape, with
    pointer and descriptor (TMA) loads, for both kernel families.
-Every TMA entry (``HYPO_FAST_TMA=1``, tagged "tma") is the opt-in path, checked for correctness
-and timed beside the default.
+Untagged entries take the library's default loads (descriptors on Hopper); "tma" and "no-tma"
+force descriptor or pointer loads (``HYPO_FAST_TMA``), checked for correctness and timed beside
+the default.
 
 ``--dry`` (with ``TRITON_INTERPRET=1``): every section on the CPU, with the kernels interpreted,
 a small head (d 64, V 1000) and 512 tokens: what the tests run so that a GPU lease is not spent
@@ -92,14 +93,18 @@ def guarded(name):
     return wrap
 
 
-def use_tma(on: bool) -> str:
-    """Select descriptor loads for the kernels launched next; the tag for the tables."""
+def use_tma(on: bool | None) -> str:
+    """Select descriptor loads (on), pointer loads (off) or the library's default (None:
+    descriptors on Hopper) for the kernels launched next; the tag for the tables."""
+    if on is None:
+        os.environ.pop("HYPO_FAST_TMA", None)
+        return ""
     os.environ["HYPO_FAST_TMA"] = "1" if on else "0"
-    return " tma" if on else ""
+    return " tma" if on else " no-tma"
 
 
 def check_case(name, n, d, v, dtype, *, bias=False, softcap=None, temperature=1.0,
-               entropy=False, seed=0, tma=False):
+               entropy=False, seed=0, tma=None):
     name += use_tma(tma)
     g = torch.Generator(device=DEV).manual_seed(seed)
     h = (torch.randn(n, d, generator=g, device=DEV)).to(dtype).requires_grad_()
@@ -131,7 +136,7 @@ def check_case(name, n, d, v, dtype, *, bias=False, softcap=None, temperature=1.
         "finite": bool(torch.isfinite(ours.logp).all() and all(torch.isfinite(x).all()
                                                                 for x in g_ours)),
     }
-    use_tma(False)
+    use_tma(None)
     RESULTS["checks"].append(row)
     print(json.dumps(row), flush=True)
 
@@ -154,11 +159,11 @@ def correctness(quick: bool):
     check_case("odd-small-opts", 333, 96, 999, torch.float32, bias=True, softcap=30.0,
                temperature=0.7, entropy=True, tma=True)
     check_case("llama3-head-bf16", tokens(1024 if quick else 4096), d, v, torch.bfloat16,
-               entropy=True, tma=True)
+               entropy=True, tma=False)
 
 
 def check_kl_case(name, n, d, d_ref, v, dtype, *, direction="reverse", bias=False,
-                  softcap=None, temperature=1.0, seed=0, tma=False):
+                  softcap=None, temperature=1.0, seed=0, tma=None):
     name += use_tma(tma)
     g = torch.Generator(device=DEV).manual_seed(seed)
     h = torch.randn(n, d, generator=g, device=DEV).to(dtype).requires_grad_()
@@ -187,7 +192,7 @@ def check_kl_case(name, n, d, d_ref, v, dtype, *, direction="reverse", bias=Fals
            "entropy_err": rel(ours.entropy, ref.entropy),
            "dH": rel(g_ours[0], g_ref[0]), "dW": rel(g_ours[1], g_ref[1]),
            "db": rel(g_ours[2], g_ref[2]) if bias else None}
-    use_tma(False)
+    use_tma(None)
     RESULTS["checks"].append(row)
     print(json.dumps(row), flush=True)
 
@@ -205,7 +210,7 @@ def kl_correctness(quick: bool):
     check_kl_case("kl-rev-odd", 300, 128, 96, 1000, torch.float32, bias=True, softcap=20.0,
                   tma=True)
     check_kl_case("kl-fwd-llama3-bf16", n, d, d, v, torch.bfloat16, direction="forward",
-                  tma=True)
+                  tma=False)
 
 
 def naive_kl(h, w, hr, wr):
@@ -217,7 +222,7 @@ def naive_kl(h, w, hr, wr):
 
 
 @guarded("kl-timings")
-def kl_timings(n, d, v, dtype, head, rate, tma=False):
+def kl_timings(n, d, v, dtype, head, rate, tma=None):
     head += use_tma(tma)
     h, w, _, ent = realistic_inputs(n, d, v, dtype, DEV, prompt_fraction=0.0)
     hr = (h.float() + 0.1 * torch.randn_like(h, dtype=torch.float32)).to(dtype)
@@ -253,7 +258,7 @@ def kl_timings(n, d, v, dtype, head, rate, tma=False):
         free_cache()
     row["cublas_3gemm_ms"] = float("nan")
     row["cublas_3gemm_frac"] = None
-    use_tma(False)
+    use_tma(None)
     RESULTS["timings"].append(row)
     print(json.dumps(row), flush=True)
 
@@ -291,7 +296,7 @@ def matmul_rate(n, d, v):
 
 
 @guarded("timings")
-def timings(n, d, v, dtype, head, rate, tma=False):
+def timings(n, d, v, dtype, head, rate, tma=None):
     head += use_tma(tma)
     h, w, y, ent = realistic_inputs(n, d, v, dtype, DEV)
     n_valid = int((y != -100).sum())
@@ -348,7 +353,7 @@ def timings(n, d, v, dtype, head, rate, tma=False):
         if name != "cublas_3gemm":
             row[name + "_peak_mib"] = peak_extra(fn)
         free_cache()
-    use_tma(False)
+    use_tma(None)
     RESULTS["timings"].append(row)
     print(json.dumps(row), flush=True)
 
@@ -485,19 +490,15 @@ def sweep(n, d, v):
 
     for bm, bn, bk, gm, warps, stages, tma in [
             (128, 256, 64, 16, 8, 3, False), (128, 256, 64, 16, 8, 3, True),
-            (128, 256, 64, 16, 8, 4, True), (128, 128, 64, 16, 8, 3, False),
-            (128, 128, 64, 16, 8, 3, True), (128, 128, 64, 16, 8, 4, True),
-            # one warpgroup, half the register file and shared memory: two programs per
-            # multiprocessor, one's softmax epilogue beside the other's products
-            (64, 256, 64, 16, 4, 2, False), (64, 256, 64, 16, 4, 2, True),
-            (128, 128, 64, 16, 4, 3, True), (128, 128, 64, 16, 4, 2, True)]:
+            (128, 256, 64, 16, 8, 4, True), (128, 128, 64, 16, 8, 4, True),
+            (128, 256, 64, 8, 8, 3, True), (128, 256, 64, 32, 8, 3, True)]:
         cfg = {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": gm, "TMA": tma, "num_warps": warps,
                "num_stages": stages}
         for kind in ("forward", "backward"):
             record(kind, cfg, lambda kind=kind, cfg=cfg: run_kind(kind, cfg))
-    for tma in (False, True):  # the tile and K loops fused by the compiler
-        cfg = {**klp.block_config("forward", torch.bfloat16), "TMA": tma, "FLATTEN": True}
-        record("forward flattened", cfg, lambda cfg=cfg: run_kind("forward", cfg))
+    # the tile and K loops fused by the compiler
+    cfg = {**klp.block_config("forward", torch.bfloat16), "FLATTEN": True}
+    record("forward flattened", cfg, lambda cfg=cfg: run_kind("forward", cfg))
     for bn in (256, 128):  # a softcap's extra tile: 128 x 256 spills (backward_config: 128)
         cfg = {**klp.block_config("backward", torch.bfloat16), "BN": bn}
         record("backward softcap", cfg, lambda cfg=cfg: klp.logprob_backward(
@@ -520,12 +521,9 @@ def sweep(n, d, v):
                                config=cfg)
 
     for bm, bn, bk, gm, warps, stages, tma, fuse in [
-            (128, 128, 64, 16, 8, 3, False, False), (128, 128, 64, 16, 8, 3, True, False),
-            (128, 128, 64, 16, 8, 4, True, False), (128, 128, 64, 8, 8, 3, True, False),
-            (128, 128, 64, 16, 8, 3, True, True), (128, 128, 64, 16, 8, 2, True, True),
-            # 64-column tiles: no spills (tests/compile_for_gpu.py), two programs per SM at 4 warps
-            (128, 64, 64, 16, 8, 3, False, False), (128, 64, 64, 16, 8, 3, True, False),
-            (128, 64, 64, 16, 4, 3, True, False)]:
+            (128, 128, 64, 16, 8, 3, False, False), (128, 128, 64, 16, 8, 4, True, False),
+            (128, 128, 64, 16, 8, 3, True, True), (128, 128, 64, 16, 8, 4, True, True),
+            (128, 128, 64, 8, 8, 3, True, True), (128, 128, 64, 32, 8, 4, True, False)]:
         cfg = {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": gm, "TMA": tma, "FUSE_K": fuse,
                "num_warps": warps, "num_stages": stages}
         for kind in ("forward", "backward"):
@@ -643,11 +641,11 @@ def main(argv=None) -> int:
     rate = matmul_rate(sizes[-1] // 2, d, v)
     for n in sizes:
         timings(n, d, v, torch.bfloat16, "llama3-8b", rate)
-    timings(sizes[-1], d, v, torch.bfloat16, "llama3-8b", rate, tma=True)
+    timings(sizes[-1], d, v, torch.bfloat16, "llama3-8b", rate, tma=False)
     if not args.quick:
         timings(tokens(4096), d, v, torch.float32, "llama3-8b", rate)
     kl_correctness(args.quick)
-    for tma in (False, True):
+    for tma in (None, False):
         kl_timings(tokens(8192), d, v, torch.bfloat16, "llama3-8b", rate, tma=tma)
     for zipf in (1.5, 2.0):
         filtered_timings(sizes[-1], d, v, zipf, rate)
