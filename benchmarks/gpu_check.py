@@ -10,6 +10,8 @@ Sections (each guarded, so one failure does not lose the rest of a lease):
    TRL path (bf16 logits, fp32 log-softmax) and the three bare cuBLAS GEMMs (logits, dH, dW),
    with each one's fraction of the measured matmul rate (ours counts 1 GEMM-equivalent forward,
    4 forward+backward);
+   then the same for the KL op, the filtered backward, the losses on CUDA, a profile of the
+   public forward, and its overhead (wall, host and device-busy time; the slowest host functions);
 4. with ``--sweep``: forward and backward block configurations at the largest shape, with
    pointer and descriptor (TMA) loads, for both kernel families.
 Untagged entries take the library's default loads (descriptors on Hopper); "tma" and "no-tma"
@@ -387,6 +389,65 @@ def profile_forward(n, d, v):
     RESULTS["profile"] = tables
 
 
+@guarded("overhead")
+def overhead(n, d, v):
+    """Where each public forward's time goes beyond its kernel (no grad): the wall time of one
+    call between two device synchronisations, the host's time until the call returns (it waits
+    inside for the validation's and the row compaction's synchronisations), the device's busy
+    time (the profiler's kernel times), and the host functions that take longest (cProfile)."""
+    import cProfile
+    import io
+    import pstats
+    import statistics
+
+    from torch.profiler import ProfilerActivity, profile
+
+    h, w, y, _ = realistic_inputs(n, d, v, torch.bfloat16, DEV)
+    m = n // 2
+    hr = (h[:m].float() * 1.01).to(h.dtype)
+    wr = (w.float() * 0.99).to(w.dtype)
+    calls = {
+        "linear_logprob": lambda: ops.linear_logprob(h, w, y, backend="triton").logp,
+        "linear_kl": lambda: ops.linear_kl(h[:m], w, hr, wr, backend="triton").kl,
+    }
+    sync = torch.cuda.synchronize if DEV == "cuda" else (lambda: None)
+    calls_profiled = 1 if DRY else 10
+    RESULTS["overhead"] = []
+    for name, fn in calls.items():
+        with torch.no_grad():
+            fn()  # compilation
+            walls, hosts = [], []
+            for _ in range(1 if DRY else 15):
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                t1 = time.perf_counter()
+                sync()
+                walls.append(1e3 * (time.perf_counter() - t0))
+                hosts.append(1e3 * (t1 - t0))
+            busy = float("nan")
+            if DEV == "cuda":
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    fn()
+                    sync()
+                busy = sum(getattr(e, "self_device_time_total", 0.0)
+                           for e in prof.key_averages()) / 1e3
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(calls_profiled):
+                fn()
+            sync()
+            profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(18)
+        row = {"op": name, "wall_ms": statistics.median(walls),
+               "host_ms": statistics.median(hosts), "device_busy_ms": busy}
+        RESULTS["overhead"].append(row)
+        print(json.dumps(row), flush=True)
+        print(f"--- host functions, {calls_profiled} calls of {name}, by own time\n"
+              f"{text.getvalue()}", flush=True)
+
+
 @guarded("losses")
 def losses_check():
     """Every ``hypo_fast.losses`` module on CUDA: the triton backend against the reference
@@ -597,6 +658,12 @@ def markdown() -> str:
         for c in RESULTS["losses"]:
             lines.append(f"| {c['case']} | {c['loss']:.1e} | {c['aux']:.1e} | {c['dH']:.1e} | "
                          f"{c['dW']:.1e} |")
+    if RESULTS.get("overhead"):
+        lines += ["", "| public forward, no grad | wall ms | host until return ms | "
+                  "device busy ms |", "|---" * 4 + "|"]
+        for o in RESULTS["overhead"]:
+            lines.append(f"| {o['op']} | {o['wall_ms']:.2f} | {o['host_ms']:.2f} | "
+                         f"{o['device_busy_ms']:.2f} |")
     if RESULTS.get("filtered"):
         lines += ["", "| zipf | N (valid) | entropy | kept tiles | exact fwd+bwd ms | "
                   "filtered fwd+bwd ms | cuBLAS 3 GEMMs ms | dH vs exact | dW vs exact |",
@@ -651,6 +718,7 @@ def main(argv=None) -> int:
         filtered_timings(sizes[-1], d, v, zipf, rate)
     losses_check()
     profile_forward(sizes[-1], d, v)
+    overhead(sizes[-1], d, v)
     if args.sweep:
         sweep(sizes[-1], d, v)
     save()

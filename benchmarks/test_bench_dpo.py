@@ -5,9 +5,11 @@ on the same inputs in one process, for every path installed here:
 
 - ``naive``: TRL's way (logits by ``F.linear`` in the input dtype, fp32 log-softmax, gather);
 - ``hypo_fast``: :class:`hypo_fast.losses.FusedLinearDPOLoss` / :func:`hypo_fast.ops.linear_logprob`
-  on their default backend (triton on CUDA; on the CPU the reference, until the C++ backend);
+  on their default backend (triton on CUDA; on the CPU the reference, until the C++ backend),
+  with the default gradient filter; ``hypo_fast_exact``: the log-probs with ``filter_eps=None``;
 - ``liger``: Liger-Kernel's ``LigerFusedLinearDPOLoss`` (``compiled=False`` on the CPU);
-- ``cce``: Cut Cross-Entropy's ``linear_cross_entropy(reduction="none")`` (CUDA only).
+- ``cce`` / ``cce_exact``: Cut Cross-Entropy's ``linear_cross_entropy(reduction="none")`` with
+  its default gradient filter / exact (CUDA only).
 
 Shapes: on CUDA the Llama-3-8B head (d 4096, V 128256), 4 pairs x 1024 tokens, half prompt; on the
 CPU a small head (d 256, V 8000), 2 pairs x 256 tokens. Inputs follow DESIGN.md §5 (mean entropy
@@ -96,17 +98,21 @@ def logprob_step(path, hidden, weight, labels):
     w = weight.detach().requires_grad_()
     if path == "naive":
         logp = naive_logprob(h, w, labels)
-    elif path == "hypo_fast":
-        logp = linear_logprob(h, w, labels).logp
+    elif path in ("hypo_fast", "hypo_fast_exact"):
+        filter_eps = "auto" if path == "hypo_fast" else None
+        logp = linear_logprob(h, w, labels, filter_eps=filter_eps).logp
     else:
         from cut_cross_entropy import linear_cross_entropy
 
-        logp = -linear_cross_entropy(h, w, labels, reduction="none", filter_eps=None)  # exact
+        # CCE's default gradient filter ("high") against its exact path (filter_eps=None)
+        filter_eps = "high" if path == "cce" else None
+        logp = -linear_cross_entropy(h, w, labels, reduction="none", filter_eps=filter_eps)
     logp.sum().backward()
     return h.grad, w.grad
 
 
-LOGPROB_PATHS = ["naive", "hypo_fast"] + (["cce"] if HAS_CCE else [])
+LOGPROB_PATHS = ["naive", "hypo_fast", "hypo_fast_exact"] + (["cce", "cce_exact"] if HAS_CCE
+                                                              else [])
 
 
 @pytest.mark.parametrize("path", LOGPROB_PATHS)
