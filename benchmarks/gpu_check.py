@@ -298,9 +298,9 @@ def matmul_rate(n, d, v):
 
 
 @guarded("timings")
-def timings(n, d, v, dtype, head, rate, tma=None):
+def timings(n, d, v, dtype, head, rate, tma=None, prompt_fraction=0.5):
     head += use_tma(tma)
-    h, w, y, ent = realistic_inputs(n, d, v, dtype, DEV)
+    h, w, y, ent = realistic_inputs(n, d, v, dtype, DEV, prompt_fraction=prompt_fraction)
     n_valid = int((y != -100).sum())
     h.requires_grad_()
     w.requires_grad_()
@@ -473,6 +473,10 @@ def losses_check():
                              True),
         "simpo-autocast": (lambda be: L.FusedLinearSimPOLoss(backend=be), None, True),
         "orpo": (lambda be: L.FusedLinearORPOLoss(backend=be), None, False),
+        "cpo-autocast": (lambda be: L.FusedLinearCPOLoss(label_smoothing=0.1, backend=be), None,
+                         True),
+        "hpo": (lambda be: L.HPOLoss(backend=be),
+                {"aux_rewards": rnd(2 * b_), "aux_baseline": 0.1}, False),
         "sparsepo": (lambda be: L.FusedLinearSparsePOLoss(l1_u=0.01, backend=be),
                      {"token_mask": mask}, False),
         "hypo-exact": (lambda be: L.HyPOLoss(estimator="exact", backend=be),
@@ -709,6 +713,8 @@ def main(argv=None) -> int:
     for n in sizes:
         timings(n, d, v, torch.bfloat16, "llama3-8b", rate)
     timings(sizes[-1], d, v, torch.bfloat16, "llama3-8b", rate, tma=False)
+    # issue 3's target shape: every token valid
+    timings(sizes[-1], d, v, torch.bfloat16, "llama3-8b all valid", rate, prompt_fraction=0.0)
     if not args.quick:
         timings(tokens(4096), d, v, torch.float32, "llama3-8b", rate)
     kl_correctness(args.quick)

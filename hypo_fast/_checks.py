@@ -128,9 +128,12 @@ def validate_head(
     prefix: str = "",
     vocab: int | None = None,
     device: torch.device | None = None,
+    pending: list[tuple[str, torch.Tensor]] | None = None,
 ) -> int | None:
     """Validate one linear head and its per-token inputs; return ``num_seqs`` (resolved from
-    ``seq_ids`` when not given, None without ``seq_ids``).
+    ``seq_ids`` when not given, None without ``seq_ids``). The value checks run on the inputs'
+    device and are read back with one synchronisation (:func:`raise_flagged`), or, given a
+    ``pending`` list, appended to it for the caller to read with other heads' in one.
 
     Shapes: ``hidden [..., d]``, ``weight [V, d]``, ``bias [V]``; labels, seq_ids,
     token_weights and mask shaped ``hidden.shape[:-1]``. Values: labels in ``[0, V)`` or equal
@@ -199,5 +202,8 @@ def validate_head(
             raise ValueError(f"num_seqs must be a positive int, got {num_seqs!r}")
         flags.append((f"seq_ids must be in [0, num_seqs={num_seqs})",
                       ((seq_ids < 0) | (seq_ids >= num_seqs)).any()))
-    raise_flagged(flags)
+    if pending is None:
+        raise_flagged(flags)
+    else:
+        pending.extend(flags)
     return num_seqs

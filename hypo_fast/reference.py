@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_choice, check_float, validate_head
+from ._checks import check_choice, check_float, raise_flagged, validate_head
 
 KL_DIRECTIONS = ("reverse", "forward")
 
@@ -242,16 +242,18 @@ def validate_kl_inputs(
     if labels is None:
         labels = torch.zeros(hidden.shape[:-1], dtype=torch.long, device=hidden.device)
         ignore_index = -1
+    flags: list[tuple[str, torch.Tensor]] = []
     num_seqs = validate_head(
         hidden, weight, labels, bias, ignore_index=ignore_index, temperature=temperature,
         softcap=softcap, seq_ids=seq_ids, num_seqs=num_seqs, token_weights=token_weights,
-        mask=mask,
+        mask=mask, pending=flags,
     )
     validate_head(
         ref_hidden, ref_weight, labels, ref_bias, ignore_index=ignore_index,
         temperature=temperature, softcap=softcap, prefix="ref_",
-        vocab=weight.shape[0], device=hidden.device,
+        vocab=weight.shape[0], device=hidden.device, pending=flags,
     )
+    raise_flagged(flags)
     return num_seqs, kl_rows(hidden, labels, ignore_index, mask)
 
 
