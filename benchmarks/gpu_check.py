@@ -10,8 +10,9 @@ Sections (each guarded, so one failure does not lose the rest of a lease):
    TRL path (bf16 logits, fp32 log-softmax) and the three bare cuBLAS GEMMs (logits, dH, dW),
    with each one's fraction of the measured matmul rate (ours counts 1 GEMM-equivalent forward,
    4 forward+backward);
-   then the same for the KL op, the filtered backward, the losses on CUDA, a profile of the
-   public forward, and its overhead (wall, host and device-busy time; the slowest host functions);
+   then the same for the KL op, the filtered backwards of both ops, the losses on CUDA, a
+   profile of the public forward, and its overhead (wall, host and device-busy time; the
+   slowest host functions);
 4. with ``--sweep``: forward and backward block configurations at the largest shape, with
    pointer and descriptor (TMA) loads, for both kernel families.
 Untagged entries take the library's default loads (descriptors on Hopper); "tma" and "no-tma"
@@ -539,6 +540,41 @@ def filtered_timings(n, d, v, zipf, rate):
     print(json.dumps(row), flush=True)
 
 
+@guarded("kl-filtered")
+def kl_filtered(n, d, v, zipf, direction):
+    """``linear_kl(filter_eps=ε)`` (ε = bf16's eps / 32) against its exact backward, every token
+    valid, the policy and an independently drawn reference head both with a token-frequency
+    prior: the kept tile fraction, forward+backward ms, and the gradients' distance from exact
+    (the compiled block-sparse KL dX kernel)."""
+    dtype = torch.bfloat16
+    h, w, _, ent = realistic_inputs(n, d, v, dtype, DEV, zipf=zipf, prompt_fraction=0.0)
+    hr, wr, _, _ = realistic_inputs(n, d, v, dtype, DEV, zipf=zipf, prompt_fraction=0.0, seed=1)
+    reverse = direction == "reverse"
+    eps = torch.finfo(dtype).eps / 32
+    rows = torch.arange(n, device=DEV)
+    g = torch.randn(n, device=DEV)
+    stats = torch.zeros(3, triton.cdiv(v, kkl.tile_width(dtype)), n, device=DEV)
+    norm = kkl.kl_forward(kkl.Head(h, w, None), kkl.Head(hr, wr, None), rows, reverse=reverse,
+                          tile_stats=stats).norm
+    keep = kkl.filter_tiles(stats, norm, None, None, g, None, None, reverse, eps,
+                            kkl.two_head_config("backward", dtype)["BM"], kkl.tile_width(dtype))
+    h.requires_grad_()
+    w.requires_grad_()
+
+    def step(filter_eps):
+        out = ops.linear_kl(h, w, hr, wr, direction=direction, filter_eps=filter_eps,
+                            backend="triton").kl
+        return torch.autograd.grad(out, (h, w), g)
+
+    exact, filtered = step(None), step(eps)
+    row = {"direction": direction, "zipf": zipf, "N": n, "entropy": ent,
+           "kept_fraction": float(keep.float().mean()),
+           "exact_ms": bench(lambda: step(None)), "filtered_ms": bench(lambda: step(eps)),
+           "dH_vs_exact": rel(filtered[0], exact[0]), "dW_vs_exact": rel(filtered[1], exact[1])}
+    RESULTS.setdefault("kl_filtered", []).append(row)
+    print(json.dumps(row), flush=True)
+
+
 @guarded("sweep")
 def sweep(n, d, v):
     h, w, y, _ = realistic_inputs(n, d, v, torch.bfloat16, DEV)
@@ -677,6 +713,14 @@ def markdown() -> str:
                          f"{f['kept_fraction']:.2f} | {f['exact_ms']:.2f} | "
                          f"{f['filtered_ms']:.2f} | {f['cublas_3gemm_ms']:.2f} | "
                          f"{f['dH_vs_exact']:.1e} | {f['dW_vs_exact']:.1e} |")
+    if RESULTS.get("kl_filtered"):
+        lines += ["", "| KL filtered | zipf | N | entropy | kept tiles | exact fwd+bwd ms | "
+                  "filtered fwd+bwd ms | dH vs exact | dW vs exact |", "|---" * 9 + "|"]
+        for f in RESULTS["kl_filtered"]:
+            lines.append(f"| {f['direction']} | {f['zipf']} | {f['N']} | {f['entropy']:.2f} | "
+                         f"{f['kept_fraction']:.2f} | {f['exact_ms']:.2f} | "
+                         f"{f['filtered_ms']:.2f} | {f['dH_vs_exact']:.1e} | "
+                         f"{f['dW_vs_exact']:.1e} |")
     if RESULTS["sweep"]:
         lines += ["", "| kind | BM | BN | BK | GROUP_M | TMA | warps | stages | ms |",
                   "|---|---|---|---|---|---|---|---|---|"]
@@ -722,6 +766,8 @@ def main(argv=None) -> int:
         kl_timings(tokens(8192), d, v, torch.bfloat16, "llama3-8b", rate, tma=tma)
     for zipf in (1.5, 2.0):
         filtered_timings(sizes[-1], d, v, zipf, rate)
+    for direction in ("reverse", "forward"):
+        kl_filtered(tokens(8192), d, v, 2.0, direction)
     losses_check()
     profile_forward(sizes[-1], d, v)
     overhead(sizes[-1], d, v)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 SECTIONS = ("correctness", "matmul-rate", "timings", "kl-correctness", "kl-timings", "filtered",
-            "losses", "profile", "overhead", "sweep")
+            "kl-filtered", "losses", "profile", "overhead", "sweep")
 
 
 def test_every_section_of_the_gpu_check_runs_dry(tmp_path):
