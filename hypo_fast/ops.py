@@ -348,14 +348,15 @@ def _linear_kl_op(
     is False; absent outputs are empty. ``stats`` is the kernels' ``KLStats.norm``, saved for
     backward; ``tile_stats`` (the per-tile statistics a filtered backward needs, column i for
     valid row i) is empty unless ``filter_eps > 0``."""
-    from .kernels.linear_kl import kl_forward
+    from .kernels.linear_kl import TILE_STATS, kl_forward
 
     rows = valid.reshape(-1).nonzero().squeeze(1)
     y = labels.reshape(-1).index_select(0, rows) if labels is not None else None
     with _on_device(hidden):
         policy, ref, index = _kl_heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
                                        rows)
-        tile_stats = _tile_stats_buffer("linear_kl", (3,), hidden, weight, valid, filter_eps)
+        tile_stats = _tile_stats_buffer("linear_kl", (TILE_STATS,), hidden, weight, valid,
+                                        filter_eps)
         st = kl_forward(
             policy, ref, index, y, reverse=reverse, temperature=temperature,
             softcap=softcap or None, want_entropy=want_entropy,
@@ -377,6 +378,8 @@ def _linear_kl_op(
 @_linear_kl_op.register_fake
 def _(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, valid, labels, reverse,
       temperature, softcap, want_entropy, filter_eps):
+    from .kernels.linear_kl import TILE_STATS
+
     kl = valid.new_empty(valid.shape, dtype=torch.float32)
 
     def maybe(present: bool) -> torch.Tensor:
@@ -384,7 +387,7 @@ def _(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, valid, labels, rev
 
     return (kl, kl.new_empty((5, *valid.shape)), maybe(want_entropy), maybe(labels is not None),
             maybe(labels is not None),
-            _tile_stats_buffer("linear_kl", (3,), hidden, weight, valid, filter_eps))
+            _tile_stats_buffer("linear_kl", (TILE_STATS,), hidden, weight, valid, filter_eps))
 
 
 @torch.library.custom_op("hypo_fast::linear_kl_backward", mutates_args=())
@@ -511,10 +514,10 @@ def linear_kl(
     ``filter_eps`` (triton backend; default None, exact): as :func:`linear_logprob`'s, the
     backward skips the (row block, tile) pairs whose logits gradients provably add up, per row,
     to at most ε·(|g_kl| + |g_entropy| + |g_logp|) (bounds from tile statistics the forward
-    then records, 12 bytes per token and 128 vocabulary columns, kept until the backward; see
-    ``kernels.linear_kl.filter_tiles``), when enough are skipped to pay. The bounds do not
-    shrink as the heads approach each other (the reverse direction's are ~100x loose for heads
-    1% apart), so close heads skip little.
+    then records, 20 bytes per token and 128 vocabulary columns, kept until the backward; see
+    ``kernels.linear_kl.filter_tiles``), when enough are skipped to pay. The bounds shrink
+    with the heads' distance (each tile's range of z − r), so a policy close to its reference
+    skips more, not less.
     """
     _check_filter_eps(filter_eps)
     chosen = resolve_backend(backend, check_tensor("hidden", hidden).device)

@@ -198,6 +198,10 @@ def _forward_kernel(
                              stride_hr, stride_wr, inv_temp, softcap, HAS_REF_BIAS, HAS_SOFTCAP,
                              REF_CAST_F32, REF_PRECISION, TMA, BM, BN, BK)
         r, m_r_new, t_r = _label_and_max(r, hit, col_mask, m_r, t_r, HAS_LABELS)
+        if WANT_TILE_STATS:  # here, so that z and r die before the exponentials
+            r_min = tl.min(tl.where(col_mask[None, :], r, 3.0e38), axis=1)
+            d_min = tl.min(tl.where(col_mask[None, :], z - r, 3.0e38), axis=1)
+            d_max = tl.max(tl.where(col_mask[None, :], z - r, -3.0e38), axis=1)
         scale_z = tl.exp(m_z - m_z_new)
         scale_r = tl.exp(m_r - m_r_new)
         z_c = z - m_z_new[:, None]
@@ -218,11 +222,17 @@ def _forward_kernel(
                    + tl.sum(e_z * z_c, axis=1))
         sum_z = tl.sum(e_z, axis=1)
         sum_r = tl.sum(e_r, axis=1)
-        if WANT_TILE_STATS:  # each tile's log-sum-exp of both heads and least reference logit
-            tl.store(stat_ptrs, m_z_new + fast_log(sum_z), mask=row_mask)
-            tl.store(stat_ptrs + stride_tp, m_r_new + fast_log(sum_r), mask=row_mask)
-            tl.store(stat_ptrs + stride_tp + stride_tp,  # 2·stride could wrap in int32
-                     tl.min(tl.where(col_mask[None, :], r, 3.0e38), axis=1), mask=row_mask)
+        if WANT_TILE_STATS:  # per tile: log-sum-exp of z and of r, least r, range of z - r
+            plane = stat_ptrs  # advanced one plane at a time: k·stride could wrap in int32
+            tl.store(plane, m_z_new + fast_log(sum_z), mask=row_mask)
+            plane += stride_tp
+            tl.store(plane, m_r_new + fast_log(sum_r), mask=row_mask)
+            plane += stride_tp
+            tl.store(plane, r_min, mask=row_mask)
+            plane += stride_tp
+            tl.store(plane, d_min, mask=row_mask)
+            plane += stride_tp
+            tl.store(plane, d_max, mask=row_mask)
             stat_ptrs += stride_ts
         s_z = s_z * scale_z + sum_z
         s_r = s_r * scale_r + sum_r
@@ -341,6 +351,9 @@ def _constants(policy: Head, ref: Head, temperature: float, softcap: float | Non
             "HAS_BIAS": policy.bias is not None, "HAS_REF_BIAS": ref.bias is not None}
 
 
+TILE_STATS = 5  # statistics the forward records per (tile, row) for a filtered backward
+
+
 def tile_width(dtype: torch.dtype) -> int:
     """Vocabulary width of the tiles whose statistics the forward records for filtering."""
     return two_head_config("forward", dtype)["BN"]
@@ -361,16 +374,20 @@ def filter_tiles(
 ) -> torch.Tensor:
     """``keep [cdiv(n, block_m), n_tiles]``: the (row block, tile) pairs a filtered backward
     computes, as ``linear_logprob.filter_tiles`` does for one head. For row i and tile t, with
-    the tile masses ``P = Σ_t p_j``, ``Q = Σ_t q_j`` (from the forward's tile log-sum-exps) and
-    ``ℓ = lse_r − min_t r`` (so ``|log q_j| ≤ ℓ`` in the tile), the non-label columns carry
+    the tile masses ``P = Σ_t p_j``, ``Q = Σ_t q_j`` (from the forward's tile log-sum-exps),
+    ``ℓ = lse_r − min_t r`` (so ``|log q_j| ≤ ℓ`` in the tile) and ``[lo, hi]`` the range of
+    ``x_j = log p_j − log q_j = (z_j − r_j) − (lse_z − lse_r)`` over the tile (from its least
+    and greatest z − r), the non-label columns carry
 
         Σ_t |dz_j| ≤ |g_kl|·K + |g_ent|·P·(H − log P + log W) + |g_logp|·P,
-        K = P + Q (forward: dz = p − q), K = P·(−log P + log W + ℓ + |KL|) (reverse:
-        p·(log p − log q − KL)),
+        forward (dz = p − q = p·(1 − e^{−x})): K = min(P + Q, P·max(|e^{−lo} − 1|, |e^{−hi} − 1|)),
+        reverse (dz = p·(x − KL)): K = P·min(−log P + log W + ℓ + |KL|, max(|lo|, |hi|) + |KL|),
 
-    with ``−Σ_t p log p ≤ P·(−log P + log W)`` (W = tile width). Each row drops its smallest
-    tiles while their bounds add up to at most ``eps·(|g_kl| + |g_ent| + |g_logp|)``, never the
-    label's tile; so ``‖ΔdH_i‖_∞ ≤ eps·(|g_kl| + |g_ent| + |g_logp|)/T · max_j ‖W_j‖_∞``.
+    with ``−Σ_t p log p ≤ P·(−log P + log W)`` (W = tile width). The second bound of each pair
+    shrinks with the heads' distance (``|x| ≤ max(|lo|, |hi|)``), the first serves far heads.
+    Each row drops its smallest tiles while their bounds add up to at most
+    ``eps·(|g_kl| + |g_ent| + |g_logp|)``, never the label's tile; so
+    ``‖ΔdH_i‖_∞ ≤ eps·(|g_kl| + |g_ent| + |g_logp|)/T · max_j ‖W_j‖_∞``.
     """
     n = norm.shape[1]
     zero = torch.zeros(n, dtype=torch.float32, device=norm.device)
@@ -380,16 +397,28 @@ def filter_tiles(
     p = log_p.exp()
     log_w = math.log(tile_w)
     h = entropy if entropy is not None and g_entropy is not None else 0.0
+    d_min, d_max = tile_stats[3, :, :n], tile_stats[4, :, :n]
+    # fp32 roundings of O(|z|, |r|, |lse|) values: 8 ulps of each
+    slack = 2.0**-20 * (torch.maximum(d_min.abs(), d_max.abs()) + lse_z.abs() + lse_r.abs())
+    lo, hi = d_min - (lse_z - lse_r) - slack, d_max - (lse_z - lse_r) + slack
     if reverse:  # |KL| = |E_p[δ] − log S_z/S_r|, over-estimated by the sum of both
         kl = norm[4].abs() + (norm[1] - norm[3]).abs()
         r_min = tile_stats[2, :, :n]
         log_q_max = lse_r - r_min + 2.0**-21 * (lse_r.abs() + r_min.abs())  # ≥ |log q| in t
-        k = p * (log_w - log_p + log_q_max + kl)
-    else:
-        k = p + log_mass(tile_stats[1, :, :n], lse_r).exp()
+        k = p * torch.minimum(log_w - log_p + log_q_max + kl,
+                              torch.maximum(lo.abs(), hi.abs()) + kl)
+    else:  # in logs: P can underflow where Q does not
+        log_ratio = torch.maximum(_log_abs_expm1(-lo), _log_abs_expm1(-hi))
+        k = torch.minimum(p + log_mass(tile_stats[1, :, :n], lse_r).exp(),
+                          (log_p + log_ratio).exp())
     rate = c * k + b * p * (h - log_p + log_w) + a * p
     label_tiles = labels // tile_w if labels is not None else None
     return drop_within_budget(rate, eps * (a + b + c), label_tiles, block_m)
+
+
+def _log_abs_expm1(y: torch.Tensor) -> torch.Tensor:
+    """An upper bound on ``log|e^y − 1|`` (``y`` itself beyond 20, where e^y would overflow)."""
+    return torch.where(y > 20, y, torch.log(torch.expm1(y.clamp(max=20)).abs()))
 
 
 def two_head_config(kind: str, dtype: torch.dtype) -> dict:
@@ -426,9 +455,10 @@ def kl_forward(
     ``rows [n]`` int64 indices into both hidden tensors (``all_rows``: every row in order, so
     the hidden tensors serve as ``hidden[rows]`` without gathered copies); ``labels [n]`` (the
     valid rows' labels, in ``[0, V)``) or None for no ``logp``/``ref_logp``. KL is clamped at 0
-    (it is ≥ 0 exactly; only rounding makes it negative). ``tile_stats [3, cdiv(V,
-    tile_width()), ≥ n]`` (fp32, optional) receives, per vocabulary tile and valid row (column
-    i), the tile's log-sum-exp of z, of r, and its least r: what a filtered backward needs.
+    (it is ≥ 0 exactly; only rounding makes it negative). ``tile_stats [TILE_STATS,
+    cdiv(V, tile_width()), ≥ n]`` (fp32, optional) receives, per vocabulary tile and valid row
+    (column i), the tile's log-sum-exp of z, of r, its least r, and the least and greatest
+    z − r: what a filtered backward needs.
     """
     n, V = rows.numel(), policy.weight.shape[0]
     dev = policy.hidden.device
@@ -440,11 +470,11 @@ def kl_forward(
     cfg = config or two_head_config("forward", policy.hidden.dtype)
     n_row_blocks, n_tiles = triton.cdiv(n, cfg["BM"]), triton.cdiv(V, cfg["BN"])
     if tile_stats is not None and (
-            cfg["BN"] != tile_width(policy.hidden.dtype) or tile_stats.shape[0] != 3
+            cfg["BN"] != tile_width(policy.hidden.dtype) or tile_stats.shape[0] != TILE_STATS
             or tile_stats.shape[1] < n_tiles or tile_stats.shape[2] < n
             or tile_stats.stride(2) != 1):
-        raise ValueError("tile_stats needs [3, cdiv(V, tile_width()), >= n] with unit stride "
-                         "along rows, and tiles of tile_width() columns")
+        raise ValueError(f"tile_stats needs [{TILE_STATS}, cdiv(V, tile_width()), >= n] with "
+                         "unit stride along rows, and tiles of tile_width() columns")
     splits, tiles_per_split = split_vocab(n_row_blocks, n_tiles, dev)
     part = torch.empty((9, splits, n), dtype=torch.float32, device=dev)
     heads, cfg = _kernel_heads(policy, ref, rows, cfg, all_rows=all_rows)

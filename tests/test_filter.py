@@ -258,17 +258,19 @@ def test_filtered_backward_on_narrower_dx_tiles(softcap):
 # --------------------------------------------------------------------------------------------
 
 
-def run_kl_filtered(seed, n, v, *, reverse, eps, temperature, softcap, gap):
-    """The KL launchers on a peaked policy head and a perturbed copy of it as the reference:
-    ``(rows, labels, coefs, (dH, dW, db), element_keep, keep)`` of a filtered backward."""
+def run_kl_filtered(seed, n, v, *, reverse, eps, temperature, softcap, gap, distance=0.1):
+    """The KL launchers on a peaked policy head and a copy of it perturbed by about
+    ``distance`` (relative) as the reference: ``(rows, labels, coefs, (dH, dW, db),
+    element_keep, keep)`` of a filtered backward."""
     hidden, weight, bias, labels, g = peaked_case(seed, n, 32, v, bias_gap=gap)
-    ref_weight = weight * (1 + 0.1 * torch.randn(weight.shape, generator=g))
-    ref_bias = bias + torch.randn(bias.shape, generator=g)
+    ref_weight = weight * (1 + distance * torch.randn(weight.shape, generator=g))
+    ref_bias = bias + 10 * distance * torch.randn(bias.shape, generator=g)
     rows = (labels != -100).nonzero().squeeze(1)
     lab = labels[rows]
-    policy, ref = KL.Head(hidden, weight, bias), KL.Head(hidden * 0.9, ref_weight, ref_bias)
+    policy = KL.Head(hidden, weight, bias)
+    ref = KL.Head(hidden * (1 - distance), ref_weight, ref_bias)
     width = KL.tile_width(hidden.dtype)
-    stats = torch.empty(3, triton.cdiv(v, width), n)
+    stats = torch.empty(KL.TILE_STATS, triton.cdiv(v, width), n)
     opts = dict(reverse=reverse, temperature=temperature, softcap=softcap)
     st = KL.kl_forward(policy, ref, rows, lab, want_entropy=True, tile_stats=stats, **opts)
     coefs = torch.randn(3, rows.numel(), generator=g)
@@ -291,14 +293,16 @@ def run_kl_filtered(seed, n, v, *, reverse, eps, temperature, softcap, gap):
     softcap=st.sampled_from([None, 15.0]),
     eps=st.sampled_from([2.0**-12, 1e-3, 1e-2]),
     gap=st.sampled_from([10.0, 30.0]),
+    distance=st.sampled_from([0.1, 0.01, 1e-4]),
 )
 def test_kl_filtered_equals_exact_on_kept_tiles_and_drops_only_small_entries(
-    seed, n, v, reverse, temperature, softcap, eps, gap
+    seed, n, v, reverse, temperature, softcap, eps, gap, distance
 ):
     """As the log-prob op's: the filtered KL backward is the exact one restricted to the kept
-    tiles, and what each row drops obeys ``filter_tiles``' L1 bound."""
+    tiles, and what each row drops obeys ``filter_tiles``' L1 bound, for far and close heads."""
     case, (dh, dw, db), element_keep, _ = run_kl_filtered(
-        seed, n, v, reverse=reverse, eps=eps, temperature=temperature, softcap=softcap, gap=gap)
+        seed, n, v, reverse=reverse, eps=eps, temperature=temperature, softcap=softcap, gap=gap,
+        distance=distance)
     hidden, weight, bias, ref, rows, lab, coefs = case
     if rows.numel() == 0:
         return
@@ -317,6 +321,32 @@ def test_kl_filtered_equals_exact_on_kept_tiles_and_drops_only_small_entries(
     assert rel(db, kept.sum(0)) <= 1e-5
     dropped = (dx.abs() * (~element_keep)).sum(1)
     assert bool((dropped <= eps * c.abs().sum(0) / temperature + 1e-12).all())
+
+
+@pytest.mark.parametrize("reverse", [True, False])
+def test_kl_filtering_skips_more_of_a_closer_reference(reverse):
+    """The bounds shrink with the heads' distance: with the KL term alone (no labels), a
+    reference 1% from the policy lets the filter skip at least as many tiles as one 10% away,
+    and one 0.01% away most of them (what is skipped obeys the bound: property-tested above)."""
+    n, v = 256, 1000
+    hidden, weight, bias, _, g = peaked_case(0, n, 32, v, bias_gap=10.0)
+    rows = torch.arange(n)
+    width = KL.tile_width(hidden.dtype)
+    bm = KL.two_head_config("backward", hidden.dtype)["BM"]
+    g_kl = torch.randn(n, generator=g)
+    kept = []
+    for distance in (0.1, 0.01, 1e-4):
+        ref = KL.Head(hidden * (1 - distance),
+                      weight * (1 + distance * torch.randn(weight.shape, generator=g)),
+                      bias + 10 * distance * torch.randn(bias.shape, generator=g))
+        stats = torch.empty(KL.TILE_STATS, triton.cdiv(v, width), n)
+        norm = KL.kl_forward(KL.Head(hidden, weight, bias), ref, rows, reverse=reverse,
+                             tile_stats=stats).norm
+        keep = KL.filter_tiles(stats, norm, None, None, g_kl, None, None, reverse, 2.0**-12, bm,
+                               width)
+        kept.append(float(keep.float().mean()))
+    assert kept[0] >= kept[1] >= kept[2]
+    assert kept[2] < 0.5 * kept[0], kept
 
 
 @pytest.mark.parametrize("reverse", [True, False])
