@@ -541,19 +541,25 @@ def filtered_timings(n, d, v, zipf, rate):
 
 
 @guarded("kl-filtered")
-def kl_filtered(n, d, v, zipf, direction):
+def kl_filtered(n, d, v, zipf, direction, distance=None):
     """``linear_kl(filter_eps=ε)`` (ε = bf16's eps / 32) against its exact backward, every token
-    valid, the policy and an independently drawn reference head both with a token-frequency
-    prior: the kept tile fraction, forward+backward ms, and the gradients' distance from exact
-    (the compiled block-sparse KL dX kernel)."""
+    valid, a policy head with a token-frequency prior and as reference either a copy of it
+    perturbed by ``distance`` (relative; HyPO's and SparsePO's case) or, with None, an
+    independently drawn head: the kept tile fraction, forward+backward ms, and the gradients'
+    distance from exact (the compiled block-sparse KL dX kernel)."""
     dtype = torch.bfloat16
     h, w, _, ent = realistic_inputs(n, d, v, dtype, DEV, zipf=zipf, prompt_fraction=0.0)
-    hr, wr, _, _ = realistic_inputs(n, d, v, dtype, DEV, zipf=zipf, prompt_fraction=0.0, seed=1)
+    if distance is None:
+        hr, wr, _, _ = realistic_inputs(n, d, v, dtype, DEV, zipf=zipf, prompt_fraction=0.0,
+                                        seed=1)
+    else:
+        hr = (h.float() * (1 + distance * torch.randn_like(h, dtype=torch.float32))).to(dtype)
+        wr = (w.float() * (1 + distance * torch.randn_like(w, dtype=torch.float32))).to(dtype)
     reverse = direction == "reverse"
     eps = torch.finfo(dtype).eps / 32
     rows = torch.arange(n, device=DEV)
     g = torch.randn(n, device=DEV)
-    stats = torch.zeros(3, triton.cdiv(v, kkl.tile_width(dtype)), n, device=DEV)
+    stats = torch.zeros(kkl.TILE_STATS, triton.cdiv(v, kkl.tile_width(dtype)), n, device=DEV)
     norm = kkl.kl_forward(kkl.Head(h, w, None), kkl.Head(hr, wr, None), rows, reverse=reverse,
                           tile_stats=stats).norm
     keep = kkl.filter_tiles(stats, norm, None, None, g, None, None, reverse, eps,
@@ -567,7 +573,8 @@ def kl_filtered(n, d, v, zipf, direction):
         return torch.autograd.grad(out, (h, w), g)
 
     exact, filtered = step(None), step(eps)
-    row = {"direction": direction, "zipf": zipf, "N": n, "entropy": ent,
+    row = {"direction": direction, "reference": "independent" if distance is None
+           else f"{distance:g} away", "zipf": zipf, "N": n, "entropy": ent,
            "kept_fraction": float(keep.float().mean()),
            "exact_ms": bench(lambda: step(None)), "filtered_ms": bench(lambda: step(eps)),
            "dH_vs_exact": rel(filtered[0], exact[0]), "dW_vs_exact": rel(filtered[1], exact[1])}
@@ -714,10 +721,12 @@ def markdown() -> str:
                          f"{f['filtered_ms']:.2f} | {f['cublas_3gemm_ms']:.2f} | "
                          f"{f['dH_vs_exact']:.1e} | {f['dW_vs_exact']:.1e} |")
     if RESULTS.get("kl_filtered"):
-        lines += ["", "| KL filtered | zipf | N | entropy | kept tiles | exact fwd+bwd ms | "
-                  "filtered fwd+bwd ms | dH vs exact | dW vs exact |", "|---" * 9 + "|"]
+        lines += ["", "| KL filtered | reference | zipf | N | entropy | kept tiles | "
+                  "exact fwd+bwd ms | filtered fwd+bwd ms | dH vs exact | dW vs exact |",
+                  "|---" * 10 + "|"]
         for f in RESULTS["kl_filtered"]:
-            lines.append(f"| {f['direction']} | {f['zipf']} | {f['N']} | {f['entropy']:.2f} | "
+            lines.append(f"| {f['direction']} | {f['reference']} | {f['zipf']} | {f['N']} | "
+                         f"{f['entropy']:.2f} | "
                          f"{f['kept_fraction']:.2f} | {f['exact_ms']:.2f} | "
                          f"{f['filtered_ms']:.2f} | {f['dH_vs_exact']:.1e} | "
                          f"{f['dW_vs_exact']:.1e} |")
@@ -766,8 +775,8 @@ def main(argv=None) -> int:
         kl_timings(tokens(8192), d, v, torch.bfloat16, "llama3-8b", rate, tma=tma)
     for zipf in (1.5, 2.0):
         filtered_timings(sizes[-1], d, v, zipf, rate)
-    for direction in ("reverse", "forward"):
-        kl_filtered(tokens(8192), d, v, 2.0, direction)
+    for direction, distance in (("reverse", 0.01), ("forward", 0.01), ("reverse", None)):
+        kl_filtered(tokens(8192), d, v, 2.0, direction, distance)
     losses_check()
     profile_forward(sizes[-1], d, v)
     overhead(sizes[-1], d, v)
