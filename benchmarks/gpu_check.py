@@ -392,10 +392,11 @@ def profile_forward(n, d, v):
 
 @guarded("overhead")
 def overhead(n, d, v):
-    """Where each public forward's time goes beyond its kernel (no grad): the wall time of one
-    call between two device synchronisations, the host's time until the call returns (it waits
-    inside for the validation's and the row compaction's synchronisations), the device's busy
-    time (the profiler's kernel times), and the host functions that take longest (cProfile)."""
+    """Where each public call's time goes beyond its kernels (forwards without grad, and the
+    log-prob op's forward+backward): the wall time of one call between two device
+    synchronisations, the host's time until the call returns (it waits inside for the
+    validation's and the row compaction's synchronisations), the device's busy time (the
+    profiler's kernel times), and the host functions that take longest (cProfile)."""
     import cProfile
     import io
     import pstats
@@ -407,15 +408,19 @@ def overhead(n, d, v):
     m = n // 2
     hr = (h[:m].float() * 1.01).to(h.dtype)
     wr = (w.float() * 0.99).to(w.dtype)
-    calls = {
-        "linear_logprob": lambda: ops.linear_logprob(h, w, y, backend="triton").logp,
-        "linear_kl": lambda: ops.linear_kl(h[:m], w, hr, wr, backend="triton").kl,
+    hg, wg = h.detach().requires_grad_(), w.detach().requires_grad_()
+    go = torch.randn(n, device=DEV)
+    calls = {  # name: (call, with grad)
+        "linear_logprob": (lambda: ops.linear_logprob(h, w, y, backend="triton").logp, False),
+        "linear_kl": (lambda: ops.linear_kl(h[:m], w, hr, wr, backend="triton").kl, False),
+        "linear_logprob fwd+bwd": (lambda: torch.autograd.grad(
+            ops.linear_logprob(hg, wg, y, backend="triton").logp, (hg, wg), go), True),
     }
     sync = torch.cuda.synchronize if DEV == "cuda" else (lambda: None)
     calls_profiled = 1 if DRY else 10
     RESULTS["overhead"] = []
-    for name, fn in calls.items():
-        with torch.no_grad():
+    for name, (fn, grad) in calls.items():
+        with torch.set_grad_enabled(grad):
             fn()  # compilation
             walls, hosts = [], []
             for _ in range(1 if DRY else 15):
@@ -706,7 +711,7 @@ def markdown() -> str:
             lines.append(f"| {c['case']} | {c['loss']:.1e} | {c['aux']:.1e} | {c['dH']:.1e} | "
                          f"{c['dW']:.1e} |")
     if RESULTS.get("overhead"):
-        lines += ["", "| public forward, no grad | wall ms | host until return ms | "
+        lines += ["", "| public call | wall ms | host until return ms | "
                   "device busy ms |", "|---" * 4 + "|"]
         for o in RESULTS["overhead"]:
             lines.append(f"| {o['op']} | {o['wall_ms']:.2f} | {o['host_ms']:.2f} | "
