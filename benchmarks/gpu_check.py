@@ -96,11 +96,18 @@ def guarded(name):
     return wrap
 
 
+_TMA_SETTING = os.environ.get("HYPO_FAST_TMA")  # the caller's, restored by use_tma(None)
+
+
 def use_tma(on: bool | None) -> str:
-    """Select descriptor loads (on), pointer loads (off) or the library's default (None:
-    descriptors on Hopper) for the kernels launched next; the tag for the tables."""
+    """Select descriptor loads (on), pointer loads (off) or the caller's setting (None: the
+    library's default, descriptors on Hopper, unless HYPO_FAST_TMA was set) for the kernels
+    launched next; the tag for the tables."""
     if on is None:
-        os.environ.pop("HYPO_FAST_TMA", None)
+        if _TMA_SETTING is None:
+            os.environ.pop("HYPO_FAST_TMA", None)
+        else:
+            os.environ["HYPO_FAST_TMA"] = _TMA_SETTING
         return ""
     os.environ["HYPO_FAST_TMA"] = "1" if on else "0"
     return " tma" if on else " no-tma"
@@ -159,7 +166,7 @@ def correctness(quick: bool):
     check_case("llama3-head-bf16-softcap", tokens(1024), d, v, torch.bfloat16, softcap=30.0,
                bias=True,
                entropy=True)
-    check_case("odd-small-opts", 333, 96, 999, torch.float32, bias=True, softcap=30.0,
+    check_case("odd-small-bf16-opts", 333, 96, 999, torch.bfloat16, bias=True, softcap=30.0,
                temperature=0.7, entropy=True, tma=True)
     check_case("llama3-head-bf16", tokens(1024 if quick else 4096), d, v, torch.bfloat16,
                entropy=True, tma=False)
@@ -210,8 +217,8 @@ def kl_correctness(quick: bool):
     n = tokens(1024 if quick else 2048)
     check_kl_case("kl-rev-llama3-bf16", n, d, d, v, torch.bfloat16)
     check_kl_case("kl-fwd-llama3-bf16", n, d, d, v, torch.bfloat16, direction="forward")
-    check_kl_case("kl-rev-odd", 300, 128, 96, 1000, torch.float32, bias=True, softcap=20.0,
-                  tma=True)
+    check_kl_case("kl-rev-bf16-opts", 300, 128, 128, 1000, torch.bfloat16, bias=True,
+                  softcap=20.0, tma=True)
     check_kl_case("kl-fwd-llama3-bf16", n, d, d, v, torch.bfloat16, direction="forward",
                   tma=False)
 

@@ -104,9 +104,9 @@ def logprob_step(path, hidden, weight, labels):
     else:
         from cut_cross_entropy import linear_cross_entropy
 
-        # CCE's default gradient filter ("high") against its exact path (filter_eps=None)
-        filter_eps = "high" if path == "cce" else None
-        logp = -linear_cross_entropy(h, w, labels, reduction="none", filter_eps=filter_eps)
+        # CCE's default gradient filter (whatever its release names it) or its exact path
+        exact = {"filter_eps": None} if path == "cce_exact" else {}
+        logp = -linear_cross_entropy(h, w, labels, reduction="none", **exact)
     logp.sum().backward()
     return h.grad, w.grad
 

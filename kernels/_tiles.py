@@ -201,18 +201,20 @@ def block_config(kind: str, dtype: torch.dtype) -> dict:
 
 def tma_default() -> bool:
     """Descriptor loads: ``HYPO_FAST_TMA=1`` or ``0`` forces them on or off; otherwise on for a
-    Hopper or newer current CUDA device (H100, bf16, 8192 of 16384 tokens valid, Llama-3 head:
-    forward kernel 16.4 -> 12.5 ms, backward 41.1 -> 38.9 ms; benchmarks/RESULTS.md, run 4),
-    off in the interpreter and on older cards."""
+    data-centre Hopper or Blackwell current CUDA device (H100, bf16, 8192 of 16384 tokens valid,
+    Llama-3 head: forward kernel 16.4 -> 12.5 ms, backward 41.1 -> 38.9 ms;
+    benchmarks/RESULTS.md, run 4), off in the interpreter and on other cards (the consumer
+    Blackwell parts, sm_12x, have half the shared memory the pipelined blocks take)."""
     forced = os.environ.get("HYPO_FAST_TMA")
     if forced in ("0", "1"):
         return forced == "1"
-    return not INTERPRET and torch.cuda.is_available() and _hopper(torch.cuda.current_device())
+    return (not INTERPRET and torch.cuda.is_available()
+            and _datacenter_tma(torch.cuda.current_device()))
 
 
 @functools.cache
-def _hopper(device: int) -> bool:
-    return torch.cuda.get_device_capability(device)[0] >= 9
+def _datacenter_tma(device: int) -> bool:
+    return torch.cuda.get_device_capability(device)[0] in (9, 10)
 
 
 def tma_eligible(weight: torch.Tensor, rows: torch.Tensor, cfg: dict) -> bool:

@@ -380,7 +380,8 @@ def filter_tiles(
     and greatest z − r), the non-label columns carry
 
         Σ_t |dz_j| ≤ |g_kl|·K + |g_ent|·P·(H − log P + log W) + |g_logp|·P,
-        forward (dz = p − q = p·(1 − e^{−x})): K = min(P + Q, P·max(|e^{−lo} − 1|, |e^{−hi} − 1|)),
+        forward (dz = p − q = p·(1 − e^{−x}) = q·(e^x − 1)):
+            K = min(P + Q, P·max(|e^{−lo} − 1|, |e^{−hi} − 1|), Q·max(|e^{lo} − 1|, |e^{hi} − 1|)),
         reverse (dz = p·(x − KL)): K = P·min(−log P + log W + ℓ + |KL|, max(|lo|, |hi|) + |KL|),
 
     with ``−Σ_t p log p ≤ P·(−log P + log W)`` (W = tile width). The second bound of each pair
@@ -407,13 +408,22 @@ def filter_tiles(
         log_q_max = lse_r - r_min + 2.0**-21 * (lse_r.abs() + r_min.abs())  # ≥ |log q| in t
         k = p * torch.minimum(log_w - log_p + log_q_max + kl,
                               torch.maximum(lo.abs(), hi.abs()) + kl)
-    else:  # in logs: P can underflow where Q does not
-        log_ratio = torch.maximum(_log_abs_expm1(-lo), _log_abs_expm1(-hi))
-        k = torch.minimum(p + log_mass(tile_stats[1, :, :n], lse_r).exp(),
-                          (log_p + log_ratio).exp())
+    else:  # |p − q| = p·|e^{−x} − 1| = q·|e^x − 1|, in logs (either mass can underflow)
+        log_q = log_mass(tile_stats[1, :, :n], lse_r)
+        by_p = _tight(tile_stats[0, :, :n], log_p, _log_abs_expm1(-lo), _log_abs_expm1(-hi))
+        by_q = _tight(tile_stats[1, :, :n], log_q, _log_abs_expm1(lo), _log_abs_expm1(hi))
+        k = torch.minimum(p + log_q.exp(), torch.minimum(by_p, by_q))
     rate = c * k + b * p * (h - log_p + log_w) + a * p
     label_tiles = labels // tile_w if labels is not None else None
     return drop_within_budget(rate, eps * (a + b + c), label_tiles, block_m)
+
+
+def _tight(tile_lse: torch.Tensor, log_m: torch.Tensor, *log_factors: torch.Tensor
+           ) -> torch.Tensor:
+    """``mass · max(factors)`` from logs; +inf where the forward's tile log-sum-exp underflowed
+    (the mass is then known only to be tiny, which a product with a huge factor can't use)."""
+    bound = (log_m + torch.stack(log_factors).amax(dim=0)).exp()
+    return torch.where(torch.isfinite(tile_lse), bound, math.inf)
 
 
 def _log_abs_expm1(y: torch.Tensor) -> torch.Tensor:

@@ -323,6 +323,36 @@ def test_kl_filtered_equals_exact_on_kept_tiles_and_drops_only_small_entries(
     assert bool((dropped <= eps * c.abs().sum(0) / temperature + 1e-12).all())
 
 
+def test_kl_forward_filter_keeps_a_tile_whose_policy_mass_underflowed():
+    """Forward KL, the policy's mass all in tile 0 (its tile log-sum-exp elsewhere underflows to
+    -inf in the forward), the reference's in tile 1: there |p − q| sums to ~1, so tile 1 must be
+    kept, and the filtered dH stays within the bound (found by review: a bound through the
+    underflowed P read 0)."""
+    n, d, v = 1, 32, 1024
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(v, d, generator=g) * 0.01
+    hidden = torch.randn(n, d, generator=g)
+    width = KL.tile_width(hidden.dtype)
+    bias = torch.full((v,), -150.0)
+    bias[:width] = 0.0
+    ref_bias = torch.zeros(v)
+    ref_bias[width:2 * width] = 10.0
+    policy, ref = KL.Head(hidden, weight, bias), KL.Head(hidden, weight, ref_bias)
+    rows, eps, g_kl = torch.arange(n), 1e-3, torch.ones(n)
+    stats = torch.empty(KL.TILE_STATS, triton.cdiv(v, width), n)
+    norm = KL.kl_forward(policy, ref, rows, reverse=False, tile_stats=stats).norm
+    assert stats[0, 1, 0] == -math.inf  # the case: P's statistic underflowed
+    keep = KL.filter_tiles(stats, norm, None, None, g_kl, None, None, False, eps,
+                           KL.two_head_config("backward", hidden.dtype)["BM"], width)
+    assert bool(keep[0, 1])
+    exact = KL.kl_backward(policy, ref, rows, None, norm, None, g_kl, None, None,
+                           reverse=False)[0]
+    filtered = KL.kl_backward(policy, ref, rows, None, norm, None, g_kl, None, None,
+                              reverse=False, tile_stats=stats, filter_eps=eps,
+                              max_fraction=1.0)[0]
+    assert (exact - filtered).abs().max() <= eps * weight.abs().max()
+
+
 @pytest.mark.parametrize("reverse", [True, False])
 def test_kl_filtering_skips_more_of_a_closer_reference(reverse):
     """The bounds shrink with the heads' distance: with the KL term alone (no labels), a
