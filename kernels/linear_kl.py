@@ -66,6 +66,7 @@ from ._tiles import (
     head_constants,
     head_operands,
     head_transform,
+    launch,
     log_mass,
     logits_tile,
     merge_splits,
@@ -489,7 +490,8 @@ def kl_forward(
     part = torch.empty((9, splits, n), dtype=torch.float32, device=dev)
     heads, cfg = _kernel_heads(policy, ref, rows, cfg, all_rows=all_rows)
     stats = tile_stats if tile_stats is not None else part
-    _forward_kernel[(n_row_blocks * splits,)](
+    launch(
+        _forward_kernel, (n_row_blocks * splits,),
         *heads, labels if labels is not None else rows, rows,
         part, stats, n, V, part.stride(0), stats.stride(1), stats.stride(0), splits,
         tiles_per_split, REVERSE=reverse, WANT_ENTROPY=want_entropy,
@@ -586,7 +588,8 @@ def kl_backward(
 
     def fill(dx: torch.Tensor, db_part: torch.Tensor, start: int, cols: int,
              pairs: torch.Tensor | None = None) -> None:
-        _grad_logits_kernel[grad_grid(n, cols, cfg, pairs)](
+        launch(
+            _grad_logits_kernel, grad_grid(n, cols, cfg, pairs),
             *heads, labels if labels is not None else rows, rows,
             norm, entropy if entropy is not None else norm, *grads,
             dx, db_part, pairs if pairs is not None else rows, n, V, start, cols,

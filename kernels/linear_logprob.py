@@ -55,6 +55,7 @@ from ._tiles import (
     grad_tile,
     head_constants,
     head_operands,
+    launch,
     log_mass,
     logits_tile,
     merge_splits,
@@ -228,7 +229,8 @@ def logprob_forward(
                        device=hidden.device)
     m, s, t = part[0], part[1], part[2]
     a = part[3] if want_entropy else t
-    _forward_kernel[(n_row_blocks * splits,)](
+    launch(
+        _forward_kernel, (n_row_blocks * splits,),
         h_arg, w_arg, bias if bias is not None else hidden, labels, rows, m, s, a, t,
         tile_lse if tile_lse is not None else m,
         n, V, D, hidden.stride(0), weight.stride(0),
@@ -345,7 +347,8 @@ def logprob_backward(
 
     def fill(dx: torch.Tensor, db_part: torch.Tensor, start: int, cols: int,
              pairs: torch.Tensor | None = None) -> None:
-        _grad_logits_kernel[grad_grid(n, cols, cfg, pairs)](
+        launch(
+            _grad_logits_kernel, grad_grid(n, cols, cfg, pairs),
             h_arg, w_arg, bias if bias is not None else hidden, labels, rows, norm,
             entropy if entropy is not None else zero, g_logp,
             g_lse if g_lse is not None else zero, g_entropy if g_entropy is not None else zero,
