@@ -674,6 +674,12 @@ def fastest_configs(sweep: list[dict]) -> list[str]:
             f"{e['ms']:.2f} ms" for group, e in best.items()]
 
 
+def table(header: list[str], rows) -> list[str]:
+    """Markdown lines of a table: a blank line, the header, the rule, a line per row of cells."""
+    return ["", "| " + " | ".join(header) + " |", "|---" * len(header) + "|",
+            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
+
+
 def markdown() -> str:
     lines = []
     env = RESULTS["env"]
@@ -683,72 +689,60 @@ def markdown() -> str:
         m = RESULTS["matmul"]
         lines.append(f"measured bf16 matmul ({m['N']}x{m['d']}x{m['V']}): {m['ms']:.2f} ms = "
                      f"{m['tflops']:.0f} TFLOP/s")
-    lines += ["", "| case | N | d | V | dtype | logp | lse (kl) | entropy | dH | dW | db |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    fmt = lambda x: "-" if x is None else f"{x:.1e}"  # noqa: E731
-    for c in RESULTS["checks"]:
-        lines.append(f"| {c['case']} | {c['N']} | {c['d']} | {c['V']} | {c['dtype']} | "
-                     f"{fmt(c['logp'])} | {fmt(c['lse'])} | {fmt(c['entropy_err'])} | "
-                     f"{fmt(c['dH'])} | {fmt(c['dW'])} | {fmt(c['db'])} |")
-    lines += ["", "| head | N (valid) | dtype | entropy | path | fwd ms | fwd+bwd ms | "
-              "fwd % mm | fwd+bwd % mm | peak fwd+bwd MiB | peak − grads MiB |", "|---" * 11 + "|"]
+    e = lambda x: "-" if x is None else f"{x:.1e}"  # noqa: E731
+    lines += table(
+        ["case", "N", "d", "V", "dtype", "logp", "lse (kl)", "entropy", "dH", "dW", "db"],
+        ([c["case"], c["N"], c["d"], c["V"], c["dtype"], e(c["logp"]), e(c["lse"]),
+          e(c["entropy_err"]), e(c["dH"]), e(c["dW"]), e(c["db"])] for c in RESULTS["checks"]))
+    rows = []
     for t in RESULTS["timings"]:
+        shape = [t["head"], f"{t['N']} ({t['N_valid']})", t["dtype"]]
         for path in ("ours", "naive"):
-            lines.append(
-                f"| {t['head']} | {t['N']} ({t['N_valid']}) | {t['dtype']} | {t['entropy']:.2f} | "
-                f"{path} | {t[path + '_fwd_ms']:.2f} | {t[path + '_fwdbwd_ms']:.2f} | "
-                f"{100 * (t[path + '_fwd_frac'] or 0):.0f} | "
-                f"{100 * (t[path + '_fwdbwd_frac'] or 0):.0f} | "
-                f"{t[path + '_fwdbwd_peak_mib']:.0f} | "
-                f"{t[path + '_fwdbwd_peak_mib'] - t['grads_mib']:.0f} |")
+            peak = t[path + "_fwdbwd_peak_mib"]
+            rows.append([*shape, f"{t['entropy']:.2f}", path, f"{t[path + '_fwd_ms']:.2f}",
+                         f"{t[path + '_fwdbwd_ms']:.2f}",
+                         f"{100 * (t[path + '_fwd_frac'] or 0):.0f}",
+                         f"{100 * (t[path + '_fwdbwd_frac'] or 0):.0f}", f"{peak:.0f}",
+                         f"{peak - t['grads_mib']:.0f}"])
         if t["cublas_3gemm_frac"] is None:
             continue
-        lines.append(f"| {t['head']} | {t['N']} ({t['N_valid']}) | {t['dtype']} | | "
-                     f"cuBLAS logits+dH+dW | | {t['cublas_3gemm_ms']:.2f} | | "
-                     f"{100 * (t['cublas_3gemm_frac'] or 0):.0f} | | |")
-        lines.append(f"| {t['head']} | {t['N']} ({t['N_valid']}) | {t['dtype']} | | "
-                     f"input validation | {t['validate_ms']:.2f} | | | | | |")
-        lines.append(f"| {t['head']} | {t['N']} ({t['N_valid']}) | {t['dtype']} | | "
-                     f"ours, hidden h[:, :-1] | | {t['ours_shifted_fwdbwd_ms']:.2f} | | | "
-                     f"{t['ours_shifted_fwdbwd_peak_mib']:.0f} | "
-                     f"{t['ours_shifted_fwdbwd_peak_mib'] - t['grads_mib']:.0f} |")
+        shifted = t["ours_shifted_fwdbwd_peak_mib"]
+        rows += [[*shape, "", "cuBLAS logits+dH+dW", "", f"{t['cublas_3gemm_ms']:.2f}", "",
+                  f"{100 * (t['cublas_3gemm_frac'] or 0):.0f}", "", ""],
+                 [*shape, "", "input validation", f"{t['validate_ms']:.2f}", "", "", "", "", ""],
+                 [*shape, "", "ours, hidden h[:, :-1]", "", f"{t['ours_shifted_fwdbwd_ms']:.2f}",
+                  "", "", f"{shifted:.0f}", f"{shifted - t['grads_mib']:.0f}"]]
+    lines += table(["head", "N (valid)", "dtype", "entropy", "path", "fwd ms", "fwd+bwd ms",
+                    "fwd % mm", "fwd+bwd % mm", "peak fwd+bwd MiB", "peak − grads MiB"], rows)
     if RESULTS.get("losses"):
-        lines += ["", "| losses: triton vs reference | loss | aux | dH | dW |", "|---" * 5 + "|"]
-        for c in RESULTS["losses"]:
-            lines.append(f"| {c['case']} | {c['loss']:.1e} | {c['aux']:.1e} | {c['dH']:.1e} | "
-                         f"{c['dW']:.1e} |")
+        lines += table(["losses: triton vs reference", "loss", "aux", "dH", "dW"],
+                       ([c["case"], *(e(c[k]) for k in ("loss", "aux", "dH", "dW"))]
+                        for c in RESULTS["losses"]))
     if RESULTS.get("overhead"):
-        lines += ["", "| public call | wall ms | host until return ms | "
-                  "device busy ms |", "|---" * 4 + "|"]
-        for o in RESULTS["overhead"]:
-            lines.append(f"| {o['op']} | {o['wall_ms']:.2f} | {o['host_ms']:.2f} | "
-                         f"{o['device_busy_ms']:.2f} |")
+        lines += table(["public call", "wall ms", "host until return ms", "device busy ms"],
+                       ([o["op"], *(f"{o[k]:.2f}" for k in ("wall_ms", "host_ms",
+                                                             "device_busy_ms"))]
+                        for o in RESULTS["overhead"]))
+    filter_cells = lambda f: [f"{f['kept_fraction']:.2f}", f"{f['exact_ms']:.2f}",  # noqa: E731
+                              f"{f['filtered_ms']:.2f}"]
     if RESULTS.get("filtered"):
-        lines += ["", "| zipf | N (valid) | entropy | kept tiles | exact fwd+bwd ms | "
-                  "filtered fwd+bwd ms | cuBLAS 3 GEMMs ms | dH vs exact | dW vs exact |",
-                  "|---" * 9 + "|"]
-        for f in RESULTS["filtered"]:
-            lines.append(f"| {f['zipf']} | {f['N']} ({f['N_valid']}) | {f['entropy']:.2f} | "
-                         f"{f['kept_fraction']:.2f} | {f['exact_ms']:.2f} | "
-                         f"{f['filtered_ms']:.2f} | {f['cublas_3gemm_ms']:.2f} | "
-                         f"{f['dH_vs_exact']:.1e} | {f['dW_vs_exact']:.1e} |")
+        lines += table(["zipf", "N (valid)", "entropy", "kept tiles", "exact fwd+bwd ms",
+                        "filtered fwd+bwd ms", "cuBLAS 3 GEMMs ms", "dH vs exact", "dW vs exact"],
+                       ([f["zipf"], f"{f['N']} ({f['N_valid']})", f"{f['entropy']:.2f}",
+                         *filter_cells(f), f"{f['cublas_3gemm_ms']:.2f}",
+                         e(f["dH_vs_exact"]), e(f["dW_vs_exact"])] for f in RESULTS["filtered"]))
     if RESULTS.get("kl_filtered"):
-        lines += ["", "| KL filtered | reference | zipf | N | entropy | kept tiles | "
-                  "exact fwd+bwd ms | filtered fwd+bwd ms | dH vs exact | dW vs exact |",
-                  "|---" * 10 + "|"]
-        for f in RESULTS["kl_filtered"]:
-            lines.append(f"| {f['direction']} | {f['reference']} | {f['zipf']} | {f['N']} | "
-                         f"{f['entropy']:.2f} | "
-                         f"{f['kept_fraction']:.2f} | {f['exact_ms']:.2f} | "
-                         f"{f['filtered_ms']:.2f} | {f['dH_vs_exact']:.1e} | "
-                         f"{f['dW_vs_exact']:.1e} |")
+        lines += table(["KL filtered", "reference", "zipf", "N", "entropy", "kept tiles",
+                        "exact fwd+bwd ms", "filtered fwd+bwd ms", "dH vs exact", "dW vs exact"],
+                       ([f["direction"], f["reference"], f["zipf"], f["N"], f"{f['entropy']:.2f}",
+                         *filter_cells(f), e(f["dH_vs_exact"]), e(f["dW_vs_exact"])]
+                        for f in RESULTS["kl_filtered"]))
     if RESULTS["sweep"]:
-        lines += ["", "| kind | BM | BN | BK | GROUP_M | TMA | warps | stages | ms |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for s in RESULTS["sweep"]:
-            ms = f"{s['ms']:.2f}" if "ms" in s else s["error"][:60]
-            lines.append(f"| {s['kind']} | {s['BM']} | {s['BN']} | {s['BK']} | {s['GROUP_M']} | "
-                         f"{s.get('TMA', False)} | {s['num_warps']} | {s['num_stages']} | {ms} |")
+        lines += table(["kind", "BM", "BN", "BK", "GROUP_M", "TMA", "warps", "stages", "ms"],
+                       ([w["kind"], w["BM"], w["BN"], w["BK"], w["GROUP_M"], w.get("TMA", False),
+                         w["num_warps"], w["num_stages"],
+                         f"{w['ms']:.2f}" if "ms" in w else w["error"][:60]]
+                        for w in RESULTS["sweep"]))
         lines += ["", *fastest_configs(RESULTS["sweep"])]
     if RESULTS["errors"]:
         lines += ["", "errors in: " + ", ".join(e["section"] for e in RESULTS["errors"])]
