@@ -335,15 +335,16 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     stages as the current device's shared memory holds: the default blocks take ~147 KB at 3
     stages, which data-centre cards have (A100 164 KB, H100 227 KB) and others (sm_86/89/120:
     ~99 KB) do not. The stage count that fits is remembered per kernel, device and constants."""
-    key = (kernel, torch.cuda.current_device() if torch.cuda.is_available() else -1,
-           *sorted((k, v) for k, v in kwargs.items()
-                   if (k.isupper() or k.startswith("num_")) and isinstance(v, (bool, int, str))))
+    device = -1 if INTERPRET or not torch.cuda.is_available() else torch.cuda.current_device()
+    key = (kernel, device, *sorted((k, v) for k, v in kwargs.items()
+                                   if (k.isupper() or k.startswith("num_"))
+                                   and isinstance(v, (bool, int, str))))
     stages = _FITTING_STAGES.get(key, kwargs.get("num_stages", 3))
     while True:
         try:
             kernel[grid](*args, **{**kwargs, "num_stages": stages})
-        except OutOfResources:
-            if stages <= 1:
+        except OutOfResources as exc:
+            if stages <= 1 or "shared memory" not in str(exc):
                 raise
             stages -= 1
             continue

@@ -395,9 +395,9 @@ def filter_tiles(
     zero = torch.zeros(n, dtype=torch.float32, device=norm.device)
     c, b, a = (g.abs() if g is not None else zero for g in (g_kl, g_entropy, g_logp))
     lse_z, lse_r = norm[0] + norm[1], norm[2] + norm[3]
-    log_p = log_mass(tile_stats[0, :, :n], lse_z)
-    p = log_p.exp()
     log_w = math.log(tile_w)
+    log_p = _unflushed(log_mass(tile_stats[0, :, :n], lse_z), log_w, norm[1])
+    p = log_p.exp()
     h = entropy if entropy is not None and g_entropy is not None else 0.0
     d_min, d_max = tile_stats[3, :, :n], tile_stats[4, :, :n]
     # fp32 roundings of O(|z|, |r|, |lse|) values: 8 ulps of each
@@ -410,21 +410,24 @@ def filter_tiles(
         k = p * torch.minimum(log_w - log_p + log_q_max + kl,
                               torch.maximum(lo.abs(), hi.abs()) + kl)
     else:  # |p − q| = p·|e^{−x} − 1| = q·|e^x − 1|, in logs (either mass can underflow)
-        log_q = log_mass(tile_stats[1, :, :n], lse_r)
-        by_p = _tight(tile_stats[0, :, :n], log_p, _log_abs_expm1(-lo), _log_abs_expm1(-hi))
-        by_q = _tight(tile_stats[1, :, :n], log_q, _log_abs_expm1(lo), _log_abs_expm1(hi))
-        k = torch.minimum(p + log_q.exp(), torch.minimum(by_p, by_q))
+        log_q = _unflushed(log_mass(tile_stats[1, :, :n], lse_r), log_w, norm[3])
+        by_p = log_p + torch.maximum(_log_abs_expm1(-lo), _log_abs_expm1(-hi))
+        by_q = log_q + torch.maximum(_log_abs_expm1(lo), _log_abs_expm1(hi))
+        k = torch.minimum(p + log_q.exp(), torch.minimum(by_p, by_q).exp())
     rate = c * k + b * p * (h - log_p + log_w) + a * p
     label_tiles = labels // tile_w if labels is not None else None
     return drop_within_budget(rate, eps * (a + b + c), label_tiles, block_m)
 
 
-def _tight(tile_lse: torch.Tensor, log_m: torch.Tensor, *log_factors: torch.Tensor
-           ) -> torch.Tensor:
-    """``mass · max(factors)`` from logs; +inf where the forward's tile log-sum-exp underflowed
-    (the mass is then known only to be tiny, which a product with a huge factor can't use)."""
-    bound = (log_m + torch.stack(log_factors).amax(dim=0)).exp()
-    return torch.where(torch.isfinite(tile_lse), bound, math.inf)
+def _unflushed(log_m: torch.Tensor, log_w: float, log_s: torch.Tensor) -> torch.Tensor:
+    """``log_m``, a tile's log-mass from the forward, raised by what its sum can have lost: each
+    term ``e^{z − m}`` below 2⁻¹²⁶ flushes to 0 against the running max m ≤ max z, so the W
+    terms lost weigh at most ``W·2⁻¹²⁶·e^{max z − lse} = W·2⁻¹²⁶/S`` (``log_s = log S``).
+    Negligible beside any mass, but not once multiplied by a ratio q/p of e^100."""
+    return torch.logaddexp(log_m, log_w - log_s + _LOG_FLUSH)
+
+
+_LOG_FLUSH = math.log(2.0**-126)  # fp32's least normal: exp() results below it flush to 0
 
 
 def _log_abs_expm1(y: torch.Tensor) -> torch.Tensor:

@@ -323,25 +323,36 @@ def test_kl_filtered_equals_exact_on_kept_tiles_and_drops_only_small_entries(
     assert bool((dropped <= eps * c.abs().sum(0) / temperature + 1e-12).all())
 
 
-def test_kl_forward_filter_keeps_a_tile_whose_policy_mass_underflowed():
-    """Forward KL, the policy's mass all in tile 0 (its tile log-sum-exp elsewhere underflows to
-    -inf in the forward), the reference's in tile 1: there |p − q| sums to ~1, so tile 1 must be
-    kept, and the filtered dH stays within the bound (found by review: a bound through the
-    underflowed P read 0)."""
+@pytest.mark.parametrize("flushed", ["whole tile", "all but one"])
+def test_kl_forward_filter_keeps_a_tile_whose_policy_mass_underflowed(flushed):
+    """Forward KL, the policy's mass in tile 0 and the reference's partly in tile 1, whose
+    policy logits are so low that their terms flush to 0 in the forward's tile sum (all of
+    them: the statistic is -inf; all but one: it is finite but ~20x too small). |p − q| there
+    sums to ~1 or 0.03, so tile 1 must be kept and the filtered dH stays within the bound
+    (found by review: bounds through the flushed P read 0, then ~W times too little)."""
     n, d, v = 1, 32, 1024
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(v, d, generator=g) * 0.01
     hidden = torch.randn(n, d, generator=g)
     width = KL.tile_width(hidden.dtype)
-    bias = torch.full((v,), -150.0)
-    bias[:width] = 0.0
-    ref_bias = torch.zeros(v)
-    ref_bias[width:2 * width] = 10.0
+    tile1 = slice(width, 2 * width)
+    bias, ref_bias = torch.full((v,), -150.0), torch.full((v,), -150.0)
+    bias[:width] = ref_bias[:width] = 0.0
+    if flushed == "whole tile":
+        ref_bias[tile1] = 10.0
+    else:  # the interpreter's exp keeps subnormals: e^-103 survives, e^-104.6 does not
+        weight[tile1], hidden = 0.01, hidden * 1e-4
+        bias[width], bias[width + 1:2 * width] = -103.0, -104.6
+        ref_bias[width], ref_bias[width + 1:2 * width] = -200.0, -3.46
     policy, ref = KL.Head(hidden, weight, bias), KL.Head(hidden, weight, ref_bias)
-    rows, eps, g_kl = torch.arange(n), 1e-3, torch.ones(n)
+    rows, eps, g_kl = torch.arange(n), 2e-3, torch.ones(n)
     stats = torch.empty(KL.TILE_STATS, triton.cdiv(v, width), n)
     norm = KL.kl_forward(policy, ref, rows, reverse=False, tile_stats=stats).norm
-    assert stats[0, 1, 0] == -math.inf  # the case: P's statistic underflowed
+    true_lse = torch.logsumexp((hidden @ weight.T + bias)[0, tile1].double(), 0)
+    if flushed == "whole tile":  # the cases themselves
+        assert stats[0, 1, 0] == -math.inf
+    else:
+        assert -math.inf < stats[0, 1, 0] < true_lse - 2
     keep = KL.filter_tiles(stats, norm, None, None, g_kl, None, None, False, eps,
                            KL.two_head_config("backward", hidden.dtype)["BM"], width)
     assert bool(keep[0, 1])

@@ -54,5 +54,22 @@ def test_launch_drops_pipeline_stages_until_the_kernel_fits_and_remembers_it():
 
 
 def test_launch_raises_when_even_one_stage_does_not_fit():
+    kernel = _Kernel(fits=0)
     with pytest.raises(OutOfResources):
-        launch(_Kernel(fits=0), (1,), num_stages=2)
+        launch(kernel, (1,), num_stages=2)
+    assert kernel.stages == [2, 1]
+
+
+def test_launch_does_not_trade_stages_for_other_resources():
+    class Threads(_Kernel):
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                self.stages.append(kwargs["num_stages"])
+                raise OutOfResources(2048, 1024, "threads")
+
+            return run
+
+    kernel = Threads(fits=0)
+    with pytest.raises(OutOfResources, match="threads"):
+        launch(kernel, (1,), num_stages=3)
+    assert kernel.stages == [3]
