@@ -334,11 +334,14 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)`` with as many of ``kwargs["num_stages"]`` pipeline
     stages as the current device's shared memory holds: the default blocks take ~147 KB at 3
     stages, which data-centre cards have (A100 164 KB, H100 227 KB) and others (sm_86/89/120:
-    ~99 KB) do not. The stage count that fits is remembered per kernel, device and constants."""
+    ~99 KB) do not. The stage count that fits is remembered per kernel, device, argument dtypes
+    and constants."""
     device = -1 if INTERPRET or not torch.cuda.is_available() else torch.cuda.current_device()
-    key = (kernel, device, *sorted((k, v) for k, v in kwargs.items()
-                                   if (k.isupper() or k.startswith("num_"))
-                                   and isinstance(v, (bool, int, str))))
+    dtypes = tuple(getattr(a, "dtype", None) or getattr(getattr(a, "base", None), "dtype", None)
+                   for a in args)  # tensors and tensor descriptors
+    key = (kernel, device, dtypes, *sorted((k, v) for k, v in kwargs.items()
+                                           if (k.isupper() or k.startswith("num_"))
+                                           and isinstance(v, (bool, int, str))))
     stages = _FITTING_STAGES.get(key, kwargs.get("num_stages", 3))
     while True:
         try:

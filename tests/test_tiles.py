@@ -4,6 +4,7 @@ and the launcher that fits pipeline stages to the card's shared memory."""
 from __future__ import annotations
 
 import pytest
+import torch
 from hypo_fast.kernels._tiles import best_split, launch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -51,6 +52,8 @@ def test_launch_drops_pipeline_stages_until_the_kernel_fits_and_remembers_it():
     assert kernel.stages == [4, 3, 2, 2]  # the fitting count, first time
     launch(kernel, (1,), 0, BM=64, num_warps=8, num_stages=4)  # other constants: tried anew
     assert kernel.stages[4:] == [4, 3, 2]
+    launch(kernel, (1,), torch.zeros(1), BM=64, num_warps=8, num_stages=4)  # other dtypes too
+    assert kernel.stages[7:] == [4, 3, 2]
 
 
 def test_launch_raises_when_even_one_stage_does_not_fit():
