@@ -374,7 +374,6 @@ def _linear_kl_op(
             tile_stats)
 
 
-
 @_linear_kl_op.register_fake
 def _(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, valid, labels, reverse,
       temperature, softcap, want_entropy, filter_eps):
