@@ -642,13 +642,18 @@ def sweep(n, d, v):
 
     for bm, bn, bk, gm, warps, stages, tma, fuse in [
             (128, 128, 64, 16, 8, 3, False, False), (128, 128, 64, 16, 8, 4, True, False),
-            (128, 128, 64, 16, 8, 3, True, True), (128, 128, 64, 16, 8, 4, True, True),
-            (128, 128, 64, 8, 8, 3, True, True), (128, 128, 64, 32, 8, 4, True, False)]:
+            (128, 128, 64, 16, 8, 3, True, True), (128, 128, 64, 8, 8, 3, True, True),
+            (128, 128, 64, 32, 8, 4, True, False)]:
         cfg = {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": gm, "TMA": tma, "FUSE_K": fuse,
                "num_warps": warps, "num_stages": stages}
         for kind in ("forward", "backward"):
             record(f"KL {kind}{' fused' if fuse else ''}", cfg,
                    lambda kind=kind, cfg=cfg: run_kl(kind, cfg))
+    # the forward's tile and K loops fused by the compiler
+    for bk, gm, stages in [(64, 8, 3), (64, 16, 3), (32, 8, 5)]:
+        cfg = {**kkl.two_head_config("forward", torch.bfloat16), "BK": bk, "GROUP_M": gm,
+               "num_stages": stages, "FLATTEN": True}
+        record("KL forward fused flattened", cfg, lambda cfg=cfg: run_kl("forward", cfg))
 
 
 def record(kind, cfg, fn):

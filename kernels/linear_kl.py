@@ -149,7 +149,7 @@ def _forward_kernel(
     WANT_TILE_STATS: tl.constexpr,
     CAST_F32: tl.constexpr, PRECISION: tl.constexpr,
     REF_CAST_F32: tl.constexpr, REF_PRECISION: tl.constexpr, TMA: tl.constexpr,
-    FUSE_K: tl.constexpr,
+    FUSE_K: tl.constexpr, FLATTEN: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     rb, split = swizzle(tl.program_id(0), tl.cdiv(N, BM), n_splits, GROUP_M)
@@ -176,8 +176,9 @@ def _forward_kernel(
     cols = tl.arange(0, BN)
     stat_ptrs = TSTAT + first_tile.to(tl.int64) * stride_ts + offs_m  # advanced tile by tile
     # Each tile's own work follows its product, so that few [BM, BN] tensors are live at once
-    # (at 128 x 128 the two logits tiles alone take half the registers).
-    for tile in range(first_tile, last_tile):
+    # (at 128 x 128 the two logits tiles alone take half the registers). FLATTEN: the compiler
+    # fuses this loop with the K loops inside, one pipeline for all.
+    for tile in tl.range(first_tile, last_tile, flatten=FLATTEN):
         offs_n = cols.to(tl.int64) + tile * BN
         col_mask = cols < V - tile * BN
         hit = cols[None, :] == (labels - tile * BN)[:, None] if HAS_LABELS else None
@@ -499,7 +500,8 @@ def kl_forward(
         part, stats, n, V, part.stride(0), stats.stride(1), stats.stride(0), splits,
         tiles_per_split, REVERSE=reverse, WANT_ENTROPY=want_entropy,
         HAS_LABELS=labels is not None, WANT_TILE_STATS=tile_stats is not None,
-        **_constants(policy, ref, temperature, softcap), **cfg,
+        **_constants(policy, ref, temperature, softcap),
+        **{**cfg, "FLATTEN": bool(cfg.get("FLATTEN"))},
     )
     m_z, s_z, m_r, s_r, a, b, ent, t_z, t_r = part
     max_z, sum_z, w_z = merge_splits(m_z, s_z)

@@ -82,7 +82,7 @@ def main(dtype: str, tma: bool) -> int:
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
 
     def blocks(cfg):  # the launchers' defaults: constexprs, then launch options
-        cfg = {**cfg, "TMA": tma}
+        cfg = {**cfg, "TMA": tma, **({"FLATTEN": tma} if "FLATTEN" in cfg else {})}
         return cfg, {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
 
     def operands(cfg, h="H", w="W"):  # what logits_tile reads: descriptors or pointers
@@ -100,7 +100,7 @@ def main(dtype: str, tma: bool) -> int:
     compile_one(f"linear_logprob forward {tag}", LP._forward_kernel,
                 {**operands(fwd), "B": ptr, "Y": i64, "ROWS": i64, "M_OUT": f32, "S_OUT": f32,
                  "A_OUT": f32, "T_OUT": f32, "TLSE": f32, "inv_temp": "fp32", "softcap": "fp32"},
-                {**heads, **fwd, "FLATTEN": tma, "WANT_ENTROPY": True, "WANT_TILE_LSE": True},
+                {**heads, **fwd, "WANT_ENTROPY": True, "WANT_TILE_LSE": True},
                 **launch)
     grad_args = {"B": ptr, "Y": i64, "ROWS": i64, "NORM": f32, "ENT": f32, "G_LOGP": f32,
                  "G_LSE": f32, "G_ENT": f32, "DX": ptr, "DB_PART": f32, "PAIRS": "*i32",
@@ -150,7 +150,7 @@ def main(dtype: str, tma: bool) -> int:
     compile_one(f"linear_logprob forward {tag} as benchmarked", LP._forward_kernel,
                 {**operands(fwd), "B": ptr, "Y": i64, "ROWS": i64, "M_OUT": f32, "S_OUT": f32,
                  "A_OUT": f32, "T_OUT": f32, "TLSE": f32, "inv_temp": "fp32", "softcap": "fp32"},
-                {**plain, **fwd, "FLATTEN": False, "WANT_ENTROPY": False, "WANT_TILE_LSE": True},
+                {**plain, **fwd, "WANT_ENTROPY": False, "WANT_TILE_LSE": True},
                 **budget, **launch)
     for sparse in (False, True):  # dense, and filtered (the forward's tile width)
         grad = {**bwd, "BN": LP.tile_width(torch_dtype)} if sparse else bwd

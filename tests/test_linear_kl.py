@@ -322,7 +322,8 @@ def test_tma_loads_for_both_heads_or_neither(dtype, d, d_ref, descriptors, direc
 def test_one_loop_for_both_products(dtype, d_ref, ref_dtype, fused, with_kl, direction):
     """``FUSE_K`` (descriptors, heads of the same d and dtype) computes both products in one
     loop: the same sums in the same order as two loops (bit for bit under the interpreter),
-    forward and backward, with or without a KL gradient; otherwise it falls back to two loops."""
+    forward and backward, with or without a KL gradient, and with the forward's tile and K
+    loops flattened; otherwise it falls back to two loops."""
     g = gen(3)
     n, d, V = 70, 80, 300  # d: several K blocks
     policy = K.Head(torch.randn(n, d, generator=g).to(DEVICE, dtype),
@@ -335,20 +336,23 @@ def test_one_loop_for_both_products(dtype, d_ref, ref_dtype, fused, with_kl, dir
     g_kl, g_logp = (torch.randn(n, generator=g).to(DEVICE) for _ in range(2))
     opts = dict(reverse=direction == "reverse", softcap=5.0, temperature=0.8)
     seen, results = [], []
-    for fuse in (False, True):
-        cfg = {**K.two_head_config("forward", dtype), "TMA": True, "FUSE_K": fuse}
+    for fuse, flatten in ((False, False), (True, False), (True, True)):
+        cfg, bwd = ({**K.two_head_config(kind, dtype), "TMA": True, "FUSE_K": fuse}
+                    for kind in ("forward", "backward"))
         seen.append(K._kernel_heads(policy, ref, rows, cfg)[1]["FUSE_K"])
-        stats = K.kl_forward(policy, ref, rows, labels, config=cfg, **opts)
+        stats = K.kl_forward(policy, ref, rows, labels, config={**cfg, "FLATTEN": flatten},
+                             **opts)
         grads = K.kl_backward(policy, ref, rows, labels, stats.norm, None,
                               g_kl if with_kl else None, None, g_logp, need_bias=True,
-                              config=cfg, **opts)
+                              config=bwd, **opts)
         results.append((stats.kl, stats.norm, stats.logp, stats.ref_logp, *grads))
-    assert seen == [False, fused]
-    for a, b in zip(*results, strict=True):
-        if INTERPRET:
-            assert torch.equal(a, b)
-        else:  # a compiled kernel may schedule the MMAs of one loop and of two differently
-            assert_rel("fused", a, b, GRAD_TOL[dtype])
+    assert seen == [False, fused, fused]
+    for a, *others in zip(*results, strict=True):
+        for b in others:
+            if INTERPRET:
+                assert torch.equal(a, b)
+            else:  # a compiled kernel may schedule the MMAs of one loop and of two differently
+                assert_rel("fused", a, b, GRAD_TOL[dtype])
 
 
 @needs_triton
