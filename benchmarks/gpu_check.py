@@ -1,6 +1,6 @@
 """One-call GPU check of the compiled kernels: correctness against the reference, then timings.
 
-    python benchmarks/gpu_check.py [--quick] [--sweep]
+    python benchmarks/gpu_check.py [--quick] [--sweep] [--only SECTION,...]
 
 Sections (each guarded, so one failure does not lose the rest of a lease):
 1. correctness of the compiled Triton kernels against ``hypo_fast.reference`` on odd small shapes
@@ -15,6 +15,8 @@ Sections (each guarded, so one failure does not lose the rest of a lease):
    slowest host functions);
 4. with ``--sweep``: forward and backward block configurations at the largest shape, with
    pointer and descriptor (TMA) loads, for both kernel families.
+``--only``: just the named sections (the names the log prints, e.g. ``kl-timings,kl-sweep``)
+and the matmul rate, for a short lease.
 Untagged entries take the library's default loads (descriptors on Hopper); "tma" and "no-tma"
 force descriptor or pointer loads (``HYPO_FAST_TMA``), checked for correctness and timed beside
 the default.
@@ -53,6 +55,7 @@ DRY = "--dry" in sys.argv  # module-wide: the device and shapes below
 DEV = "cpu" if DRY else "cuda"
 LLAMA = (64, 1000) if DRY else HEADS["llama3-8b"]  # (d, V) of the head measured
 RESULTS: dict = {"checks": [], "timings": [], "sweep": [], "errors": []}
+ONLY: set[str] = set()  # --only: the sections to run (empty: all)
 
 
 def tokens(n: int) -> int:
@@ -83,6 +86,8 @@ def save() -> None:
 def guarded(name):
     def wrap(fn):
         def run(*args, **kwargs):
+            if ONLY and name not in ONLY | {"matmul-rate"}:
+                return None
             t0 = time.time()
             try:
                 return fn(*args, **kwargs)
@@ -626,7 +631,12 @@ def sweep(n, d, v):
     for mib in (128, 256, 1024):
         record(f"backward chunk {mib} MiB", klp.block_config("backward", torch.bfloat16),
                lambda mib=mib: run_kind("backward", None, mib << 20))
-    # the KL kernels at N = n/2 all valid: the policy head against a perturbed copy
+
+
+@guarded("kl-sweep")
+def kl_sweep(n, d, v):
+    """The KL kernels at N = n/2, all valid: the policy head against a perturbed copy."""
+    h, w, _, _ = realistic_inputs(n, d, v, torch.bfloat16, DEV)
     n_kl = n // 2
     policy = kkl.Head(h[:n_kl], w, None)
     ref = kkl.Head((h[:n_kl].float() * 1.01).to(h.dtype), (w.float() * 0.99).to(w.dtype), None)
@@ -643,17 +653,13 @@ def sweep(n, d, v):
     for bm, bn, bk, gm, warps, stages, tma, fuse in [
             (128, 128, 64, 16, 8, 3, False, False), (128, 128, 64, 16, 8, 4, True, False),
             (128, 128, 64, 16, 8, 3, True, True), (128, 128, 64, 8, 8, 3, True, True),
+            (128, 128, 64, 4, 8, 3, True, True), (128, 128, 32, 8, 8, 6, True, True),
             (128, 128, 64, 32, 8, 4, True, False)]:
         cfg = {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": gm, "TMA": tma, "FUSE_K": fuse,
                "num_warps": warps, "num_stages": stages}
         for kind in ("forward", "backward"):
             record(f"KL {kind}{' fused' if fuse else ''}", cfg,
                    lambda kind=kind, cfg=cfg: run_kl(kind, cfg))
-    # the forward's tile and K loops fused by the compiler
-    for bk, gm, stages in [(64, 8, 3), (64, 16, 3), (32, 8, 5)]:
-        cfg = {**kkl.two_head_config("forward", torch.bfloat16), "BK": bk, "GROUP_M": gm,
-               "num_stages": stages, "FLATTEN": True}
-        record("KL forward fused flattened", cfg, lambda cfg=cfg: run_kl("forward", cfg))
 
 
 def record(kind, cfg, fn):
@@ -759,9 +765,12 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="smaller correctness shapes; time only 16384 tokens, bf16")
     p.add_argument("--sweep", action="store_true", help="also sweep block configurations")
+    p.add_argument("--only", default="", metavar="SECTION,...",
+                   help="run only these sections (and the matmul rate)")
     p.add_argument("--dry", action="store_true",
                    help="every section on the CPU, interpreted, at small shapes (a test)")
     args = p.parse_args(argv)
+    ONLY.update(filter(None, args.only.split(",")))
     if args.dry != DRY or (os.environ.get("TRITON_INTERPRET") == "1") != DRY:
         p.error("--dry runs as a script with TRITON_INTERPRET=1 in the environment, and only "
                 "--dry runs with it")
@@ -793,6 +802,7 @@ def main(argv=None) -> int:
     overhead(sizes[-1], d, v)
     if args.sweep:
         sweep(sizes[-1], d, v)
+        kl_sweep(sizes[-1], d, v)
     save()
     print("\n" + markdown())
     return 1 if RESULTS["errors"] else 0

@@ -81,8 +81,10 @@ def main(dtype: str, tma: bool) -> int:
     ptr, f32, i64 = f"*{dtype}", "*fp32", "*i64"
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
 
+    os.environ["HYPO_FAST_TMA"] = "1" if tma else "0"  # the defaults of such a device
+
     def blocks(cfg):  # the launchers' defaults: constexprs, then launch options
-        cfg = {**cfg, "TMA": tma, **({"FLATTEN": tma} if "FLATTEN" in cfg else {})}
+        cfg = dict(cfg)
         return cfg, {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
 
     def operands(cfg, h="H", w="W"):  # what logits_tile reads: descriptors or pointers
@@ -123,7 +125,6 @@ def main(dtype: str, tma: bool) -> int:
     ref = {"HAS_REF_BIAS": True, "REF_CAST_F32": False, "REF_PRECISION": "ieee", **heads}
     kl_fwd, kl_launch = blocks(KL.two_head_config("forward", torch_dtype))
     kl_bwd, kl_bwd_launch = blocks(KL.two_head_config("backward", torch_dtype))
-    fused = {"FUSE_K": tma}  # with descriptors, the one-loop products (off by default)
 
     def kl_heads(cfg):
         return {**operands(cfg), **operands(cfg, "HR", "WR"), "B": ptr, "BR": ptr, "Y": i64,
@@ -133,12 +134,12 @@ def main(dtype: str, tma: bool) -> int:
     kl_grad_args = {**kl_heads(kl_bwd), "NORM": f32, "ENT": f32, "G_KL": f32, "G_ENT": f32,
                     "G_LOGP": f32, "DX": ptr, "DB_PART": f32, "PAIRS": "*i32"}
     compile_one(f"linear_kl forward {tag}", KL._forward_kernel, kl_fwd_args,
-                {**ref, **kl_fwd, **fused, "REVERSE": True, "WANT_ENTROPY": True,
+                {**ref, **kl_fwd, "REVERSE": True, "WANT_ENTROPY": True,
                  "HAS_LABELS": True, "WANT_TILE_STATS": True}, **kl_launch)
     for reverse, sparse in ((True, False), (False, False), (True, True)):
         compile_one(f"linear_kl grad reverse={reverse} sparse={sparse} {tag}",
                     KL._grad_logits_kernel, kl_grad_args,
-                    {**ref, **kl_bwd, **fused, "REVERSE": reverse, "HAS_G_KL": True,
+                    {**ref, **kl_bwd, "REVERSE": reverse, "HAS_G_KL": True,
                      "HAS_G_ENT": True, "HAS_G_LOGP": True, "WANT_DB": True, "SPARSE": sparse},
                     **kl_bwd_launch)
 
@@ -160,10 +161,10 @@ def main(dtype: str, tma: bool) -> int:
                      "SPARSE": sparse}, **budget, **bwd_launch)
     plain_ref = {**plain, "HAS_REF_BIAS": False, "REF_CAST_F32": False, "REF_PRECISION": "ieee"}
     compile_one(f"linear_kl forward {tag} as benchmarked", KL._forward_kernel, kl_fwd_args,
-                {**plain_ref, **kl_fwd, **fused, "REVERSE": True, "WANT_ENTROPY": False,
+                {**plain_ref, **kl_fwd, "REVERSE": True, "WANT_ENTROPY": False,
                  "HAS_LABELS": True, "WANT_TILE_STATS": False}, **budget, **kl_launch)
     compile_one(f"linear_kl grad {tag} as benchmarked", KL._grad_logits_kernel, kl_grad_args,
-                {**plain_ref, **kl_bwd, **fused, "REVERSE": True, "HAS_G_KL": True,
+                {**plain_ref, **kl_bwd, "REVERSE": True, "HAS_G_KL": True,
                  "HAS_G_ENT": False, "HAS_G_LOGP": False, "WANT_DB": False, "SPARSE": False},
                 **budget, **kl_bwd_launch)
     return 1 if FAILED else 0

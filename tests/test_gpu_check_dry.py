@@ -10,18 +10,31 @@ from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 SECTIONS = ("correctness", "matmul-rate", "timings", "kl-correctness", "kl-timings", "filtered",
-            "kl-filtered", "losses", "profile", "overhead", "sweep")
+            "kl-filtered", "losses", "profile", "overhead", "sweep", "kl-sweep")
 
 
-def test_every_section_of_the_gpu_check_runs_dry(tmp_path):
+def dry_run(tmp_path, *args: str) -> str:
+    """The script's log, run dry with ``args``; it must succeed."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "OUT": str(tmp_path)}
     env.pop("HYPO_FAST_TMA", None)
-    run = subprocess.run([sys.executable, str(SCRIPT), "--dry", "--sweep"], capture_output=True,
+    run = subprocess.run([sys.executable, str(SCRIPT), "--dry", *args], capture_output=True,
                          text=True, env=env, timeout=900, cwd=SCRIPT.parent)
     log = run.stdout + run.stderr
     assert run.returncode == 0, log
+    return log
+
+
+def test_every_section_of_the_gpu_check_runs_dry(tmp_path):
+    log = dry_run(tmp_path, "--sweep")
     for section in SECTIONS:
         assert f"[{section}] " in log, section
     assert "FAILED" not in log and "errors in" not in log
     table = (tmp_path / "gpu_check.md").read_text()
     assert "fastest forward:" in table and "| dpo |" in table and "| 2.0 |" in table
+
+
+def test_only_runs_the_named_sections_and_the_matmul_rate(tmp_path):
+    log = dry_run(tmp_path, "--only", "kl-timings")
+    ran = {section for section in SECTIONS if f"[{section}] " in log}
+    assert ran == {"matmul-rate", "kl-timings"}, ran
+    assert "| llama3-8b KL |" in (tmp_path / "gpu_check.md").read_text()
