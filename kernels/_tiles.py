@@ -367,11 +367,15 @@ SPARSE_BD = 64  # the d-block of the block-sparse dH/dW kernels
 # accumulator and the dX tile (16-bit inputs); with 8 none (tests/compile_for_gpu.py)
 SPARSE_LAUNCH = {"num_warps": 8, "num_stages": 3}
 # The dX chunk buffer of a backward. At 8192 valid rows of a Llama-3-8B head its peak beside
-# the chunk is ~240 MiB (compacted H, the fp32 dH accumulator, tile log-sum-exps), and 2% of
-# the naive path's is 458 MiB. 256 MiB measured 512 MiB in all (H200, run 2) and ran as fast
-# as 1 GiB; 64 MiB ran 16% slower. 192 MiB: ~450 MiB predicted, 12288 columns per chunk (not
-# yet timed).
+# the chunk is ~190 MiB (compacted H, the fp32 dH accumulator), and 2% of the naive path's is
+# 458 MiB. 256 MiB measured 512 MiB in all (H200, run 2) and ran as fast as 1 GiB; 64 MiB ran
+# 16% slower; 192 MiB measured 383 MiB in all, 128 MiB ran 9-16% slower (H100, runs 7-8).
 CHUNK_BYTES = 192 << 20
+# The chunk and the fp32 dH accumulator (4·d bytes per row) share WORK_BYTES, the chunk taking
+# at least MIN_CHUNK_BYTES: at 16384 valid rows the accumulator alone is 256 MiB, and with a
+# 192 MiB chunk the peak measured 512 MiB, 2.2% of the naive path's (H100, runs 7-8).
+WORK_BYTES = 320 << 20
+MIN_CHUNK_BYTES = 128 << 20
 
 
 @triton.jit
@@ -527,7 +531,8 @@ def chunked_head_backward(
     writes ``dX[:, :cols]`` (``[n, chunk]``, input dtype) and, when ``need_bias``, the per-row-block
     column sums ``db_part [cdiv(n, BM), chunk]`` (fp32); then ``dW[chunk] = dXᵀ @ H[rows]``
     (complete, no accumulation) and ``dH[rows] += dX @ W[chunk]`` in fp32. No atomics: results
-    are bit-identical run to run. ``chunk_bytes`` bounds the dX buffer.
+    are bit-identical run to run. ``chunk_bytes`` bounds the dX buffer, and so does what the fp32
+    dH accumulator leaves of ``WORK_BYTES`` (but not below ``MIN_CHUNK_BYTES``).
 
     With ``keep [cdiv(n, BM), cdiv(V, BN)]`` (a filtered backward) and at most ``max_fraction``
     of it True, only the kept ``[BM, BN]`` tiles exist: ``fill(dx, db_part, start, cols, pairs)``
@@ -538,6 +543,8 @@ def chunked_head_backward(
     n, (V, D) = rows.numel(), weight.shape
     dtype, device = hidden.dtype, hidden.device
     bm, bn = cfg["BM"], cfg["BN"]
+    if need_hidden:
+        chunk_bytes = min(chunk_bytes, max(MIN_CHUNK_BYTES, WORK_BYTES - 4 * n * D))
     chunk = max(1, chunk_bytes // max(1, n * dtype.itemsize) // bn) * bn
     chunk = min(chunk, triton.cdiv(V, bn) * bn)
     sparse = keep is not None and float(keep.float().mean()) <= max_fraction

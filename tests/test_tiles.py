@@ -1,11 +1,13 @@
-"""Host-side helpers shared by the kernel families (``kernels/_tiles.py``): the split search
-and the launcher that fits pipeline stages to the card's shared memory."""
+"""Host-side helpers shared by the kernel families (``kernels/_tiles.py``): the split search,
+the launcher that fits pipeline stages to the card's shared memory, and the backward's chunk
+size."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from hypo_fast.kernels._tiles import best_split, launch
+from hypo_fast.kernels import _tiles
+from hypo_fast.kernels._tiles import best_split, chunked_head_backward, launch
 from hypothesis import given
 from hypothesis import strategies as st
 from triton.runtime.errors import OutOfResources
@@ -76,3 +78,33 @@ def test_launch_does_not_trade_stages_for_other_resources():
     with pytest.raises(OutOfResources, match="threads"):
         launch(kernel, (1,), num_stages=3)
     assert kernel.stages == [3]
+
+
+@pytest.mark.parametrize(("need_hidden", "work_tiles", "min_tiles", "expected"), [
+    (True, 2, 1, 2),  # what the fp32 dH accumulator leaves: 2 tiles of columns
+    (True, 0, 1, 1),  # nothing left: the floor
+    (False, 0, 1, 20),  # no accumulator: chunk_bytes alone (the whole vocabulary here)
+])
+def test_dx_chunk_shares_a_budget_with_the_dh_accumulator(monkeypatch, need_hidden, work_tiles,
+                                                          min_tiles, expected):
+    n, d, V, bn = 16, 8, 640, 32
+    tile_bytes = n * 4 * bn  # one [n, bn] fp32 tile of dX
+    monkeypatch.setattr(_tiles, "WORK_BYTES", 4 * n * d + work_tiles * tile_bytes)
+    monkeypatch.setattr(_tiles, "MIN_CHUNK_BYTES", min_tiles * tile_bytes)
+    widths = []
+
+    def fill(dx, db_part, start, cols):
+        widths.append(cols)
+        dx[:, :cols] = 1.0
+
+    hidden, weight = torch.randn(n, d, dtype=torch.float64), torch.randn(V, d, dtype=torch.float64)
+    dh, dw, _ = chunked_head_backward(
+        hidden.float(), weight.float(), torch.arange(n), fill, cfg={"BM": 16, "BN": bn},
+        need_hidden=need_hidden, need_weight=True, need_bias=False, chunk_bytes=1 << 30)
+    assert widths == [expected * bn] * (V // (expected * bn))
+    # dX = 1: every row of dW is the column sum of H, every row of dH that of W
+    torch.testing.assert_close(dw.double(), hidden.sum(0).expand(V, d), rtol=1e-5, atol=1e-5)
+    if need_hidden:
+        torch.testing.assert_close(dh.double(), weight.sum(0).expand(n, d), rtol=1e-5, atol=1e-4)
+    else:
+        assert dh is None
