@@ -665,6 +665,17 @@ def kl_sweep(n, d, v):
         for kind in ("forward", "backward"):
             record(f"KL {kind}{' fused' if fuse else ''}", cfg,
                    lambda kind=kind, cfg=cfg: run_kl(kind, cfg))
+    # the public forward (its validation included) at each GROUP_M, on the same inputs
+    default = kkl.two_head_config
+    for gm in (4, 8, 16):
+        kkl.two_head_config = lambda kind, dtype, gm=gm: {
+            **default(kind, dtype), **({"GROUP_M": gm} if kind == "forward" else {})}
+        try:
+            record("KL public forward", kkl.two_head_config("forward", torch.bfloat16),
+                   lambda: ops.linear_kl(policy.hidden, w, ref.hidden, ref.weight,
+                                         backend="triton"))
+        finally:
+            kkl.two_head_config = default
 
 
 def record(kind, cfg, fn):
