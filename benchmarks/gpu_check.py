@@ -15,8 +15,8 @@ Sections (each guarded, so one failure does not lose the rest of a lease):
    slowest host functions);
 4. with ``--sweep``: forward and backward block configurations at the largest shape, with
    pointer and descriptor (TMA) loads, for both kernel families.
-``--only``: just the named sections (the names the log prints, e.g. ``kl-timings,kl-sweep``)
-and the matmul rate, for a short lease.
+``--only``: just the named sections (the names the log prints, e.g. ``kl-timings,kl-sweep``;
+naming a sweep implies ``--sweep``) and the matmul rate, for a short lease.
 Untagged entries take the library's default loads (descriptors on Hopper); "tma" and "no-tma"
 force descriptor or pointer loads (``HYPO_FAST_TMA``), checked for correctness and timed beside
 the default.
@@ -55,6 +55,7 @@ DRY = "--dry" in sys.argv  # module-wide: the device and shapes below
 DEV = "cpu" if DRY else "cuda"
 LLAMA = (64, 1000) if DRY else HEADS["llama3-8b"]  # (d, V) of the head measured
 RESULTS: dict = {"checks": [], "timings": [], "sweep": [], "errors": []}
+SECTIONS: list[str] = []  # every guarded section's name
 ONLY: set[str] = set()  # --only: the sections to run (empty: all)
 
 
@@ -84,6 +85,8 @@ def save() -> None:
 
 
 def guarded(name):
+    SECTIONS.append(name)
+
     def wrap(fn):
         def run(*args, **kwargs):
             if ONLY and name not in ONLY | {"matmul-rate"}:
@@ -786,7 +789,11 @@ def main(argv=None) -> int:
     p.add_argument("--dry", action="store_true",
                    help="every section on the CPU, interpreted, at small shapes (a test)")
     args = p.parse_args(argv)
-    ONLY.update(filter(None, args.only.split(",")))
+    ONLY.update(filter(None, (name.strip() for name in args.only.split(","))))
+    if ONLY - set(SECTIONS):
+        p.error(f"--only: no section {', '.join(sorted(ONLY - set(SECTIONS)))}; the sections: "
+                + ", ".join(SECTIONS))
+    args.sweep |= bool(ONLY & {"sweep", "kl-sweep"})
     if args.dry != DRY or (os.environ.get("TRITON_INTERPRET") == "1") != DRY:
         p.error("--dry runs as a script with TRITON_INTERPRET=1 in the environment, and only "
                 "--dry runs with it")

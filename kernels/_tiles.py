@@ -189,12 +189,14 @@ def block_config(kind: str, dtype: torch.dtype) -> dict:
     """Block sizes and launch options (kernel keyword arguments) for ``forward``/``backward``.
     ``TMA``: load through tensor descriptors (:func:`head_operands`), see :func:`tma_default`.
     ``FLATTEN`` (forwards): the compiler fuses the vocabulary-tile loop with the K loop, so the
-    next tile's loads overlap this tile's softmax; with descriptor loads only (H100, bf16,
-    log-prob forward kernel, runs 4-7: 12.33/12.41/12.23/12.08 ms flattened against
-    12.46/12.52/12.61/12.58 ms; with pointer loads it lost: 16.77 vs 16.16 ms, H200, run 2)."""
+    next tile's loads overlap this tile's softmax. The launchers apply it with descriptor loads
+    only, whatever a config asks (H100, bf16, log-prob forward kernel, runs 4-8: 12.08-12.41 ms
+    flattened against 12.46-12.61 ms; with pointer loads it lost, 16.77 vs 16.16 ms on an H200
+    in run 2, and spills: fp32 3 KB)."""
     tma = tma_default()
     if INTERPRET:
-        return {"BM": 32, "BN": 64, "BK": 32, "GROUP_M": 4, "TMA": tma, "num_warps": 4,
+        return {"BM": 32, "BN": 64, "BK": 32, "GROUP_M": 4, "TMA": tma,
+                **({"FLATTEN": tma} if kind == "forward" else {}), "num_warps": 4,
                 "num_stages": 1}
     wide = dtype == torch.float32
     if kind == "forward":
@@ -252,9 +254,13 @@ def head_operands(
 
 
 def gather_rows(hidden: torch.Tensor, rows: torch.Tensor, all_rows: bool) -> torch.Tensor:
-    """``hidden[rows]`` as a contiguous ``[n, d]`` tensor: hidden itself when ``all_rows`` (rows
-    is every row in order) and it is contiguous, else a gathered copy."""
-    return hidden if all_rows and hidden.is_contiguous() else hidden.index_select(0, rows)
+    """``hidden[rows]`` as a contiguous ``[n, d]`` tensor with a 16-byte aligned base (what a
+    descriptor needs): hidden itself when ``all_rows`` (rows is every row in order) and it is
+    both, else a gathered copy (e.g. one row of a wider buffer: contiguous, yet its base may
+    sit mid-way through 16 bytes)."""
+    if all_rows and hidden.is_contiguous() and hidden.data_ptr() % 16 == 0:
+        return hidden
+    return hidden.index_select(0, rows)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

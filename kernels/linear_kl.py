@@ -503,7 +503,7 @@ def kl_forward(
         tiles_per_split, REVERSE=reverse, WANT_ENTROPY=want_entropy,
         HAS_LABELS=labels is not None, WANT_TILE_STATS=tile_stats is not None,
         **_constants(policy, ref, temperature, softcap),
-        **{**cfg, "FLATTEN": bool(cfg.get("FLATTEN"))},
+        **{**cfg, "FLATTEN": bool(cfg.get("FLATTEN")) and cfg["TMA"]},
     )
     m_z, s_z, m_r, s_r, a, b, ent, t_z, t_r = part
     max_z, sum_z, w_z = merge_splits(m_z, s_z)

@@ -203,7 +203,7 @@ def logprob_forward(
     """Per valid row ``logp``, ``lse``, ``entropy`` and the backward's ``norm`` (a
     :class:`Forward`). ``config``: the
     blocks (default :func:`block_config`), and ``FLATTEN`` to let Triton fuse the tile and K
-    loops (off until timed on a GPU).
+    loops (with descriptor loads only: with pointer loads it is slower and spills).
 
     hidden ``[R, d]`` (rows with unit stride), weight ``[V, d]``, bias ``[V]``, labels ``[n]``
     (the labels of the valid rows, in ``[0, V)``), rows ``[n]`` int64 indices into hidden.
@@ -238,7 +238,7 @@ def logprob_forward(
         HAS_BIAS=bias is not None, WANT_ENTROPY=want_entropy,
         WANT_TILE_LSE=tile_lse is not None,
         **head_constants(hidden.dtype, temperature, softcap),
-        **{**cfg, "TMA": tma, "FLATTEN": bool(cfg.get("FLATTEN"))},
+        **{**cfg, "TMA": tma, "FLATTEN": bool(cfg.get("FLATTEN")) and tma},
     )
     m_max, s_tot, w = merge_splits(m, s)
     norm = torch.stack((m_max, torch.log(s_tot)))

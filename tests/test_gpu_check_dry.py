@@ -34,7 +34,14 @@ def test_every_section_of_the_gpu_check_runs_dry(tmp_path):
 
 
 def test_only_runs_the_named_sections_and_the_matmul_rate(tmp_path):
-    log = dry_run(tmp_path, "--only", "kl-timings")
+    log = dry_run(tmp_path, "--only", "kl-timings, overhead")
     ran = {section for section in SECTIONS if f"[{section}] " in log}
-    assert ran == {"matmul-rate", "kl-timings"}, ran
+    assert ran == {"matmul-rate", "kl-timings", "overhead"}, ran
     assert "| llama3-8b KL |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_only_refuses_a_section_it_does_not_have(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OUT": str(tmp_path)}
+    run = subprocess.run([sys.executable, str(SCRIPT), "--dry", "--only", "kl_timings"],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=SCRIPT.parent)
+    assert run.returncode == 2 and "no section kl_timings" in run.stderr, run.stderr

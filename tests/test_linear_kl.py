@@ -315,6 +315,41 @@ def test_tma_loads_for_both_heads_or_neither(dtype, d, d_ref, descriptors, direc
 
 @needs_triton
 @pytest.mark.parametrize("direction", R.KL_DIRECTIONS)
+def test_descriptors_over_one_row_of_a_wider_buffer(direction):
+    """Every token valid, the hidden states one row sliced out of a wider buffer: contiguous,
+    but based off 16-byte alignment, so the descriptors read a copy (the log-prob property test
+    found a crash there)."""
+    check_against_reference({**BASE_CASE, "tokens": (1,), "d": 16, "d_ref": 16, "V": 9,
+                             "dtype": BF16, "hidden_layout": "sliced", "labels": "none",
+                             "mask": "none", "seqs": "none", "tma": True,
+                             "direction": direction})
+
+
+@needs_triton
+@pytest.mark.parametrize(("dtype", "flattened"), [(BF16, True), (F32, False)])
+def test_forward_flattens_only_with_descriptor_loads(dtype, flattened, monkeypatch):
+    """A config asking for ``FLATTEN`` gets it with descriptor loads (16-bit heads), not with
+    the pointer loads fp32 falls back to (the default config never asks: flattened, the KL
+    forward lost on a GPU either way)."""
+    seen = []
+    real = K.launch
+    monkeypatch.setattr(K, "launch", lambda kernel, grid, *args, **kw: seen.append(
+        (kw["TMA"], kw["FLATTEN"])) or real(kernel, grid, *args, **kw))
+    g = gen(4)
+    n, d, V = 40, 32, 200
+    heads = [K.Head(torch.randn(n, d, generator=g).to(DEVICE, dtype),
+                    (torch.randn(V, d, generator=g) / 4).to(DEVICE, dtype), None)
+             for _ in range(2)]
+    rows = torch.arange(n, device=DEVICE)
+    with tma_loads(True):
+        assert K.two_head_config("forward", dtype)["FLATTEN"] is False
+        cfg = {**K.two_head_config("forward", dtype), "FLATTEN": True}
+        K.kl_forward(*heads, rows, config=cfg)
+    assert seen == [(flattened, flattened)]
+
+
+@needs_triton
+@pytest.mark.parametrize("direction", R.KL_DIRECTIONS)
 @pytest.mark.parametrize("with_kl", [True, False])
 @pytest.mark.parametrize(("dtype", "d_ref", "ref_dtype", "fused"), [
     (BF16, 80, BF16, True), (F16, 80, F16, True), (BF16, 48, BF16, False),
@@ -323,7 +358,8 @@ def test_one_loop_for_both_products(dtype, d_ref, ref_dtype, fused, with_kl, dir
     """``FUSE_K`` (descriptors, heads of the same d and dtype) computes both products in one
     loop: the same sums in the same order as two loops (bit for bit under the interpreter),
     forward and backward, with or without a KL gradient, and with the forward's tile and K
-    loops flattened; otherwise it falls back to two loops."""
+    loops flattened (which only a GPU run tells apart: the interpreter ignores ``flatten``);
+    otherwise it falls back to two loops."""
     g = gen(3)
     n, d, V = 70, 80, 300  # d: several K blocks
     policy = K.Head(torch.randn(n, d, generator=g).to(DEVICE, dtype),

@@ -351,6 +351,8 @@ def found(**case):
        explicit_num_seqs=True, seed=256)  # log p from (M, log S), not from a rounded lse
 @found(d=32, V=104, softcap=1.0, seed=164365)  # a naive fp32 dot's rounding
 @found(tokens=(2,), d=30, V=15, dtype=F16, softcap=1.0, seed=6)  # fp16 dX of tiny entries
+@found(tokens=(1,), d=16, V=1, dtype=BF16, hidden_layout="sliced", scale="normal",
+       tma=True)  # one row of a wider buffer: contiguous, its base not 16-byte aligned
 def test_triton_matches_reference_values_and_grads(c):
     inputs, out, ref, g_out = check_case(c)
     labels = inputs["labels"]
@@ -420,6 +422,23 @@ def test_tma_loads_where_the_copy_engine_can(dtype, d, weight_layout, tma, monke
     check_case({**BASE_CASE, "d": d, "dtype": dtype, "weight_layout": weight_layout,
                 "hidden_layout": "transposed", "tma": True})
     assert len(made) == (4 if tma else 0), made
+
+
+@needs_triton
+@pytest.mark.parametrize(("dtype", "flattened"), [(BF16, True), (F32, False)])
+def test_forward_flattens_only_with_descriptor_loads(dtype, flattened, monkeypatch):
+    """A config asking for ``FLATTEN`` gets it where the loads go through descriptors (16-bit
+    heads), not where the kernel falls back to pointers (fp32): flattened pointer loads are
+    slower and spill on a GPU."""
+    seen = []
+    real = K.launch
+    monkeypatch.setattr(K, "launch", lambda kernel, grid, *args, **kw: seen.append(
+        (kw["TMA"], kw["FLATTEN"])) or real(kernel, grid, *args, **kw))
+    hidden, weight, bias, labels, rows = launcher_case(dtype)
+    with tma_loads(True):
+        cfg = {**K.block_config("forward", dtype), "FLATTEN": True}
+        K.logprob_forward(hidden, weight, bias, labels[rows], rows, config=cfg)
+    assert seen == [(flattened, flattened)]
 
 
 @needs_triton

@@ -80,17 +80,18 @@ def test_launch_does_not_trade_stages_for_other_resources():
     assert kernel.stages == [3]
 
 
-@pytest.mark.parametrize(("need_hidden", "work_tiles", "min_tiles", "expected"), [
-    (True, 2, 1, 2),  # what the fp32 dH accumulator leaves: 2 tiles of columns
-    (True, 0, 1, 1),  # nothing left: the floor
-    (False, 0, 1, 20),  # no accumulator: chunk_bytes alone (the whole vocabulary here)
+@pytest.mark.parametrize(("need_hidden", "work_tiles", "chunk_tiles", "expected"), [
+    (True, 2, 100, 2),  # what the fp32 dH accumulator leaves: 2 tiles of columns
+    (True, 0, 100, 1),  # nothing left: the floor
+    (True, 4, 3, 3),  # chunk_bytes below the budget: chunk_bytes (last chunk partial)
+    (False, 0, 100, 20),  # no accumulator: chunk_bytes alone (the whole vocabulary here)
 ])
 def test_dx_chunk_shares_a_budget_with_the_dh_accumulator(monkeypatch, need_hidden, work_tiles,
-                                                          min_tiles, expected):
+                                                          chunk_tiles, expected):
     n, d, V, bn = 16, 8, 640, 32
     tile_bytes = n * 4 * bn  # one [n, bn] fp32 tile of dX
     monkeypatch.setattr(_tiles, "WORK_BYTES", 4 * n * d + work_tiles * tile_bytes)
-    monkeypatch.setattr(_tiles, "MIN_CHUNK_BYTES", min_tiles * tile_bytes)
+    monkeypatch.setattr(_tiles, "MIN_CHUNK_BYTES", tile_bytes)
     widths = []
 
     def fill(dx, db_part, start, cols):
@@ -100,8 +101,10 @@ def test_dx_chunk_shares_a_budget_with_the_dh_accumulator(monkeypatch, need_hidd
     hidden, weight = torch.randn(n, d, dtype=torch.float64), torch.randn(V, d, dtype=torch.float64)
     dh, dw, _ = chunked_head_backward(
         hidden.float(), weight.float(), torch.arange(n), fill, cfg={"BM": 16, "BN": bn},
-        need_hidden=need_hidden, need_weight=True, need_bias=False, chunk_bytes=1 << 30)
-    assert widths == [expected * bn] * (V // (expected * bn))
+        need_hidden=need_hidden, need_weight=True, need_bias=False,
+        chunk_bytes=chunk_tiles * tile_bytes)
+    width = expected * bn
+    assert widths == [min(width, V - start) for start in range(0, V, width)]
     # dX = 1: every row of dW is the column sum of H, every row of dH that of W
     torch.testing.assert_close(dw.double(), hidden.sum(0).expand(V, d), rtol=1e-5, atol=1e-5)
     if need_hidden:
