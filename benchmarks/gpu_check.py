@@ -526,11 +526,12 @@ def losses_check():
 
 
 @guarded("filtered")
-def filtered_timings(n, d, v, zipf, rate):
+def filtered_timings(n, d, v, zipf, rate, prompt_fraction=0.5):
     """Forward+backward with ``filter_eps="auto"`` against the exact backward on inputs with a
     token-frequency prior (``baselines.realistic_inputs(zipf=...)``): the kept tile fraction,
     the time, the gradients' distance from exact, and the bare cuBLAS GEMMs on the same shape."""
-    h, w, y, ent = realistic_inputs(n, d, v, torch.bfloat16, DEV, zipf=zipf)
+    h, w, y, ent = realistic_inputs(n, d, v, torch.bfloat16, DEV, zipf=zipf,
+                                    prompt_fraction=prompt_fraction)
     rows = (y != -100).nonzero().squeeze(1)
     labels = y[rows]
     n_valid = rows.numel()
@@ -818,6 +819,7 @@ def main(argv=None) -> int:
         kl_timings(tokens(8192), d, v, torch.bfloat16, "llama3-8b", rate, tma=tma)
     for zipf in (1.5, 2.0):
         filtered_timings(sizes[-1], d, v, zipf, rate)
+    filtered_timings(sizes[-1], d, v, 2.0, rate, prompt_fraction=0.0)  # issue 3's shape
     for direction, distance in (("reverse", 0.01), ("forward", 0.01), ("reverse", None)):
         kl_filtered(tokens(8192), d, v, 2.0, direction, distance)
     losses_check()
