@@ -149,7 +149,7 @@ def _forward_kernel(
     WANT_TILE_STATS: tl.constexpr,
     CAST_F32: tl.constexpr, PRECISION: tl.constexpr,
     REF_CAST_F32: tl.constexpr, REF_PRECISION: tl.constexpr, TMA: tl.constexpr,
-    FUSE_K: tl.constexpr, FLATTEN: tl.constexpr,
+    FUSE_K: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     rb, split = swizzle(tl.program_id(0), tl.cdiv(N, BM), n_splits, GROUP_M)
@@ -176,9 +176,8 @@ def _forward_kernel(
     cols = tl.arange(0, BN)
     stat_ptrs = TSTAT + first_tile.to(tl.int64) * stride_ts + offs_m  # advanced tile by tile
     # Each tile's own work follows its product, so that few [BM, BN] tensors are live at once
-    # (at 128 x 128 the two logits tiles alone take half the registers). FLATTEN: the compiler
-    # fuses this loop with the K loops inside, one pipeline for all.
-    for tile in tl.range(first_tile, last_tile, flatten=FLATTEN):
+    # (at 128 x 128 the two logits tiles alone take half the registers).
+    for tile in range(first_tile, last_tile):
         offs_n = cols.to(tl.int64) + tile * BN
         col_mask = cols < V - tile * BN
         hit = cols[None, :] == (labels - tile * BN)[:, None] if HAS_LABELS else None
@@ -444,8 +443,8 @@ def two_head_config(kind: str, dtype: torch.dtype) -> dict:
     in one K loop (``FUSE_K``, where d = d_ref: 35.9 -> 31.0 ms) over groups of 8 row blocks
     (31.6 -> 29.8 ms), the backward pipelines 4 stages (59.8 -> 52.2 ms)."""
     cfg = block_config(kind, dtype)
-    if kind == "forward":  # flattened: 29.9 -> 40.8 ms (run 8)
-        cfg["FLATTEN"] = False
+    # not linear_logprob's flattened tile and K loops: 29.9 -> 40.8 ms (H100, run 8)
+    cfg.pop("FLATTEN", None)
     if not (cfg["TMA"] and dtype != torch.float32):
         return {**cfg, "BN": min(cfg["BN"], 128), "FUSE_K": False}
     if kind == "forward":
@@ -503,7 +502,7 @@ def kl_forward(
         tiles_per_split, REVERSE=reverse, WANT_ENTROPY=want_entropy,
         HAS_LABELS=labels is not None, WANT_TILE_STATS=tile_stats is not None,
         **_constants(policy, ref, temperature, softcap),
-        **{**cfg, "FLATTEN": bool(cfg.get("FLATTEN")) and cfg["TMA"]},
+        **cfg,
     )
     m_z, s_z, m_r, s_r, a, b, ent, t_z, t_r = part
     max_z, sum_z, w_z = merge_splits(m_z, s_z)

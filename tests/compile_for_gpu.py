@@ -142,10 +142,7 @@ def main(dtype: str, tma: bool) -> int:
                     {**ref, **kl_bwd, "REVERSE": reverse, "HAS_G_KL": True,
                      "HAS_G_ENT": True, "HAS_G_LOGP": True, "WANT_DB": True, "SPARSE": sparse},
                     **kl_bwd_launch)
-    if tma:  # what else the sweep runs with descriptors: a flattened forward, a one-loop dX
-        compile_one(f"linear_kl forward flattened {tag}", KL._forward_kernel, kl_fwd_args,
-                    {**ref, **kl_fwd, "FLATTEN": True, "REVERSE": True, "WANT_ENTROPY": True,
-                     "HAS_LABELS": True, "WANT_TILE_STATS": True}, **kl_launch)
+    if tma:  # what else the sweep runs with descriptors: the one-loop dX
         compile_one(f"linear_kl grad one loop {tag}", KL._grad_logits_kernel, kl_grad_args,
                     {**ref, **kl_bwd, "FUSE_K": True, "REVERSE": True, "HAS_G_KL": True,
                      "HAS_G_ENT": True, "HAS_G_LOGP": True, "WANT_DB": True, "SPARSE": False},

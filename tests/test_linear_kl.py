@@ -326,29 +326,6 @@ def test_descriptors_over_one_row_of_a_wider_buffer(direction):
 
 
 @needs_triton
-@pytest.mark.parametrize(("dtype", "flattened"), [(BF16, True), (F32, False)])
-def test_forward_flattens_only_with_descriptor_loads(dtype, flattened, monkeypatch):
-    """A config asking for ``FLATTEN`` gets it with descriptor loads (16-bit heads), not with
-    the pointer loads fp32 falls back to (the default config never asks: flattened, the KL
-    forward lost on a GPU either way)."""
-    seen = []
-    real = K.launch
-    monkeypatch.setattr(K, "launch", lambda kernel, grid, *args, **kw: seen.append(
-        (kw["TMA"], kw["FLATTEN"])) or real(kernel, grid, *args, **kw))
-    g = gen(4)
-    n, d, V = 40, 32, 200
-    heads = [K.Head(torch.randn(n, d, generator=g).to(DEVICE, dtype),
-                    (torch.randn(V, d, generator=g) / 4).to(DEVICE, dtype), None)
-             for _ in range(2)]
-    rows = torch.arange(n, device=DEVICE)
-    with tma_loads(True):
-        assert K.two_head_config("forward", dtype)["FLATTEN"] is False
-        cfg = {**K.two_head_config("forward", dtype), "FLATTEN": True}
-        K.kl_forward(*heads, rows, config=cfg)
-    assert seen == [(flattened, flattened)]
-
-
-@needs_triton
 @pytest.mark.parametrize("direction", R.KL_DIRECTIONS)
 @pytest.mark.parametrize("with_kl", [True, False])
 @pytest.mark.parametrize(("dtype", "d_ref", "ref_dtype", "fused"), [
@@ -357,9 +334,7 @@ def test_forward_flattens_only_with_descriptor_loads(dtype, flattened, monkeypat
 def test_one_loop_for_both_products(dtype, d_ref, ref_dtype, fused, with_kl, direction):
     """``FUSE_K`` (descriptors, heads of the same d and dtype) computes both products in one
     loop: the same sums in the same order as two loops (bit for bit under the interpreter),
-    forward and backward, with or without a KL gradient, and with the forward's tile and K
-    loops flattened (which only a GPU run tells apart: the interpreter ignores ``flatten``);
-    otherwise it falls back to two loops."""
+    forward and backward, with or without a KL gradient; otherwise it falls back to two loops."""
     g = gen(3)
     n, d, V = 70, 80, 300  # d: several K blocks
     policy = K.Head(torch.randn(n, d, generator=g).to(DEVICE, dtype),
@@ -372,23 +347,20 @@ def test_one_loop_for_both_products(dtype, d_ref, ref_dtype, fused, with_kl, dir
     g_kl, g_logp = (torch.randn(n, generator=g).to(DEVICE) for _ in range(2))
     opts = dict(reverse=direction == "reverse", softcap=5.0, temperature=0.8)
     seen, results = [], []
-    for fuse, flatten in ((False, False), (True, False), (True, True)):
-        cfg, bwd = ({**K.two_head_config(kind, dtype), "TMA": True, "FUSE_K": fuse}
-                    for kind in ("forward", "backward"))
+    for fuse in (False, True):
+        cfg = {**K.two_head_config("forward", dtype), "TMA": True, "FUSE_K": fuse}
         seen.append(K._kernel_heads(policy, ref, rows, cfg)[1]["FUSE_K"])
-        stats = K.kl_forward(policy, ref, rows, labels, config={**cfg, "FLATTEN": flatten},
-                             **opts)
+        stats = K.kl_forward(policy, ref, rows, labels, config=cfg, **opts)
         grads = K.kl_backward(policy, ref, rows, labels, stats.norm, None,
                               g_kl if with_kl else None, None, g_logp, need_bias=True,
-                              config=bwd, **opts)
+                              config=cfg, **opts)
         results.append((stats.kl, stats.norm, stats.logp, stats.ref_logp, *grads))
-    assert seen == [False, fused, fused]
-    for a, *others in zip(*results, strict=True):
-        for b in others:
-            if INTERPRET:
-                assert torch.equal(a, b)
-            else:  # a compiled kernel may schedule the MMAs of one loop and of two differently
-                assert_rel("fused", a, b, GRAD_TOL[dtype])
+    assert seen == [False, fused]
+    for a, b in zip(*results, strict=True):
+        if INTERPRET:
+            assert torch.equal(a, b)
+        else:  # a compiled kernel may schedule the MMAs of one loop and of two differently
+            assert_rel("fused", a, b, GRAD_TOL[dtype])
 
 
 @needs_triton
