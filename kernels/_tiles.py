@@ -372,14 +372,16 @@ SPARSE_BD = 64  # the d-block of the block-sparse dH/dW kernels
 # their launch options: with 4 warps ptxas spills ~1 KB per thread of the [BN, BD] fp32
 # accumulator and the dX tile (16-bit inputs); with 8 none (tests/compile_for_gpu.py)
 SPARSE_LAUNCH = {"num_warps": 8, "num_stages": 3}
-# The dX chunk buffer of a backward. At 8192 valid rows of a Llama-3-8B head its peak beside
-# the chunk is ~190 MiB (compacted H, the fp32 dH accumulator), and 2% of the naive path's is
-# 458 MiB. 256 MiB measured 512 MiB in all (H200, run 2) and ran as fast as 1 GiB; 64 MiB ran
-# 16% slower; 192 MiB measured 383 MiB in all, 128 MiB ran 9-16% slower (H100, runs 7-8).
+# The dX chunk buffer of a backward. 256 MiB ran as fast as 1 GiB (H200, run 2); 64 MiB ran 16%
+# slower, 128 MiB 9-16% slower than 192 MiB (H100, 8192 valid rows, runs 7-8). The peaks measured
+# up to run 9 (383 MiB above inputs and grads at 8192 valid rows, 512 at 16384) also held a view
+# of the last chunk past the loop and autograd's zeros for the forward's tile_lse; neither is
+# there any more (benchmarks/RESULTS.md, "Memory accounting, session 6").
 CHUNK_BYTES = 192 << 20
 # The chunk and the fp32 dH accumulator (4·d bytes per row) share WORK_BYTES, the chunk taking
-# at least MIN_CHUNK_BYTES: at 16384 valid rows the accumulator alone is 256 MiB, and with a
-# 192 MiB chunk the peak measured 512 MiB, 2.2% of the naive path's (H100, runs 7-8).
+# at least MIN_CHUNK_BYTES: at 16384 valid rows the accumulator alone is 256 MiB; the peak above
+# inputs and grads is then predicted at 288 MiB (352 with a 192 MiB chunk), 416 MiB with a causal
+# LM's shifted hidden states (their compacted copy): 1.3% and 1.8% of the naive path's.
 WORK_BYTES = 320 << 20
 MIN_CHUNK_BYTES = 128 << 20
 
@@ -514,6 +516,16 @@ class TileSet:
         self.seg_ptr = flat.view(n_rb, n_chunks).contiguous()
 
 
+def _chunk_gemms(dx: torch.Tensor, h_rows: torch.Tensor | None, weight: torch.Tensor,
+                 dw: torch.Tensor | None, dh_acc: torch.Tensor | None) -> None:
+    """One chunk's library GEMMs: ``dw = dxᵀ @ h_rows`` (when dw is given) and ``dh_acc += dx @
+    weight`` (when dh_acc is)."""
+    if dw is not None:
+        torch.mm(dx.T, h_rows, out=dw)
+    if dh_acc is not None:
+        mm_accumulate(dh_acc, dx, weight)
+
+
 def chunked_head_backward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -571,11 +583,8 @@ def chunked_head_backward(
         cols = min(chunk, V - start)
         if not sparse:
             fill(dx, db_part, start, cols)
-            dx_c = dx[:, :cols]
-            if need_weight:
-                torch.mm(dx_c.T, h_rows, out=dw[start:start + cols])
-            if need_hidden:
-                mm_accumulate(dh_acc, dx_c, weight[start:start + cols])
+            _chunk_gemms(dx[:, :cols], h_rows, weight[start:start + cols],
+                         dw[start:start + cols] if need_weight else None, dh_acc)
         else:
             tile0, n_tiles = start // bn, triton.cdiv(cols, bn)
             lo, hi = tiles.tile_ptr_host[tile0], tiles.tile_ptr_host[tile0 + n_tiles]
@@ -598,6 +607,7 @@ def chunked_head_backward(
                     **SPARSE_LAUNCH)
         if need_bias:
             db[start:start + cols] = db_part[:, :cols].sum(dim=0)
-    # The chunk buffers go before dH is rounded: the peak stays that of the loop.
+    # The chunk buffers go before dH is rounded (no view of them outlives the loop body): the
+    # peak stays that of the loop.
     del dx, db_part, h_rows, tiles
     return dh_acc.to(dtype) if need_hidden else None, dw, db

@@ -503,6 +503,29 @@ def test_grads_of_each_output_alone():
 
 
 @needs_triton
+@pytest.mark.parametrize("used", ["logp", "lse", "entropy"])
+def test_unused_outputs_reach_the_backward_as_none(monkeypatch, used):
+    """Autograd hands the backward None, not zeros, for outputs the loss does not use (and for
+    the forward's per-tile log-sum-exps, as large as 4 bytes x tokens x V/256): the kernel then
+    skips their terms, and no such zeros are allocated while the backward runs."""
+    hidden, weight, bias, labels = small_inputs(requires_grad=True)
+    seen = []
+    real = K.logprob_backward
+
+    def spy(*args, **kwargs):
+        seen.append(args[7:10])  # g_logp, g_lse, g_entropy
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(K, "logprob_backward", spy)
+    out = ops.linear_logprob(hidden, weight, labels, bias, return_entropy=True,
+                             filter_eps=1e-3, backend="triton")
+    getattr(out, used).sum().backward()
+    (g_logp, g_lse, g_entropy), = seen
+    assert (g_lse is not None, g_entropy is not None) == (used == "lse", used == "entropy")
+    assert bool(g_logp.any()) == (used == "logp")
+
+
+@needs_triton
 @pytest.mark.parametrize(
     "trainable",
     [("hidden",), ("weight",), ("bias",), ("hidden", "bias"), ("weight", "bias"),
@@ -820,6 +843,17 @@ def test_opcheck_backward_op(needs, eps):
     hidden, weight, bias, labels = small_inputs()
     torch.library.opcheck(torch.ops.hypo_fast.linear_logprob_backward.default,
                           backward_op_args(hidden, weight, labels, bias, needs, eps))
+
+
+@needs_triton
+@pytest.mark.parametrize("absent", [(7,), (8, 9), (7, 9)])
+def test_opcheck_backward_op_without_some_gradients(absent):
+    """Upstream gradients of unused outputs come as None (g_logp, g_lse, g_entropy: 7-9)."""
+    hidden, weight, bias, labels = small_inputs()
+    args = list(backward_op_args(hidden, weight, labels, bias, [True, True, True], 1e-3))
+    for i in absent:
+        args[i] = None
+    torch.library.opcheck(torch.ops.hypo_fast.linear_logprob_backward.default, tuple(args))
 
 
 @needs_triton
