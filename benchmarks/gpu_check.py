@@ -276,6 +276,8 @@ def kl_timings(n, d, v, dtype, head, rate, tma=None):
         free_cache()
     row["cublas_3gemm_ms"] = float("nan")
     row["cublas_3gemm_frac"] = None
+    if tma is None:  # issue 4's forward target, on these inputs
+        kl_public_forward_by_group("KL public forward, kl-timings inputs", h, w, hr, wr)
     use_tma(None)
     RESULTS["timings"].append(row)
     print(json.dumps(row), flush=True)
@@ -669,15 +671,20 @@ def kl_sweep(n, d, v):
         for kind in ("forward", "backward"):
             record(f"KL {kind}{' fused' if fuse else ''}", cfg,
                    lambda kind=kind, cfg=cfg: run_kl(kind, cfg))
-    # the public forward (its validation included) at each GROUP_M, on the same inputs
+    kl_public_forward_by_group("KL public forward", policy.hidden, w, ref.hidden, ref.weight)
+
+
+def kl_public_forward_by_group(kind, h, w, hr, wr):
+    """The public KL forward (its validation included) at each GROUP_M of its forward kernel,
+    on the same inputs: sweep entries ``kind``."""
     default = kkl.two_head_config
     for gm in (4, 8, 16):
         kkl.two_head_config = lambda kind, dtype, gm=gm: {
             **default(kind, dtype), **({"GROUP_M": gm} if kind == "forward" else {})}
         try:
-            record("KL public forward", kkl.two_head_config("forward", torch.bfloat16),
-                   lambda: ops.linear_kl(policy.hidden, w, ref.hidden, ref.weight,
-                                         backend="triton"))
+            with torch.no_grad():
+                record(kind, kkl.two_head_config("forward", h.dtype),
+                       lambda: ops.linear_kl(h, w, hr, wr, backend="triton").kl)
         finally:
             kkl.two_head_config = default
 

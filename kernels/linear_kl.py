@@ -440,15 +440,17 @@ def two_head_config(kind: str, dtype: torch.dtype) -> dict:
     logits tiles here, and at 128 x 256 (16-bit inputs) they spill registers (forward, H200,
     bf16, N=4096, d=4096, V=128256: 69 ms at 128 x 256, 25 ms at 128 x 128). With descriptor
     loads (H100, bf16, N=8192, d=4096, V=128256, runs 4-5): the forward computes both products
-    in one K loop (``FUSE_K``, where d = d_ref: 35.9 -> 31.0 ms) over groups of 8 row blocks
-    (31.6 -> 29.8 ms), the backward pipelines 4 stages (59.8 -> 52.2 ms)."""
+    in one K loop (``FUSE_K``, where d = d_ref: 35.9 -> 31.0 ms), the backward pipelines 4
+    stages (59.8 -> 52.2 ms). The forward's programs go in groups of 4 row blocks, the fastest
+    in run 9's sweep (two trees: 30.2-30.3 ms, against 31.1-31.4 with 16 and 37.4-37.6 with 8;
+    8 swept 29.8-30.5 ms in runs 5, 6 and 8, 35.9 in run 7)."""
     cfg = block_config(kind, dtype)
     # not linear_logprob's flattened tile and K loops: 29.9 -> 40.8 ms (H100, run 8)
     cfg.pop("FLATTEN", None)
     if not (cfg["TMA"] and dtype != torch.float32):
         return {**cfg, "BN": min(cfg["BN"], 128), "FUSE_K": False}
     if kind == "forward":
-        return {**cfg, "BN": 128, "FUSE_K": True, "GROUP_M": 8}
+        return {**cfg, "BN": 128, "FUSE_K": True, "GROUP_M": 4}
     return {**cfg, "BN": 128, "FUSE_K": False, "num_stages": 4}
 
 
