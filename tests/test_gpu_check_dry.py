@@ -37,7 +37,11 @@ def test_only_runs_the_named_sections_and_the_matmul_rate(tmp_path):
     log = dry_run(tmp_path, "--only", "kl-timings, overhead")
     ran = {section for section in SECTIONS if f"[{section}] " in log}
     assert ran == {"matmul-rate", "kl-timings", "overhead"}, ran
-    assert "| llama3-8b KL |" in (tmp_path / "gpu_check.md").read_text()
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "| llama3-8b KL |" in table
+    assert "| llama3-8b KL | 512 (512) | bfloat16 |  | input validation |" in table
+    # issue 4's forward at each GROUP_M on kl-timings' own inputs, pointer loads not among them
+    assert table.count("| KL public forward, kl-timings inputs |") == 3
 
 
 def test_only_refuses_a_section_it_does_not_have(tmp_path):
