@@ -681,7 +681,7 @@ def kl_public_forward_by_group(kind, h, w, hr, wr):
     """The public KL forward (its validation included) at each GROUP_M of its forward kernel,
     on the same inputs: sweep entries ``kind``."""
     default = kkl.two_head_config
-    for gm in (4, 8, 16):
+    for gm in (2, 4, 8, 16):
         kkl.two_head_config = lambda kind, dtype, gm=gm: {
             **default(kind, dtype), **({"GROUP_M": gm} if kind == "forward" else {})}
         try:
