@@ -87,7 +87,9 @@ def _head_grads(hidden, bias, rows, dh, dw, db):
     """A backward op's outputs ``(dH, dW, db)``: the gradients shaped like their inputs (dH from
     the valid rows' ``dh [n, d]``, zero elsewhere), a fresh empty tensor for each absent one (an
     op's outputs must not alias)."""
-    if dh is not None:
+    if dh is not None and rows.numel() == hidden.shape[:-1].numel():  # every row, in order
+        full = dh.view(hidden.shape)
+    elif dh is not None:
         full = hidden.new_zeros(hidden.shape)
         full.view(-1, hidden.shape[-1]).index_copy_(0, rows, dh)
     return (
