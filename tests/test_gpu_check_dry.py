@@ -31,6 +31,7 @@ def test_every_section_of_the_gpu_check_runs_dry(tmp_path):
     assert "FAILED" not in log and "errors in" not in log
     table = (tmp_path / "gpu_check.md").read_text()
     assert "fastest forward:" in table and "| dpo |" in table and "| 2.0 |" in table
+    assert table.count("ours, dX chunk 192 MiB (no budget)") == 1  # the all-valid row only
 
 
 def test_only_runs_the_named_sections_and_the_matmul_rate(tmp_path):
