@@ -64,10 +64,13 @@ forbid_kernels = kernel_forbidder(K, "logprob_forward", "logprob_backward")
 # multiplies that by 2|x|/c (the gradient goes through sech²(x/c)). So a miss of the bound against
 # the spec is judged again against the spec evaluated in fp64 (the truth): the result must then
 # be within max(tol, SPEC_FACTOR x noise) of it, where noise is the largest error, against the
-# same truth, of four evaluations of the spec in the input precision that differ only in the
+# same truth, of five evaluations of the spec: four in the input precision that differ only in the
 # order of their rounding: as is; hidden size reversed; vocabulary permuted; products summed one
 # hidden coordinate at a time, as a naive dot does, where a library matmul blocks and fuses (the
-# interpreter's fp32 dots can be 30x less accurate than torch's on cancelling ±1e3 products).
+# interpreter's fp32 dots can be 30x less accurate than torch's on cancelling ±1e3 products);
+# and, in fp64, from logits off by one unit roundoff of their magnitude, 2⁻²⁴·Σ_k |h_k·w_jk| with
+# random signs: what any fp32 dot may carry, whatever its order (the interpreter's was 0.6 of it
+# on a logit of 30 made of ±1000 products, which a softcap of 1 turned into 8e-5 of dH).
 # For 16-bit inputs a gradient may instead be within tol of the spec with the logits' gradient
 # rounded to the input dtype, which is how the kernels hand it to the GEMMs (README, limits:
 # fp16 keeps entries below 6e-5 only coarsely).
@@ -109,12 +112,27 @@ def variant_logits(sequential: bool, dx_dtype: torch.dtype | None):
     return logits
 
 
+def dot_rounding_logits(hidden, weight, bias=None, *, temperature=1.0, softcap=None):
+    """``reference.linear_logits`` in fp64, ``H @ W.T`` moved by one fp32 unit roundoff of its
+    magnitude ``Σ_k |h_k·w_jk|``, of random sign per logit."""
+    h, w = hidden.double(), weight.double()
+    with torch.no_grad():
+        sign = torch.randint(0, 2, (*h.shape[:-1], w.shape[0]), generator=gen(w.shape[0]))
+        shift = (2.0 * sign - 1.0).to(h.device) * 2.0**-24 * (h.abs() @ w.abs().T)
+    x = h @ w.T + shift
+    if bias is not None:
+        x = x + bias.double()
+    return (R.soft_cap(x, softcap) if softcap is not None else x) / temperature
+
+
 def spec_variant(inputs, kwargs, variant: str):
-    """``reference.linear_logprob`` on the same inputs, computed in a different order."""
+    """``reference.linear_logprob`` on the same inputs, computed in a different order (or with
+    its logits off by one rounding of their dot products: ``dot_rounding``)."""
     hidden, weight, bias, labels = (inputs[k] for k in ("hidden", "weight", "bias", "labels"))
-    if variant in ("sequential_d", "dx_rounded"):
-        logits = variant_logits(variant == "sequential_d",
-                                hidden.dtype if variant == "dx_rounded" else None)
+    if variant in ("sequential_d", "dx_rounded", "dot_rounding"):
+        logits = (dot_rounding_logits if variant == "dot_rounding" else
+                  variant_logits(variant == "sequential_d",
+                                 hidden.dtype if variant == "dx_rounded" else None))
         with mock.patch.object(R, "linear_logits", logits):
             return R.linear_logprob(hidden, weight, labels, bias,
                                     token_weights=inputs["token_weights"], **kwargs)
@@ -156,9 +174,10 @@ class Judge:
 
     def variants(self):
         """{name: (outputs, gradients)} of the spec in the input precision, rounded in other
-        orders, and for 16-bit inputs also with dX rounded to the input dtype."""
+        orders, in fp64 with its logits off by a dot's rounding, and for 16-bit inputs also with
+        dX rounded to the input dtype."""
         if self._variants is None:
-            names = ("as_is", "reverse_d", "permute_v", "sequential_d",
+            names = ("as_is", "reverse_d", "permute_v", "sequential_d", "dot_rounding",
                      *(("dx_rounded",) if self.dtype.itemsize == 2 else ()))
             self._variants = {}
             for variant in names:
@@ -353,6 +372,8 @@ def found(**case):
 @found(tokens=(2,), d=30, V=15, dtype=F16, softcap=1.0, seed=6)  # fp16 dX of tiny entries
 @found(tokens=(1,), d=16, V=1, dtype=BF16, hidden_layout="sliced", scale="normal",
        tma=True)  # one row of a wider buffer: contiguous, its base not 16-byte aligned
+@found(tokens=(3, 32), d=16, V=31, softcap=1.0, ignore="one_valid",
+       seed=3)  # every logit saturated: dH through one sech² of a ±1e3-product dot
 def test_triton_matches_reference_values_and_grads(c):
     inputs, out, ref, g_out = check_case(c)
     labels = inputs["labels"]
