@@ -380,7 +380,7 @@ SPARSE_LAUNCH = {"num_warps": 8, "num_stages": 3}
 CHUNK_BYTES = 192 << 20
 # The chunk and the fp32 dH accumulator (4·d bytes per row) share WORK_BYTES, the chunk taking
 # at least MIN_CHUNK_BYTES: at 16384 valid rows the accumulator alone is 256 MiB; the peak above
-# inputs and grads is then predicted at 288 MiB (352 with a 192 MiB chunk), 416 MiB with a causal
+# inputs and grads is then predicted at 287 MiB (351 with a 192 MiB chunk), 415 MiB with a causal
 # LM's shifted hidden states (their compacted copy): 1.3% and 1.8% of the naive path's.
 WORK_BYTES = 320 << 20
 MIN_CHUNK_BYTES = 128 << 20
