@@ -372,8 +372,8 @@ SPARSE_BD = 64  # the d-block of the block-sparse dH/dW kernels
 # their launch options: with 4 warps ptxas spills ~1 KB per thread of the [BN, BD] fp32
 # accumulator and the dX tile (16-bit inputs); with 8 none (tests/compile_for_gpu.py)
 SPARSE_LAUNCH = {"num_warps": 8, "num_stages": 3}
-# The dX chunk buffer of a backward. 256 MiB ran as fast as 1 GiB (H200, run 2); 64 MiB ran 16%
-# slower, 128 MiB 9-16% slower than 192 MiB (H100, 8192 valid rows, runs 7-8). The peaks measured
+# The dX chunk buffer of a backward. 256 MiB ran as fast as 1 GiB, 64 MiB 16% slower (H200, run
+# 2); 128 MiB ran 9-16% slower than 192 MiB (H100, 8192 valid rows, runs 7-8). The peaks measured
 # up to run 9 (383 MiB above inputs and grads at 8192 valid rows, 512 at 16384) also held a view
 # of the last chunk past the loop and autograd's zeros for the forward's tile_lse; neither is
 # there any more (benchmarks/RESULTS.md, "Memory accounting, session 6").

@@ -620,6 +620,21 @@ def test_opcheck(with_labels, softcap, reverse, eps):
 
 
 @needs_triton
+def test_opcheck_backward_every_row_valid():
+    """No row masked: dH is the kernels' result itself, viewed as hidden's shape."""
+    hidden, weight, bias, ref_hidden, ref_weight, labels, _ = small_inputs()
+    valid = torch.ones_like(labels, dtype=torch.bool)
+    labels = torch.where(labels == -100, 5, labels)
+    args = (hidden, weight, ref_hidden, ref_weight, bias, None, valid, labels, True, 1.0, 0.0,
+            True, 0.0)
+    _, stats, entropy, _, _, tile_stats = torch.ops.hypo_fast.linear_kl(*args)
+    g = torch.randn(9, generator=gen(3)).to(DEVICE)
+    torch.library.opcheck(torch.ops.hypo_fast.linear_kl_backward.default, (
+        hidden, weight, ref_hidden, ref_weight, bias, None, valid, labels, stats, entropy,
+        tile_stats, g, None, 0.5 * g, True, 1.0, 0.0, 0.0, [True, True, True]))
+
+
+@needs_triton
 def test_torch_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
     hidden, weight, bias, ref_hidden, ref_weight, labels, mask = small_inputs(requires_grad=True)
