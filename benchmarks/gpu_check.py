@@ -691,16 +691,16 @@ def kl_sweep(n, d, v):
     kl_public_forward_by_group("KL public forward", policy.hidden, w, ref.hidden, ref.weight)
 
 
-def kl_public_forward_by_group(kind, h, w, hr, wr):
+def kl_public_forward_by_group(label, h, w, hr, wr):
     """The public KL forward (its validation included) at each GROUP_M of its forward kernel,
-    on the same inputs: sweep entries ``kind``."""
+    on the same inputs: sweep entries ``label``."""
     default = kkl.two_head_config
     for gm in (2, 4, 8, 16):
         kkl.two_head_config = lambda kind, dtype, gm=gm: {
             **default(kind, dtype), **({"GROUP_M": gm} if kind == "forward" else {})}
         try:
             with torch.no_grad():
-                record(kind, kkl.two_head_config("forward", h.dtype),
+                record(label, kkl.two_head_config("forward", h.dtype),
                        lambda: ops.linear_kl(h, w, hr, wr, backend="triton").kl)
         finally:
             kkl.two_head_config = default

@@ -232,8 +232,8 @@ def _backward(ctx, g_logp, g_lse, g_entropy, _, __):
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
              bias is not None and ctx.needs_input_grad[3]]
     dh, dw, db = _linear_logprob_backward_op(
-        hidden, weight, labels, bias, norm, entropy, tile_lse, g_logp, g_lse,
-        g_entropy if entropy.numel() else None, *ctx.options, needs,
+        hidden, weight, labels, bias, norm, entropy, tile_lse, g_logp, g_lse, g_entropy,
+        *ctx.options, needs,
     )
     return (dh if needs[0] else None, dw if needs[1] else None, None,
             db if needs[2] else None, None, None, None, None, None)

@@ -503,8 +503,7 @@ def kl_forward(
         part, stats, n, V, part.stride(0), stats.stride(1), stats.stride(0), splits,
         tiles_per_split, REVERSE=reverse, WANT_ENTROPY=want_entropy,
         HAS_LABELS=labels is not None, WANT_TILE_STATS=tile_stats is not None,
-        **_constants(policy, ref, temperature, softcap),
-        **cfg,
+        **_constants(policy, ref, temperature, softcap), **cfg,
     )
     m_z, s_z, m_r, s_r, a, b, ent, t_z, t_r = part
     max_z, sum_z, w_z = merge_splits(m_z, s_z)

@@ -92,50 +92,49 @@ class GradIn(torch.autograd.Function):
         return g.to(ctx.dtype).to(g.dtype), None
 
 
-def variant_logits(sequential: bool, dx_dtype: torch.dtype | None):
-    """``reference.linear_logits`` with ``H @ W.T`` summed one hidden coordinate at a time, or
-    with the gradient of ``x = H @ W.T + b`` rounded to ``dx_dtype``."""
-
-    def logits(hidden, weight, bias=None, *, temperature=1.0, softcap=None):
-        dtype = R.compute_dtype(hidden, weight, bias)
-        h, w = hidden.to(dtype), weight.to(dtype)
-        if sequential:
-            x = torch.zeros(*h.shape[:-1], w.shape[0], dtype=dtype, device=h.device)
-            for k in range(h.shape[-1]):
-                x = x + h[..., k, None] * w[:, k]
-        else:
-            x = h @ w.T
-        if dx_dtype is not None:  # not db's: the kernels sum it from the fp32 dX
-            x = GradIn.apply(x, dx_dtype)
-        if bias is not None:
-            x = x + bias.to(dtype)
-        return (R.soft_cap(x, softcap) if softcap is not None else x) / temperature
-
-    return logits
+def sequential_product(h, w):
+    """``H @ W.T`` summed one hidden coordinate at a time, as a naive dot does."""
+    x = torch.zeros(*h.shape[:-1], w.shape[0], dtype=h.dtype, device=h.device)
+    for k in range(h.shape[-1]):
+        x = x + h[..., k, None] * w[:, k]
+    return x
 
 
-def dot_rounding_logits(hidden, weight, bias=None, *, temperature=1.0, softcap=None):
-    """``reference.linear_logits`` in fp64, ``H @ W.T`` moved by one fp32 unit roundoff of its
-    magnitude ``Σ_k |h_k·w_jk|``, of random sign per logit."""
-    h, w = hidden.double(), weight.double()
+def dot_rounding_product(h, w):
+    """``H @ W.T`` moved by one fp32 unit roundoff of its magnitude ``Σ_k |h_k·w_jk|``, of
+    random sign per logit."""
     with torch.no_grad():
         sign = torch.randint(0, 2, (*h.shape[:-1], w.shape[0]), generator=gen(w.shape[0]))
         shift = (2.0 * sign - 1.0).to(h.device) * 2.0**-24 * (h.abs() @ w.abs().T)
-    x = h @ w.T + shift
-    if bias is not None:
-        x = x + bias.double()
-    return (R.soft_cap(x, softcap) if softcap is not None else x) / temperature
+    return h @ w.T + shift
+
+
+def variant_logits(product, dx_dtype: torch.dtype | None = None,
+                   dtype: torch.dtype | None = None):
+    """``reference.linear_logits`` with ``H @ W.T`` computed by ``product``, the gradient of
+    ``x = H @ W.T + b`` rounded to ``dx_dtype``, in ``dtype`` (default the spec's)."""
+
+    def logits(hidden, weight, bias=None, *, temperature=1.0, softcap=None):
+        dt = dtype or R.compute_dtype(hidden, weight, bias)
+        x = product(hidden.to(dt), weight.to(dt))
+        if dx_dtype is not None:  # not db's: the kernels sum it from the fp32 dX
+            x = GradIn.apply(x, dx_dtype)
+        if bias is not None:
+            x = x + bias.to(dt)
+        return (R.soft_cap(x, softcap) if softcap is not None else x) / temperature
+
+    return logits
 
 
 def spec_variant(inputs, kwargs, variant: str):
     """``reference.linear_logprob`` on the same inputs, computed in a different order (or with
     its logits off by one rounding of their dot products: ``dot_rounding``)."""
     hidden, weight, bias, labels = (inputs[k] for k in ("hidden", "weight", "bias", "labels"))
-    if variant in ("sequential_d", "dx_rounded", "dot_rounding"):
-        logits = (dot_rounding_logits if variant == "dot_rounding" else
-                  variant_logits(variant == "sequential_d",
-                                 hidden.dtype if variant == "dx_rounded" else None))
-        with mock.patch.object(R, "linear_logits", logits):
+    logits = {"sequential_d": variant_logits(sequential_product),
+              "dx_rounded": variant_logits(lambda h, w: h @ w.T, dx_dtype=hidden.dtype),
+              "dot_rounding": variant_logits(dot_rounding_product, dtype=torch.float64)}
+    if variant in logits:
+        with mock.patch.object(R, "linear_logits", logits[variant]):
             return R.linear_logprob(hidden, weight, labels, bias,
                                     token_weights=inputs["token_weights"], **kwargs)
     if variant == "reverse_d":
