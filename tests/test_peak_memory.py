@@ -1,0 +1,141 @@
+"""The public ops' peak memory, forward + backward, against the accounting that predicts their GPU
+peaks (benchmarks/RESULTS.md, "Memory accounting, session 6").
+
+Above the inputs and their gradients, the backward's chunk loop holds the fp32 dH accumulator
+(4·d bytes per valid row), the dX chunk and, filtered, the forward's per-tile statistics; the
+rounded dH is a gradient, allocated after the chunk is gone. A view of a chunk that outlives the
+loop, autograd's zeros for an unused output or a stray copy of a head-sized tensor each break the
+bound. Shapes are small (the Triton interpreter), with the chunk budget scaled down so that it
+binds, as it does at the benchmarks' 16384 rows. Allocations are followed with the profiler's
+CPU memory events, in order.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+
+import pytest
+import torch
+from hypo_fast.kernels import _tiles
+from hypo_fast.kernels import linear_kl as KL
+from hypo_fast.kernels import linear_logprob as LP
+from hypo_fast.kernels._tiles import launch
+from kernel_helpers import BF16, INTERPRET, gen
+from torch.profiler import ProfilerActivity, profile
+
+from hypo_fast import ops
+
+# On a GPU, benchmarks/gpu_check.py measures these peaks themselves.
+pytestmark = pytest.mark.skipif(not INTERPRET, reason="follows CPU allocations: the interpreter")
+
+D, V, BATCH, T = 128, 4096, 2, 32
+CHUNK_COLS = 512
+# Per-token outputs and indices (logp, lse, the saved log-sum-exp parts, row indices, picked
+# upstream gradients): well under this many bytes per token.
+PER_TOKEN = 128
+
+
+def peak_and_end(fn) -> tuple[int, int]:
+    """Bytes allocated at the peak and at the end of ``fn()``, counted from its start (what
+    earlier tests left in reference cycles is collected first, not while ``fn`` runs)."""
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak, live
+
+
+@pytest.fixture
+def gpu_like_backward(monkeypatch):
+    """A chunk of ``CHUNK_COLS`` columns for ``n`` valid rows, the budget binding as at 16384
+    rows, and the two things the interpreter does unlike a GPU undone. The chunk's library
+    GEMMs: cuBLAS writes into the given outputs, while the CPU's bf16 GEMMs allocate fp32
+    copies of their operands (their values do not matter here; the gradients are tested
+    elsewhere). And the interpreter keeps a launch's tensor arguments in a reference cycle, so
+    a freed buffer lives on until the cyclic garbage collector runs: it runs after each launch
+    here."""
+
+    def collected(kernel, grid, *args, **kwargs):
+        launch(kernel, grid, *args, **kwargs)
+        gc.collect()
+
+    for module in (_tiles, LP, KL):
+        monkeypatch.setattr(module, "launch", collected)
+
+    def budget(n: int) -> int:
+        chunk = n * CHUNK_COLS * BF16.itemsize
+        monkeypatch.setattr(_tiles, "WORK_BYTES", 4 * n * D + chunk)
+        monkeypatch.setattr(_tiles, "MIN_CHUNK_BYTES", chunk)
+        return chunk
+
+    monkeypatch.setattr(_tiles, "_chunk_gemms", lambda *args: None)
+    return budget
+
+
+def assert_peak(step, hidden: torch.Tensor, weight: torch.Tensor, n: int, held: int) -> None:
+    """``step()`` (a forward and backward) peaks, above its inputs and their gradients, at most
+    at its chunk loop: the fp32 dH accumulator of the ``n`` valid rows and the ``held`` bytes
+    beside it, before hidden's gradient exists, plus per-token results; and leaves only
+    per-token results beside the gradients."""
+    peak, end = peak_and_end(step)
+    grads = (hidden.numel() + weight.numel()) * BF16.itemsize
+    slack = PER_TOKEN * hidden.shape[:-1].numel()
+    assert end - grads <= slack, end - grads
+    loop = 4 * n * D + held - hidden.numel() * BF16.itemsize
+    assert peak - grads <= loop + slack, (peak - grads, loop)
+
+
+def heads(seed: int, shift: bool):
+    """Hidden states ``[BATCH, T + shift, D]`` and a weight ``[V, D]``, bf16, requiring grad."""
+    g = gen(seed)
+    hidden = torch.randn(BATCH, T + shift, D, generator=g).to(BF16).requires_grad_()
+    weight = (torch.randn(V, D, generator=g) / 8).to(BF16).requires_grad_()
+    return hidden, weight
+
+
+@pytest.mark.parametrize("shift", [False, True], ids=["hidden", "hidden[:, :-1]"])
+@pytest.mark.parametrize("filter_eps", ["auto", None])
+def test_log_prob_peak_is_the_chunk_loop(gpu_like_backward, shift, filter_eps):
+    """Log-probs, every token valid: the peak above inputs and gradients is the accumulator,
+    the chunk and the filter's per-tile log-sum-exps, less the rounded dH that takes the
+    accumulator's place; with a causal LM's ``hidden[:, :-1]``, also the compacted copy of the
+    valid rows that dW's GEMMs read."""
+    hidden, weight = heads(0, shift)
+    labels = torch.randint(0, V, (BATCH, T), generator=gen(1))
+    n = labels.numel()
+    chunk = gpu_like_backward(n)
+
+    def step():
+        h = hidden[:, :-1] if shift else hidden
+        ops.linear_logprob(h, weight, labels, backend="triton",
+                           filter_eps=filter_eps).logp.sum().backward()
+
+    tile_lse = 4 * math.ceil(V / LP.tile_width(BF16)) * n if filter_eps else 0
+    assert_peak(step, hidden, weight, n, chunk + tile_lse + (2 * n * D if shift else 0))
+
+
+@pytest.mark.parametrize("valid_every", [1, 2])
+@pytest.mark.parametrize("filter_eps", [None, "auto"])
+def test_kl_peak_is_the_chunk_loop(gpu_like_backward, valid_every, filter_eps):
+    """The KL op, exact (its default): the accumulator and the chunk over the valid rows and,
+    when some rows are masked, the compacted copy of the valid ones; the reference head adds
+    nothing."""
+    hidden, weight = heads(2, False)
+    ref_hidden, ref_weight = (t.detach().clone() for t in heads(3, False))
+    mask = (torch.arange(BATCH * T) % valid_every == 0).reshape(BATCH, T)
+    n = int(mask.sum())
+    chunk = gpu_like_backward(n)
+
+    def step():
+        ops.linear_kl(hidden, weight, ref_hidden, ref_weight, mask=mask, backend="triton",
+                      filter_eps=filter_eps).kl.sum().backward()
+
+    tile_stats = 4 * KL.TILE_STATS * math.ceil(V / KL.tile_width(BF16)) * mask.numel()
+    assert_peak(step, hidden, weight, n,
+                chunk + (2 * n * D if valid_every > 1 else 0) + (tile_stats if filter_eps else 0))
