@@ -456,8 +456,9 @@ def log_mass(tile_lse: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     """An upper bound on ``log P = tile_lse − lse``, the log of a tile's softmax mass: both are
     fp32 roundings of O(|lse|) values, so 2⁻²¹·(|tile_lse| + |lse|) (4 ulps) is added; floored at
     -1e4 where the mass underflowed (-inf), so that P = 0 and P·log P stays 0."""
-    slack = 2.0**-21 * (tile_lse.abs().nan_to_num(posinf=0.0) + lse.abs())
-    return (tile_lse - lse + slack).clamp_min(-1.0e4)
+    slack = tile_lse.abs().nan_to_num_(posinf=0.0).add_(lse.abs()).mul_(2.0**-21)
+    log_m = tile_lse - lse
+    return log_m.add_(slack).clamp_min_(-1.0e4)
 
 
 def grad_grid(n: int, cols: int, cfg: dict, pairs: torch.Tensor | None) -> tuple[int]:
@@ -475,14 +476,16 @@ def drop_within_budget(
     (tile, row) carries: each row drops its tiles in increasing order of rate while their sum
     stays within ``budget [n]`` (less 1e-5 of it: the fp32 running sum's rounding), never its
     ``label_tiles [n]`` tile (None: none); a row block keeps the union of its rows' tiles. A row
-    whose budget or bounds are not finite (a NaN or inf upstream gradient) drops nothing."""
+    whose budget or bounds are not finite (a NaN or inf upstream gradient) drops nothing.
+    ``rate`` is the caller's scratch: its label entries are overwritten. Beside it, the sort's
+    values and int64 indices are the [n_tiles, n] buffers this takes (three rates' worth)."""
     n_tiles, n = rate.shape
     if label_tiles is not None:
-        rate = rate.clone()
         rate[label_tiles.long(), torch.arange(n, device=rate.device)] = math.inf
     ordered, order = rate.sort(dim=0)
     budget = torch.where(torch.isfinite(budget), budget, 0.0)
-    dropped = ordered.cumsum(dim=0) <= budget * (1.0 - 1.0e-5)  # NaN sums are kept
+    dropped = ordered.cumsum_(dim=0) <= budget * (1.0 - 1.0e-5)  # NaN sums are kept
+    del ordered
     keep = torch.empty_like(dropped).scatter_(0, order, ~dropped)
     n_rb = triton.cdiv(n, block_m)
     padded = torch.zeros((n_tiles, n_rb * block_m), dtype=torch.bool, device=keep.device)

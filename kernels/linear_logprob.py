@@ -283,7 +283,9 @@ def filter_tiles(
     a = (g_lse - g_logp).abs() if g_lse is not None else g_logp.abs()
     b = g_entropy.abs() if g_entropy is not None else torch.zeros_like(a)
     h = entropy if entropy is not None and g_entropy is not None else 0.0
-    rate = log_p.exp() * (a + b * (h - log_p + math.log(tile_w)))
+    # r = P·(a + b·(h − log P + log W)) in place: the [n_tiles, n] buffers are the filter's memory
+    rate = (h - log_p).add_(math.log(tile_w)).mul_(b).add_(a).mul_(log_p.exp_())
+    del log_p
     return drop_within_budget(rate, eps * (a + b), labels // tile_w, block_m)
 
 

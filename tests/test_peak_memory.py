@@ -84,7 +84,7 @@ def assert_peak(step, hidden: torch.Tensor, weight: torch.Tensor, n: int, held: 
     beside it, before hidden's gradient exists, plus per-token results; and leaves only
     per-token results beside the gradients."""
     peak, end = peak_and_end(step)
-    grads = (hidden.numel() + weight.numel()) * BF16.itemsize
+    grads = (hidden.numel() + weight.numel() * weight.requires_grad) * BF16.itemsize
     slack = PER_TOKEN * hidden.shape[:-1].numel()
     assert end - grads <= slack, end - grads
     loop = 4 * n * D + held - hidden.numel() * BF16.itemsize
@@ -101,12 +101,14 @@ def heads(seed: int, shift: bool):
 
 @pytest.mark.parametrize("shift", [False, True], ids=["hidden", "hidden[:, :-1]"])
 @pytest.mark.parametrize("filter_eps", ["auto", None])
-def test_log_prob_peak_is_the_chunk_loop(gpu_like_backward, shift, filter_eps):
+@pytest.mark.parametrize("frozen", [False, True], ids=["", "frozen head"])
+def test_log_prob_peak_is_the_chunk_loop(gpu_like_backward, shift, filter_eps, frozen):
     """Log-probs, every token valid: the peak above inputs and gradients is the accumulator,
     the chunk and the filter's per-tile log-sum-exps, less the rounded dH that takes the
     accumulator's place; with a causal LM's ``hidden[:, :-1]``, also the compacted copy of the
-    valid rows that dW's GEMMs read."""
+    valid rows that dW's GEMMs read (none with a frozen head: LoRA's)."""
     hidden, weight = heads(0, shift)
+    weight.requires_grad_(not frozen)
     labels = torch.randint(0, V, (BATCH, T), generator=gen(1))
     n = labels.numel()
     chunk = gpu_like_backward(n)
@@ -117,7 +119,8 @@ def test_log_prob_peak_is_the_chunk_loop(gpu_like_backward, shift, filter_eps):
                            filter_eps=filter_eps).logp.sum().backward()
 
     tile_lse = 4 * math.ceil(V / LP.tile_width(BF16)) * n if filter_eps else 0
-    assert_peak(step, hidden, weight, n, chunk + tile_lse + (2 * n * D if shift else 0))
+    assert_peak(step, hidden, weight, n,
+                chunk + tile_lse + (2 * n * D if shift and not frozen else 0))
 
 
 @pytest.mark.parametrize("valid_every", [1, 2])
@@ -139,3 +142,20 @@ def test_kl_peak_is_the_chunk_loop(gpu_like_backward, valid_every, filter_eps):
     tile_stats = 4 * KL.TILE_STATS * math.ceil(V / KL.tile_width(BF16)) * mask.numel()
     assert_peak(step, hidden, weight, n,
                 chunk + (2 * n * D if valid_every > 1 else 0) + (tile_stats if filter_eps else 0))
+
+
+def test_log_prob_filter_takes_four_rates_of_memory():
+    """The filter's choice (before the backward's loop, and its peak with a frozen head when the
+    vocabulary is large beside d) takes the bounds ``r [n_tiles, n]`` fp32 and their sort's
+    values and int64 indices: four r's worth, plus bool masks (it took seven before its
+    arithmetic went in place)."""
+    tiles, n = 200, 512
+    g = gen(4)
+    lse = torch.randn(n, generator=g) + 10
+    tile_lse = lse + torch.randn(tiles, n, generator=g) * 4 - 5
+    labels = torch.randint(0, tiles * 64, (n,), generator=g)
+    entropy, g_logp, g_entropy = torch.rand(n, generator=g), *torch.randn(2, n, generator=g)
+    peak, _ = peak_and_end(lambda: LP.filter_tiles(tile_lse, labels, lse, entropy, g_logp, None,
+                                                   g_entropy, 2.0**-12, 16, 64))
+    rate = tiles * n * 4
+    assert peak <= 4 * rate + 2 * tiles * n, peak / rate
