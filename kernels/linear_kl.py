@@ -396,27 +396,57 @@ def filter_tiles(
     c, b, a = (g.abs() if g is not None else zero for g in (g_kl, g_entropy, g_logp))
     lse_z, lse_r = norm[0] + norm[1], norm[2] + norm[3]
     log_w = math.log(tile_w)
-    log_p = _unflushed(log_mass(tile_stats[0, :, :n], lse_z), log_w, norm[1])
-    p = log_p.exp()
-    h = entropy if entropy is not None and g_entropy is not None else 0.0
+    # The [n_tiles, n] fp32 buffers are this function's memory: each is built in place and
+    # dropped once used, so that at most five (forward KL: seven) are live beside tile_stats.
     d_min, d_max = tile_stats[3, :, :n], tile_stats[4, :, :n]
     # fp32 roundings of O(|z|, |r|, |lse|) values: 8 ulps of each
-    slack = 2.0**-20 * (torch.maximum(d_min.abs(), d_max.abs()) + lse_z.abs() + lse_r.abs())
-    lo, hi = d_min - (lse_z - lse_r) - slack, d_max - (lse_z - lse_r) + slack
+    slack = _abs_max(d_min, d_max).add_(lse_z.abs()).add_(lse_r.abs()).mul_(2.0**-20)
+    shift = lse_z - lse_r
+    lo, hi = (d_min - shift).sub_(slack), (d_max - shift).add_(slack)
+    del slack
+    log_p = _unflushed(log_mass(tile_stats[0, :, :n], lse_z), log_w, norm[1])
     if reverse:  # |KL| = |E_p[δ] − log S_z/S_r|, over-estimated by the sum of both
         kl = norm[4].abs() + (norm[1] - norm[3]).abs()
+        far = _abs_max(lo, hi).add_(kl)
+        del lo, hi
         r_min = tile_stats[2, :, :n]
-        log_q_max = lse_r - r_min + 2.0**-21 * (lse_r.abs() + r_min.abs())  # ≥ |log q| in t
-        k = p * torch.minimum(log_w - log_p + log_q_max + kl,
-                              torch.maximum(lo.abs(), hi.abs()) + kl)
+        # ≥ |log q| in t
+        log_q_max = (lse_r - r_min).add_(r_min.abs().add_(lse_r.abs()).mul_(2.0**-21))
+        near = (log_w - log_p).add_(log_q_max).add_(kl)
+        del log_q_max
+        p = log_p.exp()
+        k = torch.minimum(near, far, out=near).mul_(p)
+        del far
     else:  # |p − q| = p·|e^{−x} − 1| = q·|e^x − 1|, in logs (either mass can underflow)
         log_q = _unflushed(log_mass(tile_stats[1, :, :n], lse_r), log_w, norm[3])
-        by_p = log_p + torch.maximum(_log_abs_expm1(-lo), _log_abs_expm1(-hi))
-        by_q = log_q + torch.maximum(_log_abs_expm1(lo), _log_abs_expm1(hi))
-        k = torch.minimum(p + log_q.exp(), torch.minimum(by_p, by_q).exp())
-    rate = c * k + b * p * (h - log_p + log_w) + a * p
+        by_p = _log_abs_expm1(-lo)
+        torch.maximum(by_p, _log_abs_expm1(-hi), out=by_p).add_(log_p)
+        by_q = _log_abs_expm1(lo)
+        del lo
+        torch.maximum(by_q, _log_abs_expm1(hi), out=by_q).add_(log_q)
+        del hi
+        torch.minimum(by_p, by_q, out=by_p).exp_()
+        del by_q
+        p = log_p.exp()
+        k = torch.minimum(log_q.exp_().add_(p), by_p, out=log_q)
+        del by_p
+    h = entropy if entropy is not None and g_entropy is not None else 0.0
+    # rate = c·k + b·p·(h − log P + log W) + a·p
+    entropy_term = (h - log_p).add_(log_w)
+    del log_p
+    entropy_term.mul_(b * p)
+    rate = k.mul_(c).add_(entropy_term)
+    del entropy_term
+    rate.add_(p.mul_(a))
+    del p
     label_tiles = labels // tile_w if labels is not None else None
     return drop_within_budget(rate, eps * (a + b + c), label_tiles, block_m)
+
+
+def _abs_max(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``max(|x|, |y|)`` in one new buffer."""
+    out = x.abs()
+    return torch.maximum(out, y.abs(), out=out)
 
 
 def _unflushed(log_m: torch.Tensor, log_w: float, log_s: torch.Tensor) -> torch.Tensor:
@@ -432,7 +462,8 @@ _LOG_FLUSH = math.log(2.0**-126)  # fp32's least normal: exp() results below it 
 
 def _log_abs_expm1(y: torch.Tensor) -> torch.Tensor:
     """An upper bound on ``log|e^y − 1|`` (``y`` itself beyond 20, where e^y would overflow)."""
-    return torch.where(y > 20, y, torch.log(torch.expm1(y.clamp(max=20)).abs()))
+    out = y.clamp(max=20).expm1_().abs_().log_()
+    return torch.where(y > 20, y, out, out=out)
 
 
 def two_head_config(kind: str, dtype: torch.dtype) -> dict:

@@ -159,3 +159,20 @@ def test_log_prob_filter_takes_four_rates_of_memory():
                                                    g_entropy, 2.0**-12, 16, 64))
     rate = tiles * n * 4
     assert peak <= 4 * rate + 2 * tiles * n, peak / rate
+
+
+@pytest.mark.parametrize(("reverse", "buffers"), [(True, 5), (False, 7)])
+def test_kl_filter_memory(reverse, buffers):
+    """The KL filter's choice: at most five [n_tiles, n] fp32 buffers at once (forward KL, with
+    both masses' bounds: seven), plus bool masks; it took 11 and 13 before its arithmetic went
+    in place."""
+    tiles, n = 200, 512
+    g = gen(5)
+    stats = torch.randn(KL.TILE_STATS, tiles, n, generator=g) * 3 + 5
+    norm = torch.randn(5, n, generator=g).abs() + 1
+    labels = torch.randint(0, tiles * 128, (n,), generator=g)
+    entropy, g_kl, g_entropy, g_logp = torch.rand(n, generator=g), *torch.randn(3, n, generator=g)
+    peak, _ = peak_and_end(lambda: KL.filter_tiles(stats, norm, labels, entropy, g_kl, g_entropy,
+                                                   g_logp, reverse, 1e-2, 16, 128))
+    rate = tiles * n * 4
+    assert peak <= buffers * rate + 2 * tiles * n, peak / rate
