@@ -21,7 +21,7 @@ from hypo_fast.kernels import _tiles
 from hypo_fast.kernels import linear_kl as KL
 from hypo_fast.kernels import linear_logprob as LP
 from hypo_fast.kernels._tiles import launch
-from kernel_helpers import BF16, INTERPRET, gen
+from kernel_helpers import BF16, INTERPRET, gen, tma_loads
 from torch.profiler import ProfilerActivity, profile
 
 from hypo_fast import ops
@@ -99,14 +99,19 @@ def heads(seed: int, shift: bool):
     return hidden, weight
 
 
+TMA = pytest.mark.parametrize("tma", [False, True], ids=["pointers", "descriptors"])
+
+
+@TMA
 @pytest.mark.parametrize("shift", [False, True], ids=["hidden", "hidden[:, :-1]"])
 @pytest.mark.parametrize("filter_eps", ["auto", None])
 @pytest.mark.parametrize("frozen", [False, True], ids=["", "frozen head"])
-def test_log_prob_peak_is_the_chunk_loop(gpu_like_backward, shift, filter_eps, frozen):
+def test_log_prob_peak_is_the_chunk_loop(gpu_like_backward, shift, filter_eps, frozen, tma):
     """Log-probs, every token valid: the peak above inputs and gradients is the accumulator,
     the chunk and the filter's per-tile log-sum-exps, less the rounded dH that takes the
     accumulator's place; with a causal LM's ``hidden[:, :-1]``, also the compacted copy of the
-    valid rows that dW's GEMMs read (none with a frozen head: LoRA's)."""
+    valid rows that dW's GEMMs and the descriptor loads (a Hopper's) read: none with pointer
+    loads and a frozen head (LoRA's)."""
     hidden, weight = heads(0, shift)
     weight.requires_grad_(not frozen)
     labels = torch.randint(0, V, (BATCH, T), generator=gen(1))
@@ -115,20 +120,22 @@ def test_log_prob_peak_is_the_chunk_loop(gpu_like_backward, shift, filter_eps, f
 
     def step():
         h = hidden[:, :-1] if shift else hidden
-        ops.linear_logprob(h, weight, labels, backend="triton",
-                           filter_eps=filter_eps).logp.sum().backward()
+        with tma_loads(tma):
+            ops.linear_logprob(h, weight, labels, backend="triton",
+                               filter_eps=filter_eps).logp.sum().backward()
 
     tile_lse = 4 * math.ceil(V / LP.tile_width(BF16)) * n if filter_eps else 0
-    assert_peak(step, hidden, weight, n,
-                chunk + tile_lse + (2 * n * D if shift and not frozen else 0))
+    copy = 2 * n * D if shift and (tma or not frozen) else 0
+    assert_peak(step, hidden, weight, n, chunk + tile_lse + copy)
 
 
+@TMA
 @pytest.mark.parametrize("valid_every", [1, 2])
 @pytest.mark.parametrize("filter_eps", [None, "auto"])
-def test_kl_peak_is_the_chunk_loop(gpu_like_backward, valid_every, filter_eps):
-    """The KL op, exact (its default): the accumulator and the chunk over the valid rows and,
-    when some rows are masked, the compacted copy of the valid ones; the reference head adds
-    nothing."""
+def test_kl_peak_is_the_chunk_loop(gpu_like_backward, valid_every, filter_eps, tma):
+    """The KL op: the accumulator and the chunk over the valid rows, filtered the forward's
+    per-tile statistics and, when some rows are masked, the compacted copy of the valid ones
+    (and with descriptor loads that of the reference head's too)."""
     hidden, weight = heads(2, False)
     ref_hidden, ref_weight = (t.detach().clone() for t in heads(3, False))
     mask = (torch.arange(BATCH * T) % valid_every == 0).reshape(BATCH, T)
@@ -136,12 +143,13 @@ def test_kl_peak_is_the_chunk_loop(gpu_like_backward, valid_every, filter_eps):
     chunk = gpu_like_backward(n)
 
     def step():
-        ops.linear_kl(hidden, weight, ref_hidden, ref_weight, mask=mask, backend="triton",
-                      filter_eps=filter_eps).kl.sum().backward()
+        with tma_loads(tma):
+            ops.linear_kl(hidden, weight, ref_hidden, ref_weight, mask=mask, backend="triton",
+                          filter_eps=filter_eps).kl.sum().backward()
 
     tile_stats = 4 * KL.TILE_STATS * math.ceil(V / KL.tile_width(BF16)) * mask.numel()
-    assert_peak(step, hidden, weight, n,
-                chunk + (2 * n * D if valid_every > 1 else 0) + (tile_stats if filter_eps else 0))
+    copies = 2 * n * D * (1 + tma) if valid_every > 1 else 0
+    assert_peak(step, hidden, weight, n, chunk + copies + (tile_stats if filter_eps else 0))
 
 
 def test_log_prob_filter_takes_four_rates_of_memory():
