@@ -583,7 +583,7 @@ def test_tied_embeddings_accumulate_both_paths():
 
 
 @needs_triton
-@pytest.mark.parametrize("kind", ["dpo", "sparsepo", "hypo_exact"])
+@pytest.mark.parametrize("kind", ["dpo", "sparsepo", "hypo_exact", "hypo_rloo"])
 def test_triton_backend_matches_reference(kind):
     p = make_pairs(B=2, T=5, d=16, V=40, dtype=F32, seed=81).leaves()
     oh, oy, orh, _ = online_batch(M=2, T=5, d=16, V=40, seed=82)
@@ -598,8 +598,10 @@ def test_triton_backend_matches_reference(kind):
             loss, aux = call(FusedLinearSparsePOLoss(backend=backend), p, token_mask=mask)
             extra = [mask]
         else:
-            loss, aux = call(HyPOLoss(estimator="exact", backend=backend), p, online_input=oh,
-                             online_target=oy, online_ref_input=orh.float())
+            estimator = kind.removeprefix("hypo_")
+            loss, aux = call(HyPOLoss(estimator=estimator, backend=backend), p, online_input=oh,
+                             online_target=oy, online_ref_input=orh.float(),
+                             group_ids=torch.tensor([0, 0]) if estimator == "rloo" else None)
             extra = [oh]
         results.append((loss, list(aux), p.grads_of(loss, *extra)))
     (ref_loss, ref_aux, ref_g), (tri_loss, tri_aux, tri_g) = results
@@ -719,6 +721,10 @@ def _bad_calls():
         ("hypo rloo without groups", lambda: HyPOLoss(estimator="rloo")(
             p.w, p.h, p.y, p.b, p.rh, p.rw, online_input=p.h, online_target=p.y,
             online_ref_input=p.rh), ValueError, "group_ids is required"),
+        ("hypo nothing to score", lambda: HyPOLoss(estimator="reinforce")(
+            p.w, p.h, torch.full_like(p.y, IGN), p.b, p.rh, p.rw, online_input=p.h,
+            online_target=torch.full_like(p.y, IGN), online_ref_input=p.rh), ValueError,
+         "every label of target and online_target"),
         ("hpo rewards shape", lambda: HPOLoss()(
             p.w, p.h, p.y, p.b, p.rh, p.rw, aux_rewards=torch.zeros(3, dtype=F64)),
          ValueError, r"aux_rewards must have shape \(4,\)"),

@@ -25,6 +25,7 @@ from kernel_helpers import BF16, INTERPRET, gen, tma_loads
 from torch.profiler import ProfilerActivity, profile
 
 from hypo_fast import ops
+from hypo_fast.losses import HyPOLoss, _base
 
 # On a GPU, benchmarks/gpu_check.py measures these peaks themselves.
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="follows CPU allocations: the interpreter")
@@ -78,16 +79,19 @@ def gpu_like_backward(monkeypatch):
     return budget
 
 
-def assert_peak(step, hidden: torch.Tensor, weight: torch.Tensor, n: int, held: int) -> None:
+def assert_peak(step, hidden: torch.Tensor | tuple[torch.Tensor, ...], weight: torch.Tensor,
+                n: int, held: int) -> None:
     """``step()`` (a forward and backward) peaks, above its inputs and their gradients, at most
     at its chunk loop: the fp32 dH accumulator of the ``n`` valid rows and the ``held`` bytes
-    beside it, before hidden's gradient exists, plus per-token results; and leaves only
-    per-token results beside the gradients."""
+    beside it, before the hidden states' gradients exist, plus per-token results; and leaves
+    only per-token results beside the gradients."""
+    hiddens = hidden if isinstance(hidden, tuple) else (hidden,)
     peak, end = peak_and_end(step)
-    grads = (hidden.numel() + weight.numel() * weight.requires_grad) * BF16.itemsize
-    slack = PER_TOKEN * hidden.shape[:-1].numel()
+    d_hidden = sum(h.numel() for h in hiddens) * BF16.itemsize
+    grads = d_hidden + weight.numel() * weight.requires_grad * BF16.itemsize
+    slack = PER_TOKEN * sum(h.shape[:-1].numel() for h in hiddens)
     assert end - grads <= slack, end - grads
-    loop = 4 * n * D + held - hidden.numel() * BF16.itemsize
+    loop = 4 * n * D + held - d_hidden
     assert peak - grads <= loop + slack, (peak - grads, loop)
 
 
@@ -150,6 +154,32 @@ def test_kl_peak_is_the_chunk_loop(gpu_like_backward, valid_every, filter_eps, t
     tile_stats = 4 * KL.TILE_STATS * math.ceil(V / KL.tile_width(BF16)) * mask.numel()
     copies = 2 * n * D * (1 + tma) if valid_every > 1 else 0
     assert_peak(step, hidden, weight, n, chunk + copies + (tile_stats if filter_eps else 0))
+
+
+def test_hypo_peak_is_one_chunk_loop(gpu_like_backward, monkeypatch):
+    """HyPO (rloo) scores its offline pairs and online samples in one call over their valid
+    tokens, gathered: one dW, one loop over all n rows, plus the gathered rows. (Two calls had
+    both dWs alive while autograd added them.) The logits-mean metric is stubbed: on the CPU
+    ATen sums bf16 into fp32 through an fp32 copy of W, on CUDA in place."""
+    zero = torch.zeros(())
+    monkeypatch.setattr(_base, "logits_means", lambda x: (zero, zero))
+    hidden, weight = heads(6, False)
+    online, _ = heads(7, False)
+    ref_hidden, ref_weight = (t.detach().clone() for t in heads(8, False))
+    target, online_target = torch.randint(0, V, (2, BATCH, T), generator=gen(9))
+    target[:, : T // 2] = online_target[:, : T // 3] = -100
+    n = int((target != -100).sum() + (online_target != -100).sum())
+    chunk = gpu_like_backward(n)
+
+    def step():
+        loss, _ = HyPOLoss(backend="triton")(
+            weight, hidden, target, ref_input=ref_hidden, ref_weight=ref_weight,
+            online_input=online, online_target=online_target, online_ref_input=ref_hidden,
+            group_ids=torch.tensor([0, 0]))
+        loss.backward()
+
+    tile_lse = 4 * math.ceil(V / LP.tile_width(BF16)) * n
+    assert_peak(step, (hidden, online), weight, n, chunk + tile_lse + 2 * n * D)
 
 
 def test_log_prob_filter_takes_four_rates_of_memory():

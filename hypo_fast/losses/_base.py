@@ -396,8 +396,11 @@ class FusedLinearPairLoss(nn.Module):
     def _statistics(self, x: PairBatch) -> PairStats:
         """Per-sequence policy log-probs (one fused call over the 2B sequences) and reference."""
         pol = self._logprob(x, x.hidden, x.weight, x.bias)
-        return PairStats(pol.seq_sum, pol.seq_count, self._per_seq(pol.seq_sum, pol.seq_count),
-                         self._reference_logps(x))
+        return self._pair_stats(x, pol.seq_sum, pol.seq_count)
+
+    def _pair_stats(self, x: PairBatch, sums: Tensor, counts: Tensor) -> PairStats:
+        """:class:`PairStats` from the policy's per-sequence sums and counts ``[2B]``."""
+        return PairStats(sums, counts, self._per_seq(sums, counts), self._reference_logps(x))
 
     def _nll(self, x: PairBatch, s: PairStats) -> Tensor:
         """Token-mean NLL of the chosen completions over the batch: −Σ_{chosen} S / Σ_{chosen} n
