@@ -721,10 +721,15 @@ def _bad_calls():
         ("hypo rloo without groups", lambda: HyPOLoss(estimator="rloo")(
             p.w, p.h, p.y, p.b, p.rh, p.rw, online_input=p.h, online_target=p.y,
             online_ref_input=p.rh), ValueError, "group_ids is required"),
-        ("hypo nothing to score", lambda: HyPOLoss(estimator="reinforce")(
-            p.w, p.h, torch.full_like(p.y, IGN), p.b, p.rh, p.rw, online_input=p.h,
-            online_target=torch.full_like(p.y, IGN), online_ref_input=p.rh), ValueError,
-         "every label of target and online_target"),
+        ("hypo no online token", lambda: HyPOLoss(estimator="reinforce")(
+            p.w, p.h, p.y, p.b, p.rh, p.rw, online_input=p.h,
+            online_target=torch.full_like(p.y, IGN), online_ref_logps=torch.zeros(4, dtype=F64)),
+         ValueError, "every label of online_target equals ignore_index"),
+        ("hypo no offline token", lambda: HyPOLoss(estimator="reinforce")(
+            p.w, p.h, torch.full_like(p.y, IGN), p.b, online_input=p.h, online_target=p.y,
+            online_ref_input=p.rh, ref_weight=p.rw, ref_chosen_logps=torch.zeros(2, dtype=F64),
+            ref_rejected_logps=torch.zeros(2, dtype=F64)),
+         ValueError, "every label of target equals ignore_index"),
         ("hpo rewards shape", lambda: HPOLoss()(
             p.w, p.h, p.y, p.b, p.rh, p.rw, aux_rewards=torch.zeros(3, dtype=F64)),
          ValueError, r"aux_rewards must have shape \(4,\)"),

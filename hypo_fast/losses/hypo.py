@@ -147,9 +147,10 @@ class HyPOLoss(FusedLinearDPOLoss):
         the head's backward: 1 GB for a bf16 Llama-3-8B head); the gathered rows take n·d
         (a call with ignored tokens gathers its valid rows on Hopper anyway)."""
         parts = [_valid_tokens(h, self.ignore_index) for h in (x, online)]
-        if sum(rows.shape[0] for rows, _, _ in parts) == 0:
-            raise ValueError(f"every label of target and online_target equals ignore_index="
-                             f"{self.ignore_index}: nothing to compute")
+        for (rows, _, _), name in zip(parts, ("target", "online_target"), strict=True):
+            if rows.shape[0] == 0:
+                raise ValueError(f"every label of {name} equals ignore_index="
+                                 f"{self.ignore_index}: nothing to compute")
         (h_pairs, y_pairs, s_pairs), (h_online, y_online, s_online) = parts
         return ops.linear_logprob(
             torch.cat([h_pairs, h_online]), x.weight, torch.cat([y_pairs, y_online]), x.bias,
