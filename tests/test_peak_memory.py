@@ -104,6 +104,11 @@ def heads(seed: int, shift: bool):
     return hidden, weight
 
 
+def tile_stats_bytes(kernels, tokens: int, planes: int = 1) -> int:
+    """The fp32 per-tile statistics a filtered forward of ``kernels`` records for ``tokens``."""
+    return 4 * planes * math.ceil(V / kernels.tile_width(BF16)) * tokens
+
+
 TMA = pytest.mark.parametrize("tma", [False, True], ids=["pointers", "descriptors"])
 
 
@@ -129,7 +134,7 @@ def test_log_prob_peak_is_the_chunk_loop(gpu_like_backward, shift, filter_eps, f
             ops.linear_logprob(h, weight, labels, backend="triton",
                                filter_eps=filter_eps).logp.sum().backward()
 
-    tile_lse = 4 * math.ceil(V / LP.tile_width(BF16)) * n if filter_eps else 0
+    tile_lse = tile_stats_bytes(LP, n) if filter_eps else 0
     copy = 2 * n * D if shift and (tma or not frozen) else 0
     assert_peak(step, hidden, weight, n, chunk + tile_lse + copy)
 
@@ -155,8 +160,7 @@ def test_log_prob_peak_with_the_block_sparse_backward(gpu_like_backward, monkeyp
             ops.linear_logprob(hidden, weight, labels, bias,
                                backend="triton").logp.sum().backward()
 
-    tile_lse = 4 * math.ceil(V / LP.tile_width(BF16)) * n
-    assert_peak(step, hidden, weight, n, chunk + tile_lse)
+    assert_peak(step, hidden, weight, n, chunk + tile_stats_bytes(LP, n))
     assert _tiles._sparse_dw_kernel in launched
 
 
@@ -179,7 +183,7 @@ def test_kl_peak_is_the_chunk_loop(gpu_like_backward, valid_every, filter_eps, t
                           filter_eps=filter_eps).kl.sum().backward()
 
     with tma_loads(tma):  # the interpreter's KL tiles are wider with descriptor loads
-        tile_stats = 4 * KL.TILE_STATS * math.ceil(V / KL.tile_width(BF16)) * mask.numel()
+        tile_stats = tile_stats_bytes(KL, mask.numel(), KL.TILE_STATS)
     copies = 2 * n * D * (1 + tma) if valid_every > 1 else 0
     assert_peak(step, hidden, weight, n, chunk + copies + (tile_stats if filter_eps else 0))
 
@@ -206,8 +210,7 @@ def test_hypo_peak_is_one_chunk_loop(gpu_like_backward, monkeypatch):
             group_ids=torch.tensor([0, 0]))
         loss.backward()
 
-    tile_lse = 4 * math.ceil(V / LP.tile_width(BF16)) * n
-    assert_peak(step, (hidden, online), weight, n, chunk + tile_lse + 2 * n * D)
+    assert_peak(step, (hidden, online), weight, n, chunk + tile_stats_bytes(LP, n) + 2 * n * D)
 
 
 def test_log_prob_filter_takes_four_rates_of_memory():
