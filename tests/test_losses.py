@@ -583,16 +583,22 @@ def test_tied_embeddings_accumulate_both_paths():
 
 
 @needs_triton
-@pytest.mark.parametrize("kind", ["dpo", "sparsepo", "hypo_exact", "hypo_rloo"])
+@pytest.mark.parametrize("kind", ["dpo", "orpo_nll_target", "sparsepo", "hypo_exact",
+                                  "hypo_rloo"])
 def test_triton_backend_matches_reference(kind):
     p = make_pairs(B=2, T=5, d=16, V=40, dtype=F32, seed=81).leaves()
     oh, oy, orh, _ = online_batch(M=2, T=5, d=16, V=40, seed=82)
     oh = oh.detach().float().requires_grad_(True)
     mask = torch.rand(p.y.shape, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    nll_target = torch.randint(0, 40, p.y.shape, generator=torch.Generator().manual_seed(3))
+    nll_target[:, :2] = IGN
     results = []
     for backend in ("reference", "triton"):
         if kind == "dpo":
             loss, aux = call(FusedLinearDPOLoss(compute_nll_loss=True, backend=backend), p)
+            extra = []
+        elif kind == "orpo_nll_target":  # one call: the pairs' labels and the NLL's, gathered
+            loss, aux = FusedLinearORPOLoss(backend=backend)(p.w, p.h, p.y, p.b, nll_target)
             extra = []
         elif kind == "sparsepo":
             loss, aux = call(FusedLinearSparsePOLoss(backend=backend), p, token_mask=mask)
@@ -730,6 +736,9 @@ def _bad_calls():
             online_ref_input=p.rh, ref_weight=p.rw, ref_chosen_logps=torch.zeros(2, dtype=F64),
             ref_rejected_logps=torch.zeros(2, dtype=F64)),
          ValueError, "every label of target equals ignore_index"),
+        ("orpo no chosen nll_target token", lambda: FusedLinearORPOLoss()(
+            p.w, p.h, p.y, p.b, torch.where(torch.arange(4)[:, None] < 2, IGN, p.y)),
+         ValueError, "every label of nll_target on the chosen sequences equals ignore_index"),
         ("hpo rewards shape", lambda: HPOLoss()(
             p.w, p.h, p.y, p.b, p.rh, p.rw, aux_rewards=torch.zeros(3, dtype=F64)),
          ValueError, r"aux_rewards must have shape \(4,\)"),

@@ -25,7 +25,7 @@ from kernel_helpers import BF16, INTERPRET, gen, tma_loads
 from torch.profiler import ProfilerActivity, profile
 
 from hypo_fast import ops
-from hypo_fast.losses import HyPOLoss, _base
+from hypo_fast.losses import FusedLinearORPOLoss, HyPOLoss, _base
 
 # On a GPU, benchmarks/gpu_check.py measures these peaks themselves.
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="follows CPU allocations: the interpreter")
@@ -188,29 +188,38 @@ def test_kl_peak_is_the_chunk_loop(gpu_like_backward, valid_every, filter_eps, t
     assert_peak(step, hidden, weight, n, chunk + copies + (tile_stats if filter_eps else 0))
 
 
-def test_hypo_peak_is_one_chunk_loop(gpu_like_backward, monkeypatch):
-    """HyPO (rloo) scores its offline pairs and online samples in one call over their valid
-    tokens, gathered: one dW, one loop over all n rows, plus the gathered rows. (Two calls had
-    both dWs alive while autograd added them.) The logits-mean metric is stubbed: on the CPU
-    ATen sums bf16 into fp32 through an fp32 copy of W, on CUDA in place."""
+@pytest.mark.parametrize("loss", ["hypo rloo", "orpo nll_target"])
+def test_second_label_set_shares_one_chunk_loop(gpu_like_backward, monkeypatch, loss):
+    """A loss that scores two label sets under the policy's head, HyPO (rloo: its offline pairs
+    and online samples) or ORPO with ``nll_target`` (the pairs and the NLL's labels on the chosen
+    rows), does it in one call over their valid tokens, gathered: one dW, one loop over all n
+    rows, plus the gathered rows. (Two calls had both dWs alive while autograd added them.)
+    The logits-mean metric is stubbed: on the CPU ATen sums bf16 into fp32 through an fp32
+    copy of W, on CUDA in place."""
     zero = torch.zeros(())
     monkeypatch.setattr(_base, "logits_means", lambda x: (zero, zero))
     hidden, weight = heads(6, False)
     online, _ = heads(7, False)
     ref_hidden, ref_weight = (t.detach().clone() for t in heads(8, False))
-    target, online_target = torch.randint(0, V, (2, BATCH, T), generator=gen(9))
-    target[:, : T // 2] = online_target[:, : T // 3] = -100
-    n = int((target != -100).sum() + (online_target != -100).sum())
+    target, second = torch.randint(0, V, (2, BATCH, T), generator=gen(9))
+    target[:, : T // 2] = second[:, : T // 3] = -100
+    if loss == "hypo rloo":
+        inputs, n_second = (hidden, online), int((second != -100).sum())
+
+        def run():
+            return HyPOLoss(backend="triton")(
+                weight, hidden, target, ref_input=ref_hidden, ref_weight=ref_weight,
+                online_input=online, online_target=second, online_ref_input=ref_hidden,
+                group_ids=torch.tensor([0, 0]))
+    else:
+        inputs, n_second = hidden, int((second[: BATCH // 2] != -100).sum())
+
+        def run():
+            return FusedLinearORPOLoss(backend="triton")(weight, hidden, target, None, second)
+    n = int((target != -100).sum()) + n_second
     chunk = gpu_like_backward(n)
-
-    def step():
-        loss, _ = HyPOLoss(backend="triton")(
-            weight, hidden, target, ref_input=ref_hidden, ref_weight=ref_weight,
-            online_input=online, online_target=online_target, online_ref_input=ref_hidden,
-            group_ids=torch.tensor([0, 0]))
-        loss.backward()
-
-    assert_peak(step, (hidden, online), weight, n, chunk + tile_stats_bytes(LP, n) + 2 * n * D)
+    assert_peak(lambda: run()[0].backward(), inputs, weight, n,
+                chunk + tile_stats_bytes(LP, n) + 2 * n * D)
 
 
 def test_log_prob_filter_takes_four_rates_of_memory():

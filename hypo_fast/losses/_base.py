@@ -377,10 +377,9 @@ class FusedLinearPairLoss(nn.Module):
         """The sequence log-prob the loss uses: S, or S / max(n, 1) with ``average_log_prob``."""
         return sums / counts.clamp(min=1.0) if self.average_log_prob else sums
 
-    def _logprob(self, head: Head, hidden: Tensor, weight: Tensor, bias: Tensor | None,
-                 target: Tensor | None = None):
+    def _logprob(self, head: Head, hidden: Tensor, weight: Tensor, bias: Tensor | None):
         return ops.linear_logprob(
-            hidden, weight, head.target if target is None else target, bias,
+            hidden, weight, head.target, bias,
             ignore_index=self.ignore_index, seq_ids=head.seq_ids, num_seqs=head.num_seqs,
             backend=self.backend,
         )
@@ -395,8 +394,26 @@ class FusedLinearPairLoss(nn.Module):
 
     def _statistics(self, x: PairBatch) -> PairStats:
         """Per-sequence policy log-probs (one fused call over the 2B sequences) and reference."""
-        pol = self._logprob(x, x.hidden, x.weight, x.bias)
-        return self._pair_stats(x, pol.seq_sum, pol.seq_count)
+        return self._policy_stats(x)[0]
+
+    def _policy_stats(self, x: PairBatch, *more: tuple[Head, str]
+                      ) -> tuple[PairStats, list[tuple[Tensor, Tensor]]]:
+        """The pairs' :class:`PairStats` and the ``(seq_sum, seq_count)`` of each further head
+        of ``more`` (a head and the name of its labels) under the policy's lm_head, from ONE
+        fused call (:func:`joint_logprob`). With ``compute_nll_loss`` and ``nll_target`` the
+        NLL's labels on the chosen rows are one group more, their sums in ``extra["nll"]``."""
+        groups = [(x, "target"), *more]
+        nll = self.compute_nll_loss and x.nll_target is not None
+        if nll:
+            labels = torch.where(x.seq_ids < x.num_pairs, x.nll_target, self.ignore_index)
+            groups.append((Head(x.hidden, x.weight, x.bias, labels, x.seq_ids, x.num_pairs),
+                           "nll_target on the chosen sequences"))
+        (sums, counts), *rest = joint_logprob(groups, ignore_index=self.ignore_index,
+                                              backend=self.backend)
+        s = self._pair_stats(x, sums, counts)
+        if nll:
+            s.extra["nll"] = rest.pop()
+        return s, rest
 
     def _pair_stats(self, x: PairBatch, sums: Tensor, counts: Tensor) -> PairStats:
         """:class:`PairStats` from the policy's per-sequence sums and counts ``[2B]``."""
@@ -406,13 +423,8 @@ class FusedLinearPairLoss(nn.Module):
         """Token-mean NLL of the chosen completions over the batch: −Σ_{chosen} S / Σ_{chosen} n
         (Liger: divided by all non-ignored chosen tokens), from ``nll_target`` when given."""
         b = x.num_pairs
-        if x.nll_target is None:
-            sums, counts = s.sums[:b], s.counts[:b]
-        else:
-            labels = torch.where(x.seq_ids < b, x.nll_target, self.ignore_index)
-            out = self._logprob(x, x.hidden, x.weight, x.bias, labels)
-            sums, counts = out.seq_sum[:b], out.seq_count[:b]
-        return -sums.sum() / counts.sum().clamp(min=1.0)
+        sums, counts = s.extra["nll"] if x.nll_target is not None else (s.sums, s.counts)
+        return -sums[:b].sum() / counts[:b].sum().clamp(min=1.0)
 
     def _objective(self, s: PairStats, nll: Tensor | None) -> tuple[Tensor, Metrics]:
         """``(loss, metrics)`` from the statistics; ``nll`` is None unless compute_nll_loss."""
@@ -436,6 +448,50 @@ class FusedLinearPairLoss(nn.Module):
             nll_loss=nll.detach() if nll is not None else loss.new_zeros(()).detach(),
         )
         return loss, PreferenceOutput(metrics, self._extra_aux)
+
+
+def joint_logprob(groups: list[tuple[Head, str]], *, ignore_index: int, backend: str | None
+                  ) -> list[tuple[Tensor, Tensor]]:
+    """Per-sequence ``(seq_sum [num_seqs], seq_count [num_seqs])`` of each head's labels, all
+    under the first head's weight and bias, from ONE :func:`hypo_fast.ops.linear_logprob` call.
+
+    Two calls with the same weight would each return a ``[V, d]`` dW, both alive while autograd
+    adds them (V·d more at the head's backward: 1 GB for a bf16 Llama-3-8B head). Several heads'
+    valid tokens are gathered into one ``[n, d]`` tensor instead (n·d; a call with ignored
+    tokens gathers its valid rows on Hopper anyway); one head is scored in place. Each group is
+    ``(head, name)``, ``name`` naming its labels in the error raised when none is valid.
+    """
+    if len(groups) == 1:
+        head = groups[0][0]
+        out = ops.linear_logprob(head.hidden, head.weight, head.target, head.bias,
+                                 ignore_index=ignore_index, seq_ids=head.seq_ids,
+                                 num_seqs=head.num_seqs, backend=backend)
+        return [(out.seq_sum, out.seq_count)]
+    hidden, labels, seq_ids, sizes = [], [], [], []
+    for head, name in groups:
+        rows, target, ids = valid_tokens(head, ignore_index)
+        if rows.shape[0] == 0:
+            raise ValueError(f"every label of {name} equals ignore_index={ignore_index}: "
+                             "nothing to compute")
+        hidden.append(rows)
+        labels.append(target)
+        seq_ids.append(ids + sum(sizes))
+        sizes.append(head.num_seqs)
+    first = groups[0][0]
+    out = ops.linear_logprob(
+        torch.cat(hidden), first.weight, torch.cat(labels), first.bias, ignore_index=ignore_index,
+        seq_ids=torch.cat(seq_ids), num_seqs=sum(sizes), backend=backend,
+    )
+    return list(zip(out.seq_sum.split(sizes), out.seq_count.split(sizes), strict=True))
+
+
+def valid_tokens(head: Head, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(hidden [n, d], labels [n], seq_ids [n])`` of the head's tokens whose label is not
+    ``ignore_index``, the hidden rows read in place (:func:`row_source`) and gathered."""
+    target = head.target.reshape(-1)
+    tokens = (target != ignore_index).nonzero().squeeze(1)
+    view, index = row_source(head.hidden, tokens, row_map(head.hidden))
+    return view.index_select(0, index), target[tokens], head.seq_ids.reshape(-1)[tokens]
 
 
 @torch.no_grad()

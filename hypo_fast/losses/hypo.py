@@ -9,9 +9,8 @@ import torch
 
 from .. import ops
 from .._checks import check_choice, check_float, check_in_range, check_shape
-from .._layout import row_map, row_source
 from ..objectives import KL_ESTIMATORS, dpo_loss, hypo_kl_term
-from ..reference import LogProbOutput, segment_sum
+from ..reference import segment_sum
 from ._base import (
     Head,
     Metrics,
@@ -128,35 +127,15 @@ class HyPOLoss(FusedLinearDPOLoss):
             s = super()._statistics(x)
             s.extra["online"] = self._exact_kl(online)
             return s
-        pol = self._joint_logprob(x, online)
-        pairs = x.num_seqs
-        s = self._pair_stats(x, pol.seq_sum[:pairs], pol.seq_count[:pairs])
+        s, [(online_sums, _)] = self._policy_stats(x, (online, "online_target"))
         ref = online.ref_logps
         if ref is None:
             with torch.no_grad():
                 ref = self._logprob(online, online.ref_hidden, online.ref_weight,
                                     online.ref_bias).seq_sum
-        s.extra["online"] = hypo_kl_term(pol.seq_sum[pairs:], ref, estimator=self.estimator,
+        s.extra["online"] = hypo_kl_term(online_sums, ref, estimator=self.estimator,
                                          group_ids=group_ids)
         return s
-
-    def _joint_logprob(self, x: PairBatch, online: Head) -> LogProbOutput:
-        """The policy's sequence log-probs of the offline pairs, then of the online samples, in
-        ONE fused call over their valid tokens, gathered into one ``[n, d]`` tensor. Two calls
-        would each return a ``[V, d]`` dW, both alive while autograd adds them (V·d more at
-        the head's backward: 1 GB for a bf16 Llama-3-8B head); the gathered rows take n·d
-        (a call with ignored tokens gathers its valid rows on Hopper anyway)."""
-        parts = [_valid_tokens(h, self.ignore_index) for h in (x, online)]
-        for (rows, _, _), name in zip(parts, ("target", "online_target"), strict=True):
-            if rows.shape[0] == 0:
-                raise ValueError(f"every label of {name} equals ignore_index="
-                                 f"{self.ignore_index}: nothing to compute")
-        (h_pairs, y_pairs, s_pairs), (h_online, y_online, s_online) = parts
-        return ops.linear_logprob(
-            torch.cat([h_pairs, h_online]), x.weight, torch.cat([y_pairs, y_online]), x.bias,
-            ignore_index=self.ignore_index, seq_ids=torch.cat([s_pairs, s_online + x.num_seqs]),
-            num_seqs=x.num_seqs + online.num_seqs, backend=self.backend,
-        )
 
     def _exact_kl(self, o: Head) -> tuple[Tensor, Metrics]:
         """:func:`hypo_kl_term` with the exact per-token KL along the online samples."""
@@ -180,11 +159,3 @@ class HyPOLoss(FusedLinearDPOLoss):
         metrics.update(dpo_loss=dpo.detach(), kl_term=term.detach(), online_kl=kl_metrics["kl"])
         return self._add_nll(dpo + self.kl_coef * term, nll), metrics
 
-
-def _valid_tokens(head: Head, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(hidden [n, d], labels [n], seq_ids [n])`` of the head's tokens whose label is not
-    ``ignore_index``, the hidden rows read in place (:func:`row_source`) and gathered."""
-    target = head.target.reshape(-1)
-    tokens = (target != ignore_index).nonzero().squeeze(1)
-    view, index = row_source(head.hidden, tokens, row_map(head.hidden))
-    return view.index_select(0, index), target[tokens], head.seq_ids.reshape(-1)[tokens]

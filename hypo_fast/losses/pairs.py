@@ -230,9 +230,10 @@ class FusedLinearORPOLoss(_ReferenceFreePairLoss):
 
         loss = NLL(y_w) − β · mean_b log σ(log odds(y_w) − log odds(y_l)),  A = S / max(n, 1)
 
-    NLL(y_w) is 0 unless compute_nll_loss, and is taken on ``nll_target`` when given (an extra
-    fused pass over the chosen rows). ``aux`` ends with Liger's ``log_odds_ratio`` (mean log σ)
-    and ``log_odds_chosen`` (mean log-odds difference).
+    NLL(y_w) is 0 unless compute_nll_loss, and is taken on ``nll_target`` when given (the
+    chosen rows' valid tokens scored a second time, in the same fused call as the pairs).
+    ``aux`` ends with Liger's ``log_odds_ratio`` (mean log σ) and ``log_odds_chosen`` (mean
+    log-odds difference).
     """
 
     _extra_aux = ("log_odds_ratio", "log_odds_chosen")
