@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._autocast import autocast_disabled
 from ._checks import check_choice, check_float, raise_flagged, validate_head
 
 KL_DIRECTIONS = ("reverse", "forward")
@@ -71,9 +72,11 @@ def linear_logits(
     temperature: float = 1.0,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """``z = softcap(H @ W.T + b) / temperature`` in fp32 (fp64 for fp64 inputs): ``[..., V]``."""
+    """``z = softcap(H @ W.T + b) / temperature`` in fp32 (fp64 for fp64 inputs): ``[..., V]``,
+    under torch.autocast too."""
     dtype = compute_dtype(hidden, weight, bias)
-    z = hidden.to(dtype) @ weight.to(dtype).T
+    with autocast_disabled(hidden.device):
+        z = hidden.to(dtype) @ weight.to(dtype).T
     if bias is not None:
         z = z + bias.to(dtype)
     if softcap is not None:

@@ -181,3 +181,21 @@ def test_every_token_valid_gathers_no_rows(op):
     with pytest.raises(ValueError, match="all_rows: rows must be every row"):
         K.logprob_forward(hidden.detach().reshape(18, 16), weight.detach(), None,
                           labels.reshape(-1)[:17], rows, all_rows=True)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_autocast_does_not_lower_the_precision(backend):
+    """Both ops compute in fp32 under torch.autocast too: the spec's matmul is not autocast to
+    bf16 (it was: log-probs came back bf16, 5e-2 off)."""
+    hidden, weight, labels = small(torch.float32)
+    ref_hidden, ref_weight = hidden.detach() * 0.9, weight.detach() * 1.1
+    results = []
+    for enabled in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            lp = ops.linear_logprob(hidden, weight, labels, backend=backend)
+            kl = ops.linear_kl(hidden, weight, ref_hidden, ref_weight, labels=labels,
+                               backend=backend)
+        results.append((lp.logp, lp.lse, kl.kl, kl.logp, kl.ref_logp))
+    for plain, autocast in zip(*results, strict=True):
+        assert autocast.dtype == torch.float32
+        torch.testing.assert_close(autocast, plain, rtol=1e-6, atol=1e-6)

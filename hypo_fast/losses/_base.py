@@ -8,7 +8,6 @@ sequence-level math is :mod:`hypo_fast.objectives`.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from .._autocast import autocast_disabled, autocast_dtype
 from .._checks import (
     check_choice,
     check_float,
@@ -117,22 +117,6 @@ class PairStats:
             return None, None
         b = self.sums.shape[0] // 2
         return t[:b], t[b:]
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype torch.autocast would run a matmul in on ``device``, or None outside autocast."""
-    kind = device.type
-    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
-        return torch.get_autocast_dtype(kind)
-    return None
-
-
-def autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager:
-    """Context in which the ops and the fp32 objective math run: autocast off (inputs are cast
-    to the autocast dtype beforehand, as F.linear would do)."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from .. import ops
+from .._autocast import autocast_dtype
 from .._checks import check_choice, check_float, check_in_range, check_shape
 from ..objectives import KL_ESTIMATORS, dpo_loss, hypo_kl_term
 from ..reference import segment_sum
@@ -18,7 +19,6 @@ from ._base import (
     PairStats,
     PreferenceOutput,
     Tensor,
-    autocast_dtype,
     check_head_inputs,
     sequence_layout,
 )
