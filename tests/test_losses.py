@@ -210,6 +210,20 @@ def test_dpo_logits_means_are_liger_definition():
     torch.testing.assert_close(aux_view[2:4], aux[2:4])
 
 
+def test_logits_means_do_not_overflow_fp16():
+    """Hidden states of ~8 over 2 x 8192 chosen tokens: their sum overflows fp16 (was NaN)."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(4, 8192, 8, generator=g) + 8.0
+    w = torch.randn(16, 8, generator=g) / 8
+    y = torch.randint(0, 16, (4, 8192), generator=g)
+    _, aux = FusedLinearSimPOLoss()(w.half(), h.half(), y)
+    z = h.half().double() @ w.half().double().T
+    # the half's mean hidden state rounded to fp16: ~5e-4 of each logit's magnitude
+    for mean, half in zip(aux[2:4], (z[:2], z[2:]), strict=True):
+        torch.testing.assert_close(mean.double(), half.mean(), rtol=0,
+                                   atol=1e-3 * float(half.abs().mean()))
+
+
 def test_dpo_precomputed_reference_equals_reference_head():
     p = make_pairs(seed=5).leaves()
     module = FusedLinearDPOLoss(beta=0.5, average_log_prob=True)

@@ -483,21 +483,22 @@ def logits_means(x: Head) -> tuple[Tensor, Tensor]:
     """Mean logit over (tokens × vocabulary) of the chosen and of the rejected sequences, every
     token counted (prompt and padding too), as Liger reports it — without the logits:
 
-        Σ_{i,v} z_iv = (Σ_i h_i) · (Σ_v w_v) + n·Σ_v b_v,   mean = that / (n·V)
+        mean = (h̄ · Σ_v w_v + Σ_v b_v) / V,   h̄ = the half's mean hidden state
 
-    One ``[2, N] @ [N, d]`` product and one column sum of W; fp32 except that the per-half hidden
-    sums are rounded to the input dtype (bf16: a relative error ~4e-3 on this metric).
+    One ``[2, N] @ [N, d]`` product (weights 1/n) and one column sum of W; fp32 except that h̄
+    is in the input dtype (bf16: a relative error ~4e-3 on this metric). A mean, not a sum, so
+    that fp16 does not overflow (a sum of 8192 hidden states of 8 does).
     """
     chosen = x.seq_ids.reshape(-1) < x.num_seqs // 2
-    per_token = torch.stack([chosen, ~chosen]).to(x.hidden.dtype)
+    per_token = torch.stack([chosen, ~chosen]).float()
+    n = per_token.sum(1)
+    per_token = (per_token / n.clamp(min=1.0)[:, None]).to(x.hidden.dtype)
     # the hidden states' rows read in place (a shifted view would otherwise be copied)
     tokens = torch.arange(chosen.numel(), device=chosen.device)
     h, index = row_source(x.hidden, tokens, row_map(x.hidden))
     halves = per_token.new_zeros(2, h.shape[0]).index_add_(1, index, per_token)
-    h_sums = (halves @ h).float()
-    n = per_token.sum(1, dtype=torch.float32)
-    total = h_sums @ x.weight.sum(0, dtype=torch.float32)
+    total = (halves @ h).float() @ x.weight.sum(0, dtype=torch.float32)
     if x.bias is not None:
-        total = total + n * x.bias.sum(dtype=torch.float32)
-    means = total / (n.clamp(min=1.0) * x.weight.shape[0])
+        total = total + (n > 0) * x.bias.sum(dtype=torch.float32)
+    means = total / x.weight.shape[0]
     return means[0], means[1]
