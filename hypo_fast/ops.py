@@ -537,7 +537,7 @@ def linear_kl(
     check_choice("direction", direction, reference.KL_DIRECTIONS)
     for name, t in (("ref_hidden", ref_hidden), ("ref_weight", ref_weight),
                     ("ref_bias", ref_bias)):
-        if getattr(t, "requires_grad", False):
+        if torch.is_grad_enabled() and getattr(t, "requires_grad", False):
             raise ValueError(f"{name} requires grad, but the reference head is frozen on the "
                              f"triton backend: pass {name}.detach()")
     if not torch.compiler.is_compiling():

@@ -735,6 +735,20 @@ def test_bad_inputs_raise_before_any_kernel(monkeypatch, case):
                       args.pop("ref_weight"), backend="triton", **args)
 
 
+@needs_triton
+def test_reference_requiring_grad_is_accepted_without_grad_mode():
+    """Under no_grad nothing is recorded, so a reference that requires grad (e.g. one lm_head
+    Parameter shared by policy and reference, in evaluation) is no error."""
+    hidden, weight, bias, ref_hidden, ref_weight, *_ = small_inputs(requires_grad=True)
+    with torch.no_grad():
+        shared = ops.linear_kl(hidden, weight, ref_hidden.requires_grad_(),
+                               ref_weight.requires_grad_(), bias=bias, ref_bias=bias,
+                               backend="triton").kl
+    assert torch.equal(shared, ops.linear_kl(hidden, weight, ref_hidden.detach(),
+                                             ref_weight.detach(), bias=bias,
+                                             ref_bias=bias.detach(), backend="triton").kl)
+
+
 @pytest.mark.parametrize("eps", [-1e-3, math.nan, math.inf, "exact"])
 def test_filter_eps_rejects_meaningless_values(monkeypatch, eps):
     forbid_kernels(monkeypatch)
