@@ -6,12 +6,44 @@ wrong kind of value (dtype, type), ``ValueError`` for a wrong value (shape, rang
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
+from contextvars import ContextVar
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+_CALLER_NAMES: ContextVar[dict[str, str] | None] = ContextVar("hypo_fast_caller_names",
+                                                              default=None)
+
+
+@contextlib.contextmanager
+def caller_names(**names: str) -> Iterator[None]:
+    """Within the context, :func:`validate_head`'s messages name an op's arguments (``hidden``,
+    ``weight``, ``bias``, ``labels``, ``ref_hidden``, ...) as the caller's: a loss passes its
+    ``ref_input`` as an op's ``hidden``, and an error should say ``ref_input``."""
+    token = _CALLER_NAMES.set({**(_CALLER_NAMES.get() or {}), **names})
+    try:
+        yield
+    finally:
+        _CALLER_NAMES.reset(token)
+
+
+def _called(name: str) -> str:
+    return (_CALLER_NAMES.get() or {}).get(name, name)
+
+
+def segments_not_contiguous(ids: torch.Tensor, num_seqs: int) -> torch.Tensor:
+    """0-d bool: some sequence of the per-token ids ``[N]`` (values in [0, num_seqs)) has its
+    tokens in more than one run."""
+    runs = (ids[1:] != ids[:-1]).sum() + 1
+    distinct = torch.zeros(num_seqs, dtype=torch.bool, device=ids.device)
+    distinct = distinct.index_fill(0, ids.long().clamp(0, num_seqs - 1), True).sum()
+    return runs != distinct
 
 
 def check_tensor(name: str, t: object, *, ndim: int | None = None) -> torch.Tensor:
@@ -115,7 +147,7 @@ def _not_finite(t: torch.Tensor) -> torch.Tensor:
 def validate_head(
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    labels: torch.Tensor,
+    labels: torch.Tensor | None,
     bias: torch.Tensor | None,
     *,
     ignore_index: int,
@@ -137,70 +169,78 @@ def validate_head(
 
     Shapes: ``hidden [..., d]``, ``weight [V, d]``, ``bias [V]``; labels, seq_ids,
     token_weights and mask shaped ``hidden.shape[:-1]``. Values: labels in ``[0, V)`` or equal
-    to ``ignore_index``, at least one label not ignored, seq_ids in ``[0, num_seqs)``, no NaN/inf
-    in any float input. ``prefix`` names the reference head's tensors ("ref_") in messages.
+    to ``ignore_index``, at least one row counted (label not ignored, mask True), seq_ids in
+    ``[0, num_seqs)``, no NaN/inf in any float input. Without labels (a KL) every row counts
+    that the mask keeps. ``prefix`` names the reference head's tensors ("ref_") in messages,
+    and :func:`caller_names` the caller's names for them.
     """
-    h, w, b = f"{prefix}hidden", f"{prefix}weight", f"{prefix}bias"
+    h, w, b = (_called(prefix + name) for name in ("hidden", "weight", "bias"))
+    lb, si, tw, mk = (_called(name) for name in ("labels", "seq_ids", "token_weights", "mask"))
     check_float(h, hidden)
     if hidden.dim() < 2:
         raise ValueError(f"{h} must be [..., d] with at least 2 dims, got {tuple(hidden.shape)}")
     check_float(w, weight, ndim=2)
-    check_index("labels", labels)
+    if labels is not None:
+        check_index(lb, labels)
     V, d = weight.shape
     if V == 0 or d == 0:
         raise ValueError(f"{w} must be [V, d] with V >= 1 and d >= 1, got {tuple(weight.shape)}")
     if hidden.shape[-1] != d:
         raise ValueError(f"{h} has hidden size {hidden.shape[-1]} but {w} is [V, d] = [{V}, {d}]")
     if vocab is not None and vocab != V:
-        raise ValueError(f"{w} has vocabulary {V} but weight has {vocab}; the heads must match")
+        raise ValueError(f"{w} has vocabulary {V} but {_called('weight')} has {vocab}; the "
+                         "heads must match")
     tokens = tuple(hidden.shape[:-1])
-    check_shape("labels", labels, tokens, f"{h}.shape[:-1]")
-    if labels.numel() == 0:
-        raise ValueError("labels is empty: nothing to compute")
+    if labels is not None:
+        check_shape(lb, labels, tokens, f"{h}.shape[:-1]")
+    if math.prod(tokens) == 0:
+        raise ValueError(f"{h} has no token (shape {tuple(hidden.shape)}): nothing to compute")
     if bias is not None:
         check_float(b, bias)
         check_shape(b, bias, (V,), f"[V] with V = {w}.shape[0]")
     if token_weights is not None:
         if seq_ids is None:
-            raise ValueError("token_weights weight the per-sequence sums: pass seq_ids with them")
-        check_float("token_weights", token_weights)
-        check_shape("token_weights", token_weights, tokens, f"{h}.shape[:-1]")
+            raise ValueError(f"{tw} weight the per-sequence sums: pass {si} with them")
+        check_float(tw, token_weights)
+        check_shape(tw, token_weights, tokens, f"{h}.shape[:-1]")
     if mask is not None:
-        check_tensor("mask", mask)
+        check_tensor(mk, mask)
         if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor, got dtype {mask.dtype}")
-        check_shape("mask", mask, tokens, f"{h}.shape[:-1]")
+            raise TypeError(f"{mk} must be a bool tensor, got dtype {mask.dtype}")
+        check_shape(mk, mask, tokens, f"{h}.shape[:-1]")
     if seq_ids is not None:
-        check_index("seq_ids", seq_ids)
-        check_shape("seq_ids", seq_ids, tokens, f"{h}.shape[:-1]")
+        check_index(si, seq_ids)
+        check_shape(si, seq_ids, tokens, f"{h}.shape[:-1]")
     check_positive("temperature", temperature)
     if softcap is not None:
         check_positive("softcap", softcap)
-    check_same_device({h: hidden, w: weight, b: bias, "labels": labels, "seq_ids": seq_ids,
-                       "token_weights": token_weights, "mask": mask})
+    check_same_device({h: hidden, w: weight, b: bias, lb: labels, si: seq_ids,
+                       tw: token_weights, mk: mask})
     if device is not None and hidden.device != device:
-        raise ValueError(f"{h} is on {hidden.device} but hidden is on {device}")
+        raise ValueError(f"{h} is on {hidden.device} but {_called('hidden')} is on {device}")
 
-    valid = labels != ignore_index
-    flags = [
-        (f"labels must be in [0, {V}) or equal ignore_index={ignore_index}",
-         (valid & ((labels < 0) | (labels >= V))).any()),
-        (f"every label equals ignore_index={ignore_index}"
-         + (" or is masked out by mask" if mask is not None else "") + ": nothing to compute",
-         ~(valid if mask is None else valid & mask).any()),
-        (f"{h} contains NaN or inf", _not_finite(hidden)),
-        (f"{w} contains NaN or inf", _not_finite(weight)),
-    ]
+    flags = [(f"{h} contains NaN or inf", _not_finite(hidden)),
+             (f"{w} contains NaN or inf", _not_finite(weight))]
+    if labels is not None:
+        valid = labels != ignore_index
+        flags.insert(0, (f"{lb} must be in [0, {V}) or equal ignore_index={ignore_index}",
+                         (valid & ((labels < 0) | (labels >= V))).any()))
+        counted = valid if mask is None else valid & mask
+        flags.insert(1, (f"every label of {lb} equals ignore_index={ignore_index}"
+                         + (f" or is masked out by {mk}" if mask is not None else "")
+                         + ": nothing to compute", ~counted.any()))
+    elif mask is not None:
+        flags.insert(0, (f"every row is masked out by {mk}: nothing to compute", ~mask.any()))
     if bias is not None:
         flags.append((f"{b} contains NaN or inf", _not_finite(bias)))
     if token_weights is not None:
-        flags.append(("token_weights contains NaN or inf", _not_finite(token_weights)))
+        flags.append((f"{tw} contains NaN or inf", _not_finite(token_weights)))
     if seq_ids is not None:
-        if num_seqs is None:
-            num_seqs = int(seq_ids.max()) + 1
+        if num_seqs is None:  # negative ids fail the range check below
+            num_seqs = max(int(seq_ids.max()) + 1, 1)
         if not isinstance(num_seqs, int) or num_seqs < 1:
             raise ValueError(f"num_seqs must be a positive int, got {num_seqs!r}")
-        flags.append((f"seq_ids must be in [0, num_seqs={num_seqs})",
+        flags.append((f"{si} must be in [0, num_seqs={num_seqs})",
                       ((seq_ids < 0) | (seq_ids >= num_seqs)).any()))
     if pending is None:
         raise_flagged(flags)

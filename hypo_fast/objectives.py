@@ -34,6 +34,7 @@ from ._checks import (
     check_shape,
     check_tensor,
     raise_flagged,
+    segments_not_contiguous,
 )
 from .reference import compute_dtype, segment_sum
 
@@ -533,10 +534,8 @@ def _check_seq_ids(
         raise ValueError(f"num_seqs must be an int >= 1, got {num_seqs!r}")
     flags = [(f"{name} must lie in [0, {num_seqs})", (ids.min() < 0) | (ids.max() >= num_seqs))]
     if contiguous:
-        runs = (ids[1:] != ids[:-1]).sum() + 1
-        distinct = torch.zeros(num_seqs, dtype=torch.bool, device=ids.device)
-        distinct = distinct.index_fill(0, ids.long().clamp(0, num_seqs - 1), True).sum()
-        flags.append((f"{name}: each sequence's tokens must be contiguous", runs != distinct))
+        flags.append((f"{name}: each sequence's tokens must be contiguous",
+                      segments_not_contiguous(ids, num_seqs)))
     raise_flagged(flags)
     return num_seqs
 

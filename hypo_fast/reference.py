@@ -242,9 +242,6 @@ def validate_kl_inputs(
             f"ref_hidden must have the token shape of hidden, {tuple(hidden.shape[:-1])}, "
             f"got {tuple(ref_hidden.shape[:-1])}"
         )
-    if labels is None:
-        labels = torch.zeros(hidden.shape[:-1], dtype=torch.long, device=hidden.device)
-        ignore_index = -1
     flags: list[tuple[str, torch.Tensor]] = []
     num_seqs = validate_head(
         hidden, weight, labels, bias, ignore_index=ignore_index, temperature=temperature,

@@ -717,6 +717,8 @@ BAD_INPUTS = {
     "labels_all_ignored": (lambda a: {**a, "labels": torch.full_like(a["labels"], -100)},
                            ValueError, "ignore_index"),
     "softcap_zero": (lambda a: {**a, "softcap": 0.0}, ValueError, "softcap"),
+    "mask_all_false": (lambda a: {**a, "labels": None, "mask": torch.zeros_like(a["mask"])},
+                       ValueError, "^every row is masked out by mask"),
 }
 
 

@@ -9,6 +9,7 @@ exercised on a few tiny cases. Equality with Liger-Kernel is in test_losses_lige
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 from dataclasses import dataclass, replace
@@ -713,7 +714,7 @@ def _bad_calls():
         ("ref vocabulary", lambda: dpo(p.w, p.h, p.y, p.b, p.rh, p.rw[:5]), ValueError,
          "ref_weight has vocabulary 5"),
         ("label out of range", lambda: dpo(p.w, p.h, p.y.clamp(min=0) + 16, p.b, p.rh, p.rw),
-         ValueError, "labels must be in"),
+         ValueError, r"^target must be in \[0, 16\)"),
         ("odd packed", lambda: dpo(p.w, h_flat, y_flat, p.b, p.rh.reshape(-1, 8), p.rw,
                                    cu_seqlens=torch.tensor([0, 5, 10, 20])),
          ValueError, "odd number of sequences"),
@@ -750,9 +751,29 @@ def _bad_calls():
             online_ref_input=p.rh, ref_weight=p.rw, ref_chosen_logps=torch.zeros(2, dtype=F64),
             ref_rejected_logps=torch.zeros(2, dtype=F64)),
          ValueError, "every label of target equals ignore_index"),
+        ("ref_input inf", lambda: dpo(p.w, p.h, p.y, p.b, p.rh * math.inf, p.rw, p.rb),
+         ValueError, "^ref_input contains NaN or inf"),
+        ("ref_weight nan", lambda: dpo(p.w, p.h, p.y, p.b, p.rh, p.rw * math.nan, p.rb),
+         ValueError, "^ref_weight contains NaN or inf"),
+        ("_input nan", lambda: dpo(p.w, p.h * math.nan, p.y, p.b, p.rh, p.rw, p.rb),
+         ValueError, "^_input contains NaN or inf"),
+        ("online_ref_input inf", lambda: HyPOLoss(estimator="reinforce")(
+            p.w, p.h, p.y, p.b, p.rh, p.rw, online_input=p.h, online_target=p.y,
+            online_ref_input=p.rh * math.inf), ValueError, "^online_ref_input contains NaN"),
+        ("hypo exact online_input nan", lambda: HyPOLoss(estimator="exact")(
+            p.w, p.h, p.y, p.b, p.rh, p.rw, online_input=p.h * math.nan, online_target=p.y,
+            online_ref_input=p.rh), ValueError, "^online_input contains NaN"),
+        ("sparsepo ref_input inf", lambda: FusedLinearSparsePOLoss()(
+            p.w, p.h, p.y, p.b, p.rh * math.inf, p.rw), ValueError, "^ref_input contains NaN"),
+        ("hypo exact interleaved online_seq_ids", lambda: HyPOLoss(estimator="exact")(
+            p.w, p.h, p.y, p.b, p.rh, p.rw, online_input=h_flat, online_target=y_flat,
+            online_ref_input=p.rh.reshape(-1, 8), online_seq_ids=torch.arange(20) % 2),
+         ValueError, "contiguous in online_seq_ids"),
+        ("orpo nll_target out of range", lambda: FusedLinearORPOLoss()(
+            p.w, p.h, p.y, p.b, p.y + 16), ValueError, r"nll_target \(chosen sequences\) must"),
         ("orpo no chosen nll_target token", lambda: FusedLinearORPOLoss()(
             p.w, p.h, p.y, p.b, torch.where(torch.arange(4)[:, None] < 2, IGN, p.y)),
-         ValueError, "every label of nll_target on the chosen sequences equals ignore_index"),
+         ValueError, r"every label of nll_target \(chosen sequences\) equals ignore_index"),
         ("hpo rewards shape", lambda: HPOLoss()(
             p.w, p.h, p.y, p.b, p.rh, p.rw, aux_rewards=torch.zeros(3, dtype=F64)),
          ValueError, r"aux_rewards must have shape \(4,\)"),

@@ -615,7 +615,7 @@ LP_CASES = [
     ("empty-batch", lambda k: k.update(hidden=torch.randn(0, 4),
                                        labels=torch.zeros(0, dtype=torch.long),
                                        seq_ids=None, token_weights=None),
-     ValueError, "labels"),
+     ValueError, "hidden has no token"),
     ("all-ignored", lambda k: k.update(labels=torch.full((2, 3), -100)), ValueError,
      "ignore_index"),
     ("all-ignored-custom", lambda k: k.update(labels=torch.full((2, 3), 7), ignore_index=7),
@@ -676,7 +676,7 @@ KL_CASES = [
     ("softcap-negative", lambda k: k.update(softcap=-1.0), ValueError, "softcap"),
     ("empty-batch", lambda k: k.update(
         hidden=torch.randn(0, 4), ref_hidden=torch.randn(0, 6), labels=None, mask=None,
-        seq_ids=None, token_weights=None), ValueError, "labels"),
+        seq_ids=None, token_weights=None), ValueError, "hidden has no token"),
     ("ref-weight-on-meta", lambda k: k.update(ref_weight=k["ref_weight"].to(META)),
      ValueError, "ref_weight"),
     ("ref-head-on-meta", lambda k: k.update(ref_hidden=k["ref_hidden"].to(META),

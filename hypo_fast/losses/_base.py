@@ -8,6 +8,7 @@ sequence-level math is :mod:`hypo_fast.objectives`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ from torch import nn
 from .. import ops
 from .._autocast import autocast_disabled, autocast_dtype
 from .._checks import (
+    caller_names,
     check_choice,
     check_float,
     check_in_range,
@@ -68,12 +70,18 @@ class PreferenceOutput(tuple):
 # inputs
 
 
+#: What the ops' arguments are called in the losses' calls (error messages name these).
+PAIR_NAMES = {"hidden": "_input", "weight": "lin_weight", "bias": "bias", "labels": "target",
+              "ref_hidden": "ref_input", "ref_weight": "ref_weight", "ref_bias": "ref_bias"}
+
+
 @dataclass
 class Head:
     """One batch of sequences under one lm_head: ``hidden [..., d]``, ``weight [V, d]``, ``bias
     [V]``, ``target`` and ``seq_ids`` shaped ``hidden.shape[:-1]`` with ids in ``[0, num_seqs)``.
     The reference is the frozen head ``ref_hidden``/``ref_weight``/``ref_bias`` (detached), or
-    precomputed sequence log-probs ``ref_logps [num_seqs]``, or absent (all None)."""
+    precomputed sequence log-probs ``ref_logps [num_seqs]``, or absent (all None). ``names``:
+    the loss's arguments behind these, by the ops' names (:data:`PAIR_NAMES`)."""
 
     hidden: Tensor
     weight: Tensor
@@ -85,6 +93,16 @@ class Head:
     ref_weight: Tensor | None = None
     ref_bias: Tensor | None = None
     ref_logps: Tensor | None = None
+    names: dict[str, str] = field(default_factory=lambda: dict(PAIR_NAMES))
+
+    def op_names(self, *, ref: bool = False) -> contextlib.AbstractContextManager:
+        """The context in which an op call's errors name this head's arguments as the loss's:
+        the policy's, or with ``ref`` the reference's (scored as an op's own ``hidden``)."""
+        if not ref:
+            return caller_names(**self.names)
+        n = self.names
+        return caller_names(hidden=n["ref_hidden"], weight=n["ref_weight"], bias=n["ref_bias"],
+                            labels=n["labels"])
 
 
 @dataclass
@@ -361,38 +379,39 @@ class FusedLinearPairLoss(nn.Module):
         """The sequence log-prob the loss uses: S, or S / max(n, 1) with ``average_log_prob``."""
         return sums / counts.clamp(min=1.0) if self.average_log_prob else sums
 
-    def _logprob(self, head: Head, hidden: Tensor, weight: Tensor, bias: Tensor | None):
-        return ops.linear_logprob(
-            hidden, weight, head.target, bias,
-            ignore_index=self.ignore_index, seq_ids=head.seq_ids, num_seqs=head.num_seqs,
-            backend=self.backend,
-        )
+    def _reference_sums(self, head: Head) -> tuple[Tensor, Tensor]:
+        """``(seq_sum, seq_count)`` of the head's labels under its frozen reference head."""
+        with torch.no_grad(), head.op_names(ref=True):
+            ref = ops.linear_logprob(
+                head.ref_hidden, head.ref_weight, head.target, head.ref_bias,
+                ignore_index=self.ignore_index, seq_ids=head.seq_ids, num_seqs=head.num_seqs,
+                backend=self.backend,
+            )
+        return ref.seq_sum, ref.seq_count
 
     def _reference_logps(self, x: PairBatch) -> Tensor | None:
         """``[2B]`` reference log-probs: precomputed, or the reference head under no_grad."""
         if x.ref_logps is not None or x.ref_hidden is None:
             return x.ref_logps
-        with torch.no_grad():
-            ref = self._logprob(x, x.ref_hidden, x.ref_weight, x.ref_bias)
-        return self._per_seq(ref.seq_sum, ref.seq_count)
+        return self._per_seq(*self._reference_sums(x))
 
     def _statistics(self, x: PairBatch) -> PairStats:
         """Per-sequence policy log-probs (one fused call over the 2B sequences) and reference."""
         return self._policy_stats(x)[0]
 
-    def _policy_stats(self, x: PairBatch, *more: tuple[Head, str]
+    def _policy_stats(self, x: PairBatch, *more: Head
                       ) -> tuple[PairStats, list[tuple[Tensor, Tensor]]]:
         """The pairs' :class:`PairStats` and the ``(seq_sum, seq_count)`` of each further head
-        of ``more`` (a head and the name of its labels) under the policy's lm_head, from ONE
-        fused call (:func:`joint_logprob`). With ``compute_nll_loss`` and ``nll_target`` the
-        NLL's labels on the chosen rows are one group more, their sums in ``extra["nll"]``."""
-        groups = [(x, "target"), *more]
+        of ``more`` under the policy's lm_head, from ONE fused call (:func:`joint_logprob`).
+        With ``compute_nll_loss`` and ``nll_target`` the NLL's labels on the chosen rows are
+        one head more, their sums in ``extra["nll"]``."""
+        heads = [x, *more]
         nll = self.compute_nll_loss and x.nll_target is not None
         if nll:
             labels = torch.where(x.seq_ids < x.num_pairs, x.nll_target, self.ignore_index)
-            groups.append((Head(x.hidden, x.weight, x.bias, labels, x.seq_ids, x.num_pairs),
-                           "nll_target on the chosen sequences"))
-        (sums, counts), *rest = joint_logprob(groups, ignore_index=self.ignore_index,
+            heads.append(Head(x.hidden, x.weight, x.bias, labels, x.seq_ids, x.num_pairs,
+                              names={**x.names, "labels": "nll_target (chosen sequences)"}))
+        (sums, counts), *rest = joint_logprob(heads, ignore_index=self.ignore_index,
                                               backend=self.backend)
         s = self._pair_stats(x, sums, counts)
         if nll:
@@ -434,7 +453,7 @@ class FusedLinearPairLoss(nn.Module):
         return loss, PreferenceOutput(metrics, self._extra_aux)
 
 
-def joint_logprob(groups: list[tuple[Head, str]], *, ignore_index: int, backend: str | None
+def joint_logprob(heads: list[Head], *, ignore_index: int, backend: str | None
                   ) -> list[tuple[Tensor, Tensor]]:
     """Per-sequence ``(seq_sum [num_seqs], seq_count [num_seqs])`` of each head's labels, all
     under the first head's weight and bias, from ONE :func:`hypo_fast.ops.linear_logprob` call.
@@ -442,30 +461,33 @@ def joint_logprob(groups: list[tuple[Head, str]], *, ignore_index: int, backend:
     Two calls with the same weight would each return a ``[V, d]`` dW, both alive while autograd
     adds them (V·d more at the head's backward: 1 GB for a bf16 Llama-3-8B head). Several heads'
     valid tokens are gathered into one ``[n, d]`` tensor instead (n·d; a call with ignored
-    tokens gathers its valid rows on Hopper anyway); one head is scored in place. Each group is
-    ``(head, name)``, ``name`` naming its labels in the error raised when none is valid.
+    tokens gathers its valid rows on Hopper anyway); one head is scored in place. Every head
+    needs a valid token (an error names its labels otherwise).
     """
-    if len(groups) == 1:
-        head = groups[0][0]
-        out = ops.linear_logprob(head.hidden, head.weight, head.target, head.bias,
-                                 ignore_index=ignore_index, seq_ids=head.seq_ids,
-                                 num_seqs=head.num_seqs, backend=backend)
+    first = heads[0]
+    if len(heads) == 1:
+        with first.op_names():
+            out = ops.linear_logprob(first.hidden, first.weight, first.target, first.bias,
+                                     ignore_index=ignore_index, seq_ids=first.seq_ids,
+                                     num_seqs=first.num_seqs, backend=backend)
         return [(out.seq_sum, out.seq_count)]
     hidden, labels, seq_ids, sizes = [], [], [], []
-    for head, name in groups:
+    for head in heads:
         rows, target, ids = valid_tokens(head, ignore_index)
         if rows.shape[0] == 0:
-            raise ValueError(f"every label of {name} equals ignore_index={ignore_index}: "
-                             "nothing to compute")
+            raise ValueError(f"every label of {head.names['labels']} equals ignore_index="
+                             f"{ignore_index}: nothing to compute")
         hidden.append(rows)
         labels.append(target)
         seq_ids.append(ids + sum(sizes))
         sizes.append(head.num_seqs)
-    first = groups[0][0]
-    out = ops.linear_logprob(
-        torch.cat(hidden), first.weight, torch.cat(labels), first.bias, ignore_index=ignore_index,
-        seq_ids=torch.cat(seq_ids), num_seqs=sum(sizes), backend=backend,
-    )
+    names = {k: " / ".join(dict.fromkeys(h.names[k] for h in heads)) for k in first.names}
+    with caller_names(**names):
+        out = ops.linear_logprob(
+            torch.cat(hidden), first.weight, torch.cat(labels), first.bias,
+            ignore_index=ignore_index, seq_ids=torch.cat(seq_ids), num_seqs=sum(sizes),
+            backend=backend,
+        )
     return list(zip(out.seq_sum.split(sizes), out.seq_count.split(sizes), strict=True))
 
 

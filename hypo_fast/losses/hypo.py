@@ -5,14 +5,20 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
-
 from .. import ops
 from .._autocast import autocast_dtype
-from .._checks import check_choice, check_float, check_in_range, check_shape
+from .._checks import (
+    check_choice,
+    check_float,
+    check_in_range,
+    check_shape,
+    raise_flagged,
+    segments_not_contiguous,
+)
 from ..objectives import KL_ESTIMATORS, dpo_loss, hypo_kl_term
 from ..reference import segment_sum
 from ._base import (
+    PAIR_NAMES,
     Head,
     Metrics,
     PairBatch,
@@ -99,7 +105,13 @@ class HyPOLoss(FusedLinearDPOLoss):
         check_head_inputs(x.weight, hidden, target, x.bias,
                           ("lin_weight", "online_input", "online_target", "bias"))
         ids, num_seqs = sequence_layout(hidden, target, seq_ids, cu_seqlens, _ONLINE_NAMES)
-        head = Head(hidden, x.weight, x.bias, target, ids, num_seqs)
+        if self.estimator == "exact" and seq_ids is not None:
+            raise_flagged([("estimator='exact' needs each online sample's tokens contiguous in "
+                            "online_seq_ids (its KL to come is a suffix sum along the sample)",
+                            segments_not_contiguous(ids.reshape(-1), num_seqs))])
+        head = Head(hidden, x.weight, x.bias, target, ids, num_seqs,
+                    names={**PAIR_NAMES, "hidden": "online_input", "labels": "online_target",
+                           "ref_hidden": "online_ref_input"})
         if ref_logps is not None:
             if ref_hidden is not None:
                 raise ValueError("pass online_ref_input or online_ref_logps, not both")
@@ -127,23 +139,22 @@ class HyPOLoss(FusedLinearDPOLoss):
             s = super()._statistics(x)
             s.extra["online"] = self._exact_kl(online)
             return s
-        s, [(online_sums, _)] = self._policy_stats(x, (online, "online_target"))
+        s, [(online_sums, _)] = self._policy_stats(x, online)
         ref = online.ref_logps
         if ref is None:
-            with torch.no_grad():
-                ref = self._logprob(online, online.ref_hidden, online.ref_weight,
-                                    online.ref_bias).seq_sum
+            ref = self._reference_sums(online)[0]
         s.extra["online"] = hypo_kl_term(online_sums, ref, estimator=self.estimator,
                                          group_ids=group_ids)
         return s
 
     def _exact_kl(self, o: Head) -> tuple[Tensor, Metrics]:
         """:func:`hypo_kl_term` with the exact per-token KL along the online samples."""
-        out = ops.linear_kl(
-            o.hidden, o.weight, o.ref_hidden, o.ref_weight, bias=o.bias, ref_bias=o.ref_bias,
-            direction="reverse", labels=o.target, ignore_index=self.ignore_index,
-            backend=self.backend,
-        )
+        with o.op_names():
+            out = ops.linear_kl(
+                o.hidden, o.weight, o.ref_hidden, o.ref_weight, bias=o.bias,
+                ref_bias=o.ref_bias, direction="reverse", labels=o.target,
+                ignore_index=self.ignore_index, backend=self.backend,
+            )
         ids, logp = o.seq_ids.reshape(-1), out.logp.reshape(-1)
         return hypo_kl_term(
             segment_sum(logp, ids, o.num_seqs),

@@ -102,11 +102,12 @@ class FusedLinearSparsePOLoss(FusedLinearPairLoss):
 
     def _statistics(self, x: PairBatch, *, reward_weights: Tensor,  # type: ignore[override]
                     kl_weights: Tensor) -> PairStats:
-        out = ops.linear_kl(
-            x.hidden, x.weight, x.ref_hidden, x.ref_weight, bias=x.bias, ref_bias=x.ref_bias,
-            direction="forward", labels=x.target, ignore_index=self.ignore_index,
-            backend=self.backend,
-        )
+        with x.op_names():
+            out = ops.linear_kl(
+                x.hidden, x.weight, x.ref_hidden, x.ref_weight, bias=x.bias,
+                ref_bias=x.ref_bias, direction="forward", labels=x.target,
+                ignore_index=self.ignore_index, backend=self.backend,
+            )
         ids, n = x.seq_ids.reshape(-1), x.num_seqs
         logp, ref_logp = out.logp.reshape(-1), out.ref_logp.reshape(-1).detach()
         sums = segment_sum(logp, ids, n)
