@@ -171,9 +171,14 @@ def validate_head(
     token_weights and mask shaped ``hidden.shape[:-1]``. Values: labels in ``[0, V)`` or equal
     to ``ignore_index``, at least one row counted (label not ignored, mask True), seq_ids in
     ``[0, num_seqs)``, no NaN/inf in any float input. Without labels (a KL) every row counts
-    that the mask keeps. ``prefix`` names the reference head's tensors ("ref_") in messages,
+    that the mask keeps. Under ``torch.compile`` nothing is checked (``num_seqs`` must then be
+    given with ``seq_ids``). ``prefix`` names the reference head's tensors ("ref_") in messages,
     and :func:`caller_names` the caller's names for them.
     """
+    if torch.compiler.is_compiling():  # no host synchronisation in a graph: nothing checked
+        if seq_ids is not None and num_seqs is None:
+            raise ValueError("num_seqs must be given with seq_ids under torch.compile")
+        return num_seqs
     h, w, b = (_called(prefix + name) for name in ("hidden", "weight", "bias"))
     lb, si, tw, mk = (_called(name) for name in ("labels", "seq_ids", "token_weights", "mask"))
     check_float(h, hidden)

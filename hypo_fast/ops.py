@@ -290,15 +290,12 @@ def linear_logprob(
             softcap=softcap, seq_ids=seq_ids, num_seqs=num_seqs, token_weights=token_weights,
             return_entropy=return_entropy,
         )
-    if not torch.compiler.is_compiling():
-        num_seqs = validate_head(
-            hidden, weight, labels, bias, ignore_index=ignore_index, temperature=temperature,
-            softcap=softcap, seq_ids=seq_ids, num_seqs=num_seqs, token_weights=token_weights,
-        )
-        if weight.dtype != hidden.dtype:
-            raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
-    elif seq_ids is not None and num_seqs is None:
-        raise ValueError("num_seqs must be given with seq_ids under torch.compile")
+    num_seqs = validate_head(
+        hidden, weight, labels, bias, ignore_index=ignore_index, temperature=temperature,
+        softcap=softcap, seq_ids=seq_ids, num_seqs=num_seqs, token_weights=token_weights,
+    )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
     hidden, weight, bias = _fp32_if_fp64(hidden, weight, bias)
     logp, lse, entropy, _, _ = _linear_logprob_op(
         hidden, weight, labels, bias, ignore_index, float(temperature), float(softcap or 0.0),
@@ -540,20 +537,15 @@ def linear_kl(
         if torch.is_grad_enabled() and getattr(t, "requires_grad", False):
             raise ValueError(f"{name} requires grad, but the reference head is frozen on the "
                              f"triton backend: pass {name}.detach()")
-    if not torch.compiler.is_compiling():
-        num_seqs, valid = reference.validate_kl_inputs(
-            hidden, weight, ref_hidden, ref_weight, bias, ref_bias, labels=labels,
-            ignore_index=ignore_index, mask=mask, temperature=temperature, softcap=softcap,
-            seq_ids=seq_ids, num_seqs=num_seqs, token_weights=token_weights,
-        )
-        for prefix, h, w in (("", hidden, weight), ("ref_", ref_hidden, ref_weight)):
-            if w.dtype != h.dtype:
-                raise TypeError(f"{prefix}weight dtype {w.dtype} must match {prefix}hidden dtype "
-                                f"{h.dtype}")
-    else:
-        if seq_ids is not None and num_seqs is None:
-            raise ValueError("num_seqs must be given with seq_ids under torch.compile")
-        valid = reference.kl_rows(hidden, labels, ignore_index, mask)
+    num_seqs, valid = reference.validate_kl_inputs(
+        hidden, weight, ref_hidden, ref_weight, bias, ref_bias, labels=labels,
+        ignore_index=ignore_index, mask=mask, temperature=temperature, softcap=softcap,
+        seq_ids=seq_ids, num_seqs=num_seqs, token_weights=token_weights,
+    )
+    for prefix, h, w in (("", hidden, weight), ("ref_", ref_hidden, ref_weight)):
+        if w.dtype != h.dtype:
+            raise TypeError(f"{prefix}weight dtype {w.dtype} must match {prefix}hidden dtype "
+                            f"{h.dtype}")
     hidden, weight, bias, ref_hidden, ref_weight, ref_bias = _fp32_if_fp64(
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
     kl, _, entropy, logp, ref_logp, _ = _linear_kl_op(

@@ -199,3 +199,32 @@ def test_autocast_does_not_lower_the_precision(backend):
     for plain, autocast in zip(*results, strict=True):
         assert autocast.dtype == torch.float32
         torch.testing.assert_close(autocast, plain, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["logprob", "kl"])
+def test_reference_backend_compiles_without_graph_breaks(op):
+    """The CPU default (the reference) under ``torch.compile(fullgraph=True)``: validation,
+    which reads values back to the host, is skipped in a graph, as on the triton path."""
+    torch._dynamo.reset()
+    hidden, weight, labels = small(torch.float32)
+    seq_ids = torch.arange(2)[:, None].expand(2, 9)
+
+    def fn(hidden, weight, num_seqs=2):
+        if op == "logprob":
+            out = ops.linear_logprob(hidden, weight, labels, seq_ids=seq_ids, num_seqs=num_seqs,
+                                     backend="reference")
+            return out.seq_sum.sum()
+        out = ops.linear_kl(hidden, weight, hidden.detach() * 0.9, weight.detach(),
+                            labels=labels, seq_ids=seq_ids, num_seqs=num_seqs,
+                            backend="reference")
+        return out.seq_kl.sum()
+
+    got = torch.compile(fn, backend="aot_eager", fullgraph=True)(hidden, weight)
+    want = fn(hidden, weight)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, (hidden, weight)),
+                    torch.autograd.grad(want, (hidden, weight)), strict=True):
+        torch.testing.assert_close(a, b)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="num_seqs must be given"):
+        torch.compile(fn, backend="aot_eager", fullgraph=True)(hidden, weight, None)
