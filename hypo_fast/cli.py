@@ -92,8 +92,13 @@ def _max_rss_bytes() -> int | None:
     return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
 
 
+def _device(args: argparse.Namespace) -> torch.device:
+    """``--device``, by default the GPU when torch sees one."""
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def run_quickstart(args: argparse.Namespace) -> dict:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args)
     inp = build_inputs(args.pairs, args.seq_len, args.hidden, args.vocab,
                        dtype=DTYPES[args.dtype], device=device, seed=args.seed)
     backend = resolve_backend(None if args.backend == "auto" else args.backend, device)
@@ -180,10 +185,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "quickstart":
         if args.vocab < 2:
-            raise SystemExit("hypo-fast: --vocab must be at least 2")
+            parser.error("--vocab must be at least 2")
+        if args.device and torch.device(args.device).type == "cuda" and \
+                not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: torch sees no CUDA device")
+        if args.backend != "auto":
+            try:
+                resolve_backend(args.backend, _device(args))
+            except ValueError as e:
+                parser.error(f"--backend {args.backend}: {e}")
         _print_quickstart(args, run_quickstart(args))
     return 0
 

@@ -92,6 +92,18 @@ def test_quickstart_rejects_bad_flags(bad, capsys):
     assert e.value.code != 0
 
 
+def test_quickstart_names_the_flag_it_cannot_honour(monkeypatch, capsys):
+    """A backend or device this machine lacks: a usage error naming the flag, no traceback."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for flags, text in ((["--device", "cuda"], "--device cuda: torch sees no CUDA device"),
+                        (["--backend", "triton"], "--backend triton: ")):
+        with pytest.raises(SystemExit) as e:
+            cli.main([*ARGV, *flags])
+        assert e.value.code == 2
+        assert text in capsys.readouterr().err
+
+
 def test_quickstart_on_the_triton_backend_prints_the_same_loss(capsys):
     """``--backend triton`` (interpreted here) runs the fused kernels: same loss as the spec."""
     want, _, _ = direct_loss(1, 16, 32, 100)
