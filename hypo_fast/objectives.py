@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ._checks import (
     check_choice,
+    check_finite,
     check_float,
     check_in_range,
     check_index,
@@ -75,8 +76,9 @@ _EXP_CLAMP = 80.0  # largest exponent fed to exp() in fp32 (TRL's alpha-divergen
 def _check_batch(
     named: dict[str, Tensor | None], counts: dict[str, Tensor | None] | None = None
 ) -> list[Tensor | None]:
-    """Check that the float tensors (and optional count tensors) are 1-D, non-empty, of one shape
-    and on one device; return all of them in the compute dtype (counts clamped ≥ 1), in order."""
+    """Check that the float tensors (and optional count tensors) are 1-D, non-empty, of one shape,
+    on one device and finite; return all of them in the compute dtype (counts clamped ≥ 1), in
+    order."""
     counts = counts or {}
     shape, first = None, ""
     for name, t in {**named, **counts}.items():
@@ -94,6 +96,7 @@ def _check_batch(
         else:
             check_shape(name, t, shape, f"the shape of {first}")
     check_same_device({**named, **counts})
+    check_finite({**named, **counts})
     dtype = compute_dtype(*named.values())
     out = [None if t is None else t.to(dtype) for t in named.values()]
     out += [None if c is None else c.to(dtype).clamp(min=1.0) for c in counts.values()]
@@ -103,6 +106,7 @@ def _check_batch(
 def _check_scalar_tensor(name: str, t: Tensor, like: Tensor) -> Tensor:
     check_float(name, t, ndim=0)
     check_same_device({"logps": like, name: t})
+    check_finite({name: t})
     return t.to(like.dtype)
 
 
@@ -658,6 +662,7 @@ def hpo_aux_term(
         b = r.mean()
     elif isinstance(baseline, torch.Tensor):
         check_float("baseline", baseline)
+        check_finite({"baseline": baseline})
         if baseline.dim() != 0:
             check_shape("baseline", baseline, tuple(r.shape), "a number per sequence, or 0-d")
         check_same_device({"seq_logps": s, "baseline": baseline})

@@ -769,6 +769,19 @@ def _bad_calls():
             p.w, p.h, p.y, p.b, p.rh, p.rw, online_input=h_flat, online_target=y_flat,
             online_ref_input=p.rh.reshape(-1, 8), online_seq_ids=torch.arange(20) % 2),
          ValueError, "contiguous in online_seq_ids"),
+        ("ref_chosen_logps nan", lambda: dpo(p.w, p.h, p.y, p.b, ref_chosen_logps=ref * math.nan,
+                                             ref_rejected_logps=ref), ValueError,
+         "^ref_chosen_logps contains NaN or inf"),
+        ("sparsepo token_mask inf", lambda: FusedLinearSparsePOLoss()(
+            p.w, p.h, p.y, p.b, p.rh, p.rw, token_mask=torch.full(p.y.shape, math.inf)),
+         ValueError, "^token_mask contains NaN or inf"),
+        ("hypo online_ref_logps nan", lambda: HyPOLoss(estimator="reinforce")(
+            p.w, p.h, p.y, p.b, p.rh, p.rw, online_input=p.h, online_target=p.y,
+            online_ref_logps=torch.full((4,), math.nan, dtype=F64)), ValueError,
+         "^online_ref_logps contains NaN or inf"),
+        ("hpo aux_rewards nan", lambda: HPOLoss()(
+            p.w, p.h, p.y, p.b, p.rh, p.rw, aux_rewards=torch.full((4,), math.nan, dtype=F64)),
+         ValueError, "aux_rewards contains NaN or inf"),
         ("orpo nll_target out of range", lambda: FusedLinearORPOLoss()(
             p.w, p.h, p.y, p.b, p.y + 16), ValueError, r"nll_target \(chosen sequences\) must"),
         ("orpo no chosen nll_target token", lambda: FusedLinearORPOLoss()(

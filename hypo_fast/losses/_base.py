@@ -21,6 +21,7 @@ from .._autocast import autocast_disabled, autocast_dtype
 from .._checks import (
     caller_names,
     check_choice,
+    check_finite,
     check_float,
     check_in_range,
     check_index,
@@ -235,6 +236,7 @@ def check_ref_logps(names: tuple[str, str], values: tuple[Tensor, Tensor], num_p
         check_float(name, t, ndim=1)
         check_shape(name, t, (num_pairs,), "one value per pair")
         check_same_device({"_input": hidden, name: t})
+    check_finite(dict(zip(names, values, strict=True)))
     return torch.cat(values).detach()
 
 

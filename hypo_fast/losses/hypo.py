@@ -9,6 +9,7 @@ from .. import ops
 from .._autocast import autocast_dtype
 from .._checks import (
     check_choice,
+    check_finite,
     check_float,
     check_in_range,
     check_shape,
@@ -120,6 +121,7 @@ class HyPOLoss(FusedLinearDPOLoss):
                                  "and ref_weight), not online_ref_logps")
             check_float("online_ref_logps", ref_logps, ndim=1)
             check_shape("online_ref_logps", ref_logps, (num_seqs,), "one per online sample")
+            check_finite({"online_ref_logps": ref_logps})
             head.ref_logps = ref_logps.detach()
         elif ref_hidden is None:
             raise ValueError("HyPO's KL term needs the reference of the online samples: pass "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .._checks import check_float, check_same_device, check_shape
+from .._checks import check_finite, check_float, check_same_device, check_shape
 from ..objectives import sparsepo_loss, sparsepo_sequence_sums
 from ..reference import segment_sum
 from ._base import FusedLinearPairLoss, Metrics, PairBatch, PairStats, PreferenceOutput, Tensor
@@ -95,6 +95,7 @@ class FusedLinearSparsePOLoss(FusedLinearPairLoss):
             check_float(name, mask)
             check_shape(name, mask, tuple(x.target.shape), "target's shape")
             check_same_device({"target": x.target, name: mask})
+        check_finite({"token_mask": token_mask, "kl_mask": kl_mask})
         valid = (x.target != self.ignore_index).reshape(-1).float()
         reward = token_mask if self.mask_on_reward else None
         kl = (kl_mask if kl_mask is not None else token_mask) if self.mask_on_kl else None
