@@ -33,6 +33,21 @@ def caller_names(**names: str) -> Iterator[None]:
         _CALLER_NAMES.reset(token)
 
 
+_VALUES_CHECKED: ContextVar[bool] = ContextVar("hypo_fast_values_checked", default=False)
+
+
+@contextlib.contextmanager
+def values_checked() -> Iterator[None]:
+    """Within the context :func:`check_finite` checks nothing: the caller checked the values
+    already. A loss checks its inputs before any kernel, so that the objectives it calls do not
+    wait for the queued kernels (a host synchronisation) to look at their outputs."""
+    token = _VALUES_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _VALUES_CHECKED.reset(token)
+
+
 def _called(name: str) -> str:
     return (_CALLER_NAMES.get() or {}).get(name, name)
 
@@ -89,8 +104,9 @@ def check_same_device(pairs: dict[str, torch.Tensor | None]) -> None:
 
 def check_finite(named: dict[str, torch.Tensor | None]) -> None:
     """``ValueError`` naming the first float tensor that holds a NaN or ±inf, with one host
-    synchronisation (none under ``torch.compile``: nothing is checked in a graph)."""
-    if torch.compiler.is_compiling():
+    synchronisation (none under ``torch.compile``, where nothing is checked in a graph, nor
+    within :func:`values_checked`)."""
+    if torch.compiler.is_compiling() or _VALUES_CHECKED.get():
         return
     raise_flagged([(f"{name} contains NaN or inf", _not_finite(t)) for name, t in named.items()
                    if t is not None and t.is_floating_point()])

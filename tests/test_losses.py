@@ -782,6 +782,10 @@ def _bad_calls():
         ("hpo aux_rewards nan", lambda: HPOLoss()(
             p.w, p.h, p.y, p.b, p.rh, p.rw, aux_rewards=torch.full((4,), math.nan, dtype=F64)),
          ValueError, "aux_rewards contains NaN or inf"),
+        ("hpo aux_baseline inf", lambda: HPOLoss()(
+            p.w, p.h, p.y, p.b, p.rh, p.rw, aux_rewards=torch.zeros(4, dtype=F64),
+            aux_baseline=torch.tensor(math.inf, dtype=F64)), ValueError,
+         "aux_baseline contains NaN or inf"),
         ("orpo nll_target out of range", lambda: FusedLinearORPOLoss()(
             p.w, p.h, p.y, p.b, p.y + 16), ValueError, r"nll_target \(chosen sequences\) must"),
         ("orpo no chosen nll_target token", lambda: FusedLinearORPOLoss()(
@@ -798,3 +802,20 @@ def _bad_calls():
 def test_bad_inputs_raise_clear_errors(name, run, error, match):
     with pytest.raises(error, match=match):
         run()
+
+
+def test_objectives_add_no_host_sync_inside_a_loss(monkeypatch):
+    """A loss checks its inputs before any kernel; the objectives it calls then skip their value
+    checks, which would wait for the queued kernels (a host synchronisation) to read them."""
+    from hypo_fast import _checks
+
+    loss = FusedLinearDPOLoss()  # its constructor tries its options on CPU numbers
+    seen = []
+    real = _checks.raise_flagged
+    monkeypatch.setattr(_checks, "raise_flagged", lambda flags: (seen.extend(flags), real(flags)))
+    p = make_pairs(seed=7).leaves()
+    ref = torch.zeros(2, dtype=F64)
+    loss(p.w, p.h, p.y, p.b, ref_chosen_logps=ref, ref_rejected_logps=ref)
+    assert not [m for m, _ in seen if "policy_chosen_logps" in m]
+    objectives.dpo_loss(ref, ref)
+    assert [m for m, _ in seen if "policy_chosen_logps" in m]

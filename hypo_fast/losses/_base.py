@@ -29,6 +29,7 @@ from .._checks import (
     check_same_device,
     check_shape,
     raise_flagged,
+    values_checked,
 )
 from .._layout import row_map, row_source
 
@@ -440,8 +441,10 @@ class FusedLinearPairLoss(nn.Module):
         return loss if nll is None else loss + self.alpha * nll
 
     def _run(self, x: PairBatch, **extra: Any) -> tuple[Tensor, PreferenceOutput]:
-        """Statistics → objective → Liger's tuple, with autocast off (inputs already cast)."""
-        with autocast_disabled(x.hidden.device):
+        """Statistics → objective → Liger's tuple, with autocast off (inputs already cast) and
+        the objectives' value checks too (inputs already checked; the statistics are the ops'
+        outputs)."""
+        with autocast_disabled(x.hidden.device), values_checked():
             stats = self._statistics(x, **extra)
             nll = self._nll(x, stats) if self.compute_nll_loss else None
             loss, metrics = self._objective(stats, nll)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .._checks import check_float, check_in_range, check_same_device
+from .._checks import check_finite, check_float, check_in_range, check_same_device
 from ..objectives import hpo_aux_term, hpo_loss
 from ._base import Metrics, PairBatch, PairStats, PreferenceOutput, Tensor
 from .pairs import FusedLinearDPOLoss
@@ -67,6 +67,8 @@ class HPOLoss(FusedLinearDPOLoss):
                 f"or ({x.num_pairs},) (chosen only), got {tuple(aux_rewards.shape)}"
             )
         check_same_device({"_input": x.hidden, "aux_rewards": aux_rewards})
+        check_finite({"aux_rewards": aux_rewards, "aux_baseline": aux_baseline
+                      if isinstance(aux_baseline, torch.Tensor) else None})
         return self._run(x, aux_rewards=aux_rewards, aux_baseline=aux_baseline)
 
     def _statistics(self, x: PairBatch, *, aux_rewards: Tensor,  # type: ignore[override]
