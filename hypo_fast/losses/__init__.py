@@ -40,15 +40,17 @@ Differences from Liger-Kernel 0.8.5 (``chunked_loss``), where the concept exists
    log-prob 0 with ``average_log_prob`` and NLL 0 instead of Liger's NaN.
 5. ``chosen_logits_mean``/``rejected_logits_mean`` follow Liger's definition (mean of the logits
    ``H W^T + b`` over every token of the half, prompt and padding included, and the vocabulary)
-   but are computed without logits, as ``(Σ_i h_i)·(Σ_v w_v)/(n·V) + mean(b)`` in fp32. In the
-   packed layout, "every token" is every token of the chosen (rejected) sequences.
+   but are computed without logits, as ``h̄·(Σ_v w_v)/V + mean(b)`` in fp32 (h̄ the half's mean
+   hidden state, in the input dtype). In the packed layout, "every token" is every token of the
+   chosen (rejected) sequences.
 6. All ``aux`` values are detached tensors; Liger's come out of its autograd Function (they
    carry a ``grad_fn`` but no gradient flows through them either).
 7. Errors: bad inputs raise ``ValueError``/``TypeError`` naming the argument before any compute
-   (odd batch, shapes, dtypes, devices, labels out of range, missing reference with
-   ``use_ref_model=True`` — where Liger fails inside ``torch.chunk`` —, both reference forms at
-   once). Hyperparameters are validated at construction: ``beta`` > 0, ``alpha`` ≥ 0 (Liger
-   accepts any value), ``label_smoothing`` in the range its ``loss_type`` allows.
+   (odd batch, shapes, dtypes, devices, labels out of range, NaN/inf in any float input,
+   missing reference with ``use_ref_model=True`` — where Liger fails inside ``torch.chunk`` —,
+   both reference forms at once). Hyperparameters are validated at construction: ``beta`` > 0,
+   ``alpha`` ≥ 0 (Liger accepts any value), ``label_smoothing`` in the range its ``loss_type``
+   allows.
 8. ``ref_weight`` must be given with ``ref_input``. As in Liger, ``ref_input``/``ref_weight``/
    ``ref_bias`` are ignored when ``use_ref_model=False``; precomputed reference log-probs then
    raise.
