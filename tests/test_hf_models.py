@@ -1,0 +1,109 @@
+"""The drop-in use on a Hugging Face causal LM: a DPO step from the decoder's last hidden states
+(shifted in place, ``h[:, :-1]``) and the model's own ``lm_head``, against the way TRL computes it
+from ``model(...).logits``: the same loss and the same gradient on every parameter of the model,
+with tied and untied embeddings, right padding and prompts ignored.
+
+The models are tiny Llamas built from a config (nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hypo_fast.losses import FusedLinearDPOLoss
+
+transformers = pytest.importorskip("transformers")
+
+IGN = -100
+BETA = 0.1
+VOCAB, PAIRS, LENGTH, PROMPT = 96, 2, 12, 5
+
+
+def tiny_llama(tied: bool, dtype: torch.dtype) -> torch.nn.Module:
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=tied,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).to(dtype)
+
+
+def dpo_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``input_ids``, ``attention_mask`` and ``labels`` ``[2P, L]``: P chosen then P rejected
+    sequences sharing prompts, right-padded to L; labels ignore the prompt and the padding."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (2 * PAIRS, LENGTH), generator=g)
+    ids[PAIRS:, :PROMPT] = ids[:PAIRS, :PROMPT]
+    lengths = torch.tensor([LENGTH, LENGTH - 3, LENGTH - 1, LENGTH - 4])
+    mask = torch.arange(LENGTH)[None, :] < lengths[:, None]
+    labels = torch.where(mask, ids, IGN)
+    labels[:, :PROMPT] = IGN
+    return ids, mask.long(), labels
+
+
+def trl_dpo_loss(policy, reference, ids, mask, labels) -> torch.Tensor:
+    """TRL's way: full logits, log-softmax in fp32 (or the model's fp64), gather the next token,
+    sum per sequence."""
+
+    def sequence_logps(model):
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        target = labels[:, 1:]
+        logp = logits.log_softmax(-1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
+        return (logp * (target != IGN)).sum(-1)
+
+    pol = sequence_logps(policy)
+    with torch.no_grad():
+        ref = sequence_logps(reference)
+    margin = (pol[:PAIRS] - ref[:PAIRS]) - (pol[PAIRS:] - ref[PAIRS:])
+    return -F.logsigmoid(BETA * margin).mean()
+
+
+def fused_dpo_loss(policy, reference, ids, mask, labels, backend) -> torch.Tensor:
+    hidden = policy.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    with torch.no_grad():
+        ref_hidden = reference.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    loss, _ = FusedLinearDPOLoss(beta=BETA, backend=backend)(
+        policy.lm_head.weight, hidden[:, :-1], labels[:, 1:],
+        ref_input=ref_hidden[:, :-1], ref_weight=reference.lm_head.weight,
+    )
+    return loss
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("backend", [
+    "reference",
+    pytest.param("triton", marks=pytest.mark.skipif(
+        not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+        reason="the triton backend needs a CUDA GPU or TRITON_INTERPRET=1")),
+])
+def test_dpo_step_on_a_causal_lm_equals_trl(tied, backend):
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    policy = tiny_llama(tied, dtype)
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids, mask, labels = dpo_batch()
+    params = [p for p in policy.parameters() if p.requires_grad]
+    assert len(params) == len(list(policy.named_parameters()))
+
+    want = trl_dpo_loss(policy, reference, ids, mask, labels)
+    want_grads = torch.autograd.grad(want, params)
+    got = fused_dpo_loss(policy, reference, ids, mask, labels, backend)
+    got_grads = torch.autograd.grad(got, params)
+
+    tol = {"rtol": 1e-9, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4,
+                                                                         "atol": 1e-6}
+    torch.testing.assert_close(got, want.to(got.dtype), **tol)
+    assert abs(float(want.detach()) - float(-F.logsigmoid(torch.zeros(())))) > 1e-4  # heads differ
+    names = [n for n, _ in policy.named_parameters()]
+    for name, a, b in zip(names, got_grads, want_grads, strict=True):
+        assert float(b.abs().max()) > 0, name
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name}: {m}")
