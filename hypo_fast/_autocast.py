@@ -16,7 +16,9 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 
 def autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager:
-    """A context with autocast off on ``device``: matmuls run in their operands' dtype."""
-    if torch.amp.is_autocast_available(device.type):
+    """A context with autocast off on ``device``: matmuls run in their operands' dtype. (In a
+    graph, where torch 2.11's dynamo cannot trace the availability check, autocast is taken to
+    exist on the inputs' device.)"""
+    if torch.compiler.is_compiling() or torch.amp.is_autocast_available(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
