@@ -483,7 +483,9 @@ def overhead(n, d, v):
 @guarded("losses")
 def losses_check():
     """Every ``hypo_fast.losses`` module on CUDA: the triton backend against the reference
-    backend on the same inputs (loss, aux outputs, gradients), fp32 and under bf16 autocast."""
+    backend on the same inputs (loss, aux outputs, gradients), fp32 and under bf16 autocast;
+    and whether two triton runs agree bit for bit (no atomics anywhere, sequence sums
+    included)."""
     from hypo_fast import losses as L
 
     g = torch.Generator(device=DEV).manual_seed(0)
@@ -520,7 +522,7 @@ def losses_check():
     }
     for name, (make, extra, autocast) in cases.items():
         results = []
-        for backend in ("triton", "reference"):
+        for backend in ("triton", "triton", "reference"):
             hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
             with torch.autocast(DEV, dtype=torch.bfloat16, enabled=autocast):
                 if extra is None:  # reference-free pair losses
@@ -528,10 +530,12 @@ def losses_check():
                 else:
                     loss, aux = make(backend)(ww, hh, y, bias, ref_h, ref_w, ref_b, **extra)
             results.append((loss, aux, torch.autograd.grad(loss, (hh, ww))))
-        (l1, a1, g1), (l2, a2, g2) = results
+        (l1, a1, g1), (l0, a0, g0), (l2, a2, g2) = results
         row = {"case": name, "loss": rel(l1, l2),
                "aux": max(rel(x, y_) for x, y_ in zip(a1, a2, strict=True) if y_.norm() > 0),
-               "dH": rel(g1[0], g2[0]), "dW": rel(g1[1], g2[1])}
+               "dH": rel(g1[0], g2[0]), "dW": rel(g1[1], g2[1]),
+               "repeat_identical": all(torch.equal(x, y_) for x, y_ in
+                                       zip((l1, *a1, *g1), (l0, *a0, *g0), strict=True))}
         RESULTS.setdefault("losses", []).append(row)
         print(json.dumps(row), flush=True)
 
@@ -776,9 +780,10 @@ def markdown() -> str:
     lines += table(["head", "N (valid)", "dtype", "entropy", "path", "fwd ms", "fwd+bwd ms",
                     "fwd % mm", "fwd+bwd % mm", "peak fwd+bwd MiB", "peak − grads MiB"], rows)
     if RESULTS.get("losses"):
-        lines += table(["losses: triton vs reference", "loss", "aux", "dH", "dW"],
-                       ([c["case"], *(e(c[k]) for k in ("loss", "aux", "dH", "dW"))]
-                        for c in RESULTS["losses"]))
+        lines += table(["losses: triton vs reference", "loss", "aux", "dH", "dW",
+                        "triton twice: bitwise"],
+                       ([c["case"], *(e(c[k]) for k in ("loss", "aux", "dH", "dW")),
+                         "yes" if c["repeat_identical"] else "NO"] for c in RESULTS["losses"]))
     if RESULTS.get("overhead"):
         lines += table(["public call", "wall ms", "host until return ms", "device busy ms"],
                        ([o["op"], *(f"{o[k]:.2f}" for k in ("wall_ms", "host_ms",

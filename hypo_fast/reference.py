@@ -125,9 +125,11 @@ def kl_from_logits(z: torch.Tensor, r: torch.Tensor, direction: str = "reverse")
 
 
 def segment_sum(values: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int) -> torch.Tensor:
-    """``out[s] = Σ_{i: seq_ids_i = s} values_i`` over flattened tokens: ``[num_seqs]``."""
+    """``out[s] = Σ_{i: seq_ids_i = s} values_i`` over flattened tokens: ``[num_seqs]``. The
+    same bits run to run on CUDA too: an accumulating ``index_put`` sorts the indices, where
+    ``index_add`` would add with atomics in whatever order the threads arrive."""
     out = torch.zeros(num_seqs, dtype=values.dtype, device=values.device)
-    return out.index_add(0, seq_ids.reshape(-1).long(), values.reshape(-1))
+    return out.index_put((seq_ids.reshape(-1).long(),), values.reshape(-1), accumulate=True)
 
 
 def sequence_sums(
