@@ -9,6 +9,7 @@ exercised on a few tiny cases. Equality with Liger-Kernel is in test_losses_lige
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import pickle
@@ -645,10 +646,26 @@ def test_functional_forms_are_reexported():
 
 def test_preference_output_pickles_and_unpacks():
     _, aux = call(FusedLinearDPOLoss(), make_pairs(seed=91))
-    back = pickle.loads(pickle.dumps(aux))
-    assert type(back) is type(aux) and len(back) == 7 and set(back.metrics) == set(aux.metrics)
-    *_, chosen_rewards, rejected_rewards = back
-    torch.testing.assert_close(chosen_rewards - rejected_rewards, aux.metrics["margins"])
+    for back in (pickle.loads(pickle.dumps(aux)), copy.deepcopy(aux)):
+        assert type(back) is type(aux) and len(back) == 7
+        assert set(back.metrics) == set(aux.metrics)
+        *_, chosen_rewards, rejected_rewards = back
+        torch.testing.assert_close(chosen_rewards - rejected_rewards, aux.metrics["margins"])
+
+
+def test_preference_output_rebuilds_from_an_iterable():
+    """As container utilities rebuild a tuple, ``type(t)(generator)`` (transformers'
+    nested_detach): Liger's fields stay named."""
+    transformers = pytest.importorskip("transformers")
+    p = make_pairs(seed=92)
+    _, aux = FusedLinearORPOLoss()(p.w, p.h, p.y, p.b)  # 9 values: Liger's 7, ORPO's 2
+    rebuilt = type(aux)(t.clone() for t in aux)
+    assert type(rebuilt) is type(aux) and len(rebuilt) == len(aux)
+    assert list(rebuilt.metrics) == list(LIGER_AUX_FIELDS)
+    assert rebuilt.metrics["chosen_rewards"] is rebuilt[5]
+    detached = transformers.trainer_pt_utils.nested_detach(aux)
+    assert type(detached) is type(aux)
+    assert all(torch.equal(a, b) for a, b in zip(detached, aux, strict=True))
 
 
 @pytest.mark.parametrize(

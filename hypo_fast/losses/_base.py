@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,18 +55,25 @@ class PreferenceOutput(tuple):
     ``loss, (c, r, *_) = module(...)`` unpacks as with Liger; ``extra`` is ORPO's
     ``(log_odds_ratio, log_odds_chosen)`` and empty elsewhere. Every metric of the loss (margins,
     accuracy, KL terms, ...) is also in the dict ``metrics``. All values are detached.
+
+    Like a tuple it is built from an iterable of its values, which is how container utilities
+    (transformers' ``nested_detach``, ``DataParallel``'s gather) rebuild one: ``metrics`` then
+    names Liger's seven fields. A loss builds it with every metric (:meth:`from_metrics`).
     """
 
     metrics: Metrics
 
-    def __new__(cls, metrics: Metrics, extra: tuple[str, ...] = ()) -> PreferenceOutput:
-        out = super().__new__(cls, tuple(metrics[k] for k in (*LIGER_AUX_FIELDS, *extra)))
-        out.metrics = metrics
-        out._extra = extra
+    def __new__(cls, values: Iterable[Tensor] = ()) -> PreferenceOutput:
+        out = super().__new__(cls, values)
+        out.metrics = dict(zip(LIGER_AUX_FIELDS, out, strict=False))
         return out
 
-    def __getnewargs__(self) -> tuple[Metrics, tuple[str, ...]]:  # pickle / copy
-        return self.metrics, self._extra
+    @classmethod
+    def from_metrics(cls, metrics: Metrics, extra: tuple[str, ...] = ()) -> PreferenceOutput:
+        """Liger's fields, then ``extra``, taken from ``metrics`` (kept whole as ``.metrics``)."""
+        out = cls(metrics[k] for k in (*LIGER_AUX_FIELDS, *extra))
+        out.metrics = metrics
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,7 +463,7 @@ class FusedLinearPairLoss(nn.Module):
             rejected_logits_mean=rejected_mean,
             nll_loss=nll.detach() if nll is not None else loss.new_zeros(()).detach(),
         )
-        return loss, PreferenceOutput(metrics, self._extra_aux)
+        return loss, PreferenceOutput.from_metrics(metrics, self._extra_aux)
 
 
 def joint_logprob(heads: list[Head], *, ignore_index: int, backend: str | None
