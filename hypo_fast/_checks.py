@@ -250,12 +250,6 @@ def validate_head(
         valid = labels != ignore_index
         flags.insert(0, (f"{lb} must be in [0, {V}) or equal ignore_index={ignore_index}",
                          (valid & ((labels < 0) | (labels >= V))).any()))
-        counted = valid if mask is None else valid & mask
-        flags.insert(1, (f"every label of {lb} equals ignore_index={ignore_index}"
-                         + (f" or is masked out by {mk}" if mask is not None else "")
-                         + ": nothing to compute", ~counted.any()))
-    elif mask is not None:
-        flags.insert(0, (f"every row is masked out by {mk}: nothing to compute", ~mask.any()))
     if bias is not None:
         flags.append((f"{b} contains NaN or inf", _not_finite(bias)))
     if token_weights is not None:

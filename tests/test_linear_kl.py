@@ -500,12 +500,17 @@ def test_masked_rows_give_zero_and_cost_nothing(monkeypatch):
 
 @needs_triton
 @pytest.mark.parametrize("labels", [False, True])
-def test_every_row_masked_raises(monkeypatch, labels):
-    forbid_kernels(monkeypatch)
-    inputs, kwargs, _ = build_case({**BASE_CASE, "labels": "all" if labels else "none"})
+def test_every_row_masked_gives_zeros(labels):
+    """Nothing counted is no error (a micro-batch may have no completion token): every output
+    and gradient is 0."""
+    inputs, kwargs, coefs = build_case({**BASE_CASE, "labels": "all" if labels else "none"})
     kwargs["mask"] = torch.zeros_like(kwargs["mask"])
-    with pytest.raises(ValueError, match="masked out"):
-        call(ops.linear_kl, inputs, kwargs, backend="triton")
+    out = call(ops.linear_kl, inputs, kwargs, backend="triton")
+    for name in OUTPUTS:
+        value = getattr(out, name)
+        assert value is None or not value.any(), name
+    for name, g in grads(combined_loss(out, coefs), inputs).items():
+        assert g.shape == inputs[name].shape and not g.any(), name
 
 
 @needs_triton
@@ -725,11 +730,7 @@ BAD_INPUTS = {
     "direction": (lambda a: {**a, "direction": "both"}, ValueError, "direction"),
     "mask_dtype": (lambda a: {**a, "mask": a["mask"].float()}, TypeError, "mask"),
     "mask_shape": (lambda a: {**a, "mask": a["mask"][:-1]}, ValueError, "mask"),
-    "labels_all_ignored": (lambda a: {**a, "labels": torch.full_like(a["labels"], -100)},
-                           ValueError, "ignore_index"),
     "softcap_zero": (lambda a: {**a, "softcap": 0.0}, ValueError, "softcap"),
-    "mask_all_false": (lambda a: {**a, "labels": None, "mask": torch.zeros_like(a["mask"])},
-                       ValueError, "^every row is masked out by mask"),
 }
 
 

@@ -1032,8 +1032,6 @@ BAD_INPUTS = {
                     "weight"),
     "empty_hidden_size": (lambda a: {**a, "hidden": a["hidden"][:, :0],
                                      "weight": a["weight"][:, :0]}, ValueError, "weight"),
-    "all_ignored": (lambda a: {**a, "labels": torch.full_like(a["labels"], -100)}, ValueError,
-                    "ignore_index"),
     "temperature_zero": (lambda a: {**a, "temperature": 0.0}, ValueError, "temperature"),
     "temperature_str": (lambda a: {**a, "temperature": "1"}, TypeError, "temperature"),
     "softcap_negative": (lambda a: {**a, "softcap": -2.0}, ValueError, "softcap"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hypo_fast.kernels import linear_logprob as K
+from kernel_helpers import tma_loads
 
 from hypo_fast import _layout, ops
 from hypo_fast import reference as R
@@ -228,3 +229,31 @@ def test_reference_backend_compiles_without_graph_breaks(op):
     torch._dynamo.reset()
     with pytest.raises(Exception, match="num_seqs must be given"):
         torch.compile(fn, backend="aot_eager", fullgraph=True)(hidden, weight, None)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("filter_eps", [None, "auto"])
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "descriptors"])
+def test_no_counted_token_gives_zeros_and_zero_gradients(backend, filter_eps, tma):
+    """Every label ignored (a micro-batch whose completions were all truncated): no error,
+    every output 0, and gradients of zeros that still reach every input (a data-parallel
+    reducer expects one for each parameter)."""
+    hidden, weight, labels = small(torch.float32)
+    bias = torch.randn(50, requires_grad=True)
+    weights = torch.rand(2, 9, requires_grad=True)
+    ignored = torch.full_like(labels, -100)
+    seq_ids = torch.arange(2)[:, None].expand(2, 9)
+    with tma_loads(tma):
+        lp = ops.linear_logprob(hidden, weight, ignored, bias, seq_ids=seq_ids,
+                                token_weights=weights, return_entropy=True, backend=backend,
+                                filter_eps=filter_eps)
+        kl = ops.linear_kl(hidden, weight, hidden.detach() * 0.5, weight.detach(), bias=bias,
+                           labels=ignored, seq_ids=seq_ids, token_weights=weights,
+                           return_entropy=True, backend=backend, filter_eps=filter_eps)
+        outputs = (lp.logp, lp.lse, lp.entropy, lp.seq_sum, lp.seq_weighted_sum, lp.seq_count,
+                   kl.kl, kl.entropy, kl.logp, kl.ref_logp, kl.seq_kl, kl.seq_count)
+        assert not any(t.any() for t in outputs)
+        loss = sum(t.sum() for t in outputs if t.requires_grad)
+        inputs = (hidden, weight, bias, weights)
+        for g, t in zip(torch.autograd.grad(loss, inputs), inputs, strict=True):
+            assert g.shape == t.shape and not g.any()

@@ -37,7 +37,9 @@ Differences from Liger-Kernel 0.8.5 (``chunked_loss``), where the concept exists
    the fused op streams over the vocabulary, and autograd runs a real backward (Liger computes
    gradients inside forward and rescales them in backward).
 4. Token counts are clamped ≥ 1: a sequence (or a chosen half) with no completion token gives
-   log-prob 0 with ``average_log_prob`` and NLL 0 instead of Liger's NaN.
+   log-prob 0 with ``average_log_prob`` and NLL 0 instead of Liger's NaN. A batch with no
+   completion token at all is no error either: every log-prob is 0 (DPO's loss log 2, as
+   Liger's), and the weight and hidden states get gradients of zeros.
 5. ``chosen_logits_mean``/``rejected_logits_mean`` follow Liger's definition (mean of the logits
    ``H W^T + b`` over every token of the half, prompt and padding included, and the vocabulary)
    but are computed without logits, as ``h̄·(Σ_v w_v)/V + mean(b)`` in fp32 (h̄ the half's mean

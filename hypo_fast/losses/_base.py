@@ -474,8 +474,7 @@ def joint_logprob(heads: list[Head], *, ignore_index: int, backend: str | None
     Two calls with the same weight would each return a ``[V, d]`` dW, both alive while autograd
     adds them (V·d more at the head's backward: 1 GB for a bf16 Llama-3-8B head). Several heads'
     valid tokens are gathered into one ``[n, d]`` tensor instead (n·d; a call with ignored
-    tokens gathers its valid rows on Hopper anyway); one head is scored in place. Every head
-    needs a valid token (an error names its labels otherwise).
+    tokens gathers its valid rows on Hopper anyway); one head is scored in place.
     """
     first = heads[0]
     if len(heads) == 1:
@@ -487,9 +486,6 @@ def joint_logprob(heads: list[Head], *, ignore_index: int, backend: str | None
     hidden, labels, seq_ids, sizes = [], [], [], []
     for head in heads:
         rows, target, ids = valid_tokens(head, ignore_index)
-        if rows.shape[0] == 0:
-            raise ValueError(f"every label of {head.names['labels']} equals ignore_index="
-                             f"{ignore_index}: nothing to compute")
         hidden.append(rows)
         labels.append(target)
         seq_ids.append(ids + sum(sizes))
@@ -506,9 +502,13 @@ def joint_logprob(heads: list[Head], *, ignore_index: int, backend: str | None
 
 def valid_tokens(head: Head, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
     """``(hidden [n, d], labels [n], seq_ids [n])`` of the head's tokens whose label is not
-    ``ignore_index``, the hidden rows read in place (:func:`row_source`) and gathered."""
+    ``ignore_index``, the hidden rows read in place (:func:`row_source`) and gathered. Without
+    such a token, its first token (label ignored: it adds 0), so that the hidden states still
+    get a gradient, of zeros (a data-parallel reducer expects one)."""
     target = head.target.reshape(-1)
     tokens = (target != ignore_index).nonzero().squeeze(1)
+    if tokens.numel() == 0:
+        tokens = tokens.new_zeros(1)
     view, index = row_source(head.hidden, tokens, row_map(head.hidden))
     return view.index_select(0, index), target[tokens], head.seq_ids.reshape(-1)[tokens]
 
