@@ -7,9 +7,11 @@ wrong kind of value (dtype, type), ``ValueError`` for a wrong value (shape, rang
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
+from typing import TypeVar
 
 import torch
 
@@ -102,14 +104,46 @@ def check_same_device(pairs: dict[str, torch.Tensor | None]) -> None:
             )
 
 
+_PENDING: ContextVar[list[tuple[str, torch.Tensor]] | None] = ContextVar(
+    "hypo_fast_pending_checks", default=None)
+F = TypeVar("F", bound=Callable)
+
+
+def one_sync(fn: F) -> F:
+    """Decorate a public function so that the :func:`check_finite` calls made while it runs
+    (its callees' included) are read back together, with one host synchronisation, when it
+    returns: its value is then discarded if an input held a NaN or inf."""
+
+    @functools.wraps(fn)
+    def checked(*args, **kwargs):
+        if torch.compiler.is_compiling() or _PENDING.get() is not None:
+            return fn(*args, **kwargs)
+        flags: list[tuple[str, torch.Tensor]] = []
+        token = _PENDING.set(flags)
+        try:
+            out = fn(*args, **kwargs)
+        finally:
+            _PENDING.reset(token)
+        raise_flagged(flags)
+        return out
+
+    return checked  # type: ignore[return-value]
+
+
 def check_finite(named: dict[str, torch.Tensor | None]) -> None:
     """``ValueError`` naming the first float tensor that holds a NaN or ±inf, with one host
-    synchronisation (none under ``torch.compile``, where nothing is checked in a graph, nor
-    within :func:`values_checked`)."""
+    synchronisation, or at the end of the :func:`one_sync` function it runs in (none under
+    ``torch.compile``, where nothing is checked in a graph, nor within
+    :func:`values_checked`)."""
     if torch.compiler.is_compiling() or _VALUES_CHECKED.get():
         return
-    raise_flagged([(f"{name} contains NaN or inf", _not_finite(t)) for name, t in named.items()
-                   if t is not None and t.is_floating_point()])
+    flags = [(f"{name} contains NaN or inf", not_finite(t)) for name, t in named.items()
+             if t is not None and t.is_floating_point()]
+    pending = _PENDING.get()
+    if pending is None:
+        raise_flagged(flags)
+    else:
+        pending.extend(flags)
 
 
 def check_positive(name: str, value: float) -> float:
@@ -153,7 +187,7 @@ def raise_flagged(flags: list[tuple[str, torch.Tensor]]) -> None:
             raise ValueError(message)
 
 
-def _not_finite(t: torch.Tensor) -> torch.Tensor:
+def not_finite(t: torch.Tensor) -> torch.Tensor:
     """0-d bool: t holds a NaN or ±inf. One read of t through a reduction, whatever its strides,
     no t-sized temporary (min/max propagate NaN and keep ±inf)."""
     if t.numel() == 0:
@@ -188,10 +222,10 @@ def validate_head(
     ``pending`` list, appended to it for the caller to read with other heads' in one.
 
     Shapes: ``hidden [..., d]``, ``weight [V, d]``, ``bias [V]``; labels, seq_ids,
-    token_weights and mask shaped ``hidden.shape[:-1]``. Values: labels in ``[0, V)`` or equal
-    to ``ignore_index``, at least one row counted (label not ignored, mask True), seq_ids in
-    ``[0, num_seqs)``, no NaN/inf in any float input. Without labels (a KL) every row counts
-    that the mask keeps. Under ``torch.compile`` nothing is checked (``num_seqs`` must then be
+    token_weights and mask shaped ``hidden.shape[:-1]``, at least one token. Values: labels in
+    ``[0, V)`` or equal to ``ignore_index``, seq_ids in ``[0, num_seqs)``, no NaN/inf in any
+    float input. No row need count (every label ignored, or every row masked: the ops return
+    zeros). Under ``torch.compile`` nothing is checked (``num_seqs`` must then be
     given with ``seq_ids``). ``prefix`` names the reference head's tensors ("ref_") in messages,
     and :func:`caller_names` the caller's names for them.
     """
@@ -244,16 +278,16 @@ def validate_head(
     if device is not None and hidden.device != device:
         raise ValueError(f"{h} is on {hidden.device} but {_called('hidden')} is on {device}")
 
-    flags = [(f"{h} contains NaN or inf", _not_finite(hidden)),
-             (f"{w} contains NaN or inf", _not_finite(weight))]
+    flags = [(f"{h} contains NaN or inf", not_finite(hidden)),
+             (f"{w} contains NaN or inf", not_finite(weight))]
     if labels is not None:
         valid = labels != ignore_index
         flags.insert(0, (f"{lb} must be in [0, {V}) or equal ignore_index={ignore_index}",
                          (valid & ((labels < 0) | (labels >= V))).any()))
     if bias is not None:
-        flags.append((f"{b} contains NaN or inf", _not_finite(bias)))
+        flags.append((f"{b} contains NaN or inf", not_finite(bias)))
     if token_weights is not None:
-        flags.append((f"{tw} contains NaN or inf", _not_finite(token_weights)))
+        flags.append((f"{tw} contains NaN or inf", not_finite(token_weights)))
     if seq_ids is not None:
         if num_seqs is None:  # negative ids fail the range check below
             num_seqs = max(int(seq_ids.max()) + 1, 1)

@@ -190,12 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "quickstart":
         if args.vocab < 2:
             parser.error("--vocab must be at least 2")
-        if args.device and torch.device(args.device).type == "cuda" and \
-                not torch.cuda.is_available():
+        try:
+            device = _device(args)
+        except RuntimeError as e:  # not a device name torch knows
+            parser.error(f"--device {args.device}: {e}")
+        if device.type == "cuda" and not torch.cuda.is_available():
             parser.error(f"--device {args.device}: torch sees no CUDA device")
         if args.backend != "auto":
             try:
-                resolve_backend(args.backend, _device(args))
+                resolve_backend(args.backend, device)
             except ValueError as e:
                 parser.error(f"--backend {args.backend}: {e}")
         _print_quickstart(args, run_quickstart(args))

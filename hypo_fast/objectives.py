@@ -34,6 +34,7 @@ from ._checks import (
     check_same_device,
     check_shape,
     check_tensor,
+    one_sync,
     raise_flagged,
     segments_not_contiguous,
 )
@@ -177,6 +178,7 @@ def _f_scores(rho: Tensor, f_divergence_type: str, alpha: float) -> Tensor:
 # DPO family
 
 
+@one_sync
 def dpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -301,6 +303,7 @@ def dpo_loss(
     return losses.mean(), metrics
 
 
+@one_sync
 def simpo_loss(
     chosen_logps: Tensor,
     rejected_logps: Tensor,
@@ -344,6 +347,7 @@ def simpo_loss(
     return loss, _pair_metrics(beta * a_w, beta * a_l, chosen_logps, rejected_logps, **extra)
 
 
+@one_sync
 def cpo_loss(
     chosen_logps: Tensor,
     rejected_logps: Tensor,
@@ -386,6 +390,7 @@ def _log1mexp(x: Tensor) -> Tensor:
     )
 
 
+@one_sync
 def orpo_loss(
     chosen_logps: Tensor,
     rejected_logps: Tensor,
@@ -431,6 +436,7 @@ def orpo_loss(
 # SparsePO
 
 
+@one_sync
 def sparsepo_loss(
     chosen_reward_sums: Tensor,
     rejected_reward_sums: Tensor,
@@ -490,6 +496,7 @@ def sparsepo_loss(
     return losses.mean(), metrics
 
 
+@one_sync
 def sparsepo_sequence_sums(
     token_logratios: Tensor,
     token_kl: Tensor,
@@ -548,6 +555,7 @@ def _check_seq_ids(
 # HyPO: sequence-level reverse KL on online samples
 
 
+@one_sync
 def hypo_kl_term(
     seq_logps: Tensor,
     ref_seq_logps: Tensor,
@@ -636,6 +644,7 @@ def _exact_kl_parts(
 # HPO
 
 
+@one_sync
 def hpo_aux_term(
     seq_logps: Tensor,
     aux_rewards: Tensor,
@@ -674,6 +683,7 @@ def hpo_aux_term(
     return -(w * s).mean(), {"weights": w, "advantages": adv}
 
 
+@one_sync
 def hpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,

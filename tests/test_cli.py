@@ -97,6 +97,7 @@ def test_quickstart_names_the_flag_it_cannot_honour(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     for flags, text in ((["--device", "cuda"], "--device cuda: torch sees no CUDA device"),
+                        (["--device", "gpu0"], "--device gpu0: "),
                         (["--backend", "triton"], "--backend triton: ")):
         with pytest.raises(SystemExit) as e:
             cli.main([*ARGV, *flags])

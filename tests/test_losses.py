@@ -794,6 +794,9 @@ def _bad_calls():
             p.w, p.h, p.y, p.b, p.rh, p.rw, aux_rewards=torch.zeros(4, dtype=F64),
             aux_baseline=torch.tensor(math.inf, dtype=F64)), ValueError,
          "aux_baseline contains NaN or inf"),
+        ("orpo nll_target nan on a prompt row", lambda: FusedLinearORPOLoss()(
+            p.w, torch.where(torch.arange(5)[:, None] == 0, math.nan, p.h), p.y, p.b, p.y),
+         ValueError, "^_input contains NaN or inf"),
         ("orpo nll_target out of range", lambda: FusedLinearORPOLoss()(
             p.w, p.h, p.y, p.b, p.y + 16), ValueError, r"nll_target \(chosen sequences\) must"),
         ("hpo rewards shape", lambda: HPOLoss()(
@@ -841,6 +844,12 @@ def test_a_batch_without_completion_tokens_still_gives_a_loss(backend):
         "simpo": lambda: FusedLinearSimPOLoss(backend=backend)(p.w, p.h, none, p.b),
         "orpo nll_target": lambda: FusedLinearORPOLoss(backend=backend)(p.w, p.h, none, p.b,
                                                                          none),
+        # packed, the rejected sequences first: the NLL's labels have no token, the pairs'
+        # have (the first token, a rejected one's, stands in for the NLL's in the joint call)
+        "orpo packed nll_target": lambda: FusedLinearORPOLoss(backend=backend)(
+            p.w, p.h.reshape(-1, p.h.shape[-1]), p.y.flip(0).reshape(-1), p.b,
+            none.reshape(-1), seq_ids=(3 - torch.arange(4))[:, None].expand(p.y.shape).reshape(
+                -1)),
         "sparsepo": lambda: FusedLinearSparsePOLoss(backend=backend)(p.w, p.h, none, p.b, p.rh,
                                                                      p.rw, p.rb),
         "hpo": lambda: HPOLoss(backend=backend)(p.w, p.h, none, p.b, p.rh, p.rw, p.rb,
@@ -852,6 +861,9 @@ def test_a_batch_without_completion_tokens_still_gives_a_loss(backend):
     for name, run in cases.items():
         loss, aux = run()
         assert torch.isfinite(loss), name
+        if name == "orpo packed nll_target":
+            assert float(aux[4]) == 0.0  # the NLL
+            continue
         assert not aux[0].any() and not aux[1].any(), name
         for g in p.grads_of(loss, oh) if name.startswith("hypo") else p.grads_of(loss):
             assert not g.any(), name

@@ -493,7 +493,8 @@ _B = torch.tensor([-1.0, -2.0])
         (lambda: sparsepo_sequence_sums(_B, _B, torch.tensor([0, 1]), 2,
                                         reward_weights=_B * math.inf), ValueError,
          "reward_weights contains NaN"),
-        (lambda: hypo_kl_term(_B, _B * math.nan), ValueError, "ref_seq_logps contains NaN"),
+        (lambda: hypo_kl_term(_B, _B * math.nan, estimator="reinforce"), ValueError,
+         "ref_seq_logps contains NaN"),
         (lambda: hpo_aux_term(_B, _B * math.nan), ValueError, "aux_rewards contains NaN"),
         (lambda: hpo_aux_term(_B, _B, baseline=torch.tensor(math.inf)), ValueError,
          "baseline contains NaN"),
@@ -502,3 +503,24 @@ _B = torch.tensor([-1.0, -2.0])
 def test_bad_arguments_are_named(call, exc, name):
     with pytest.raises(exc, match=name):
         call()
+
+
+def test_value_checks_cost_one_host_sync_per_call(monkeypatch):
+    """NaN/inf checks of a public objective, its callees' included (hpo_loss calls dpo_loss
+    and hpo_aux_term), are read back together: one host synchronisation per call."""
+    from hypo_fast import _checks
+
+    reads = []
+    real = _checks.raise_flagged
+    monkeypatch.setattr(_checks, "raise_flagged",
+                        lambda flags: (reads.append(len(flags)) if flags else None, real(flags)))
+    b = torch.tensor([-1.0, -2.0])
+    for call in (lambda: dpo_loss(b, b, b, b),
+                 lambda: hpo_loss(b, b, b, b, b, b, aux_baseline=torch.tensor(0.0)),
+                 lambda: simpo_loss(b, b, torch.tensor([1, 1]), torch.tensor([1, 1]),
+                                    sft_weight=1.0, chosen_nll=torch.tensor(1.0))):
+        reads.clear()
+        call()
+        assert len(reads) == 1 and reads[0] >= 2
+    with pytest.raises(ValueError, match="aux_rewards contains NaN"):
+        hpo_loss(b, b, b, b, b, b * math.nan)

@@ -29,6 +29,7 @@ from .._checks import (
     check_positive,
     check_same_device,
     check_shape,
+    not_finite,
     raise_flagged,
     values_checked,
 )
@@ -483,6 +484,9 @@ def joint_logprob(heads: list[Head], *, ignore_index: int, backend: str | None
                                      ignore_index=ignore_index, seq_ids=first.seq_ids,
                                      num_seqs=first.num_seqs, backend=backend)
         return [(out.seq_sum, out.seq_count)]
+    # the op sees the gathered rows only; the others feed the logits means
+    raise_flagged([(f"{name} contains NaN or inf", not_finite(h)) for name, h in
+                   {head.names["hidden"]: head.hidden for head in heads}.items()])
     hidden, labels, seq_ids, sizes = [], [], [], []
     for head in heads:
         rows, target, ids = valid_tokens(head, ignore_index)
@@ -503,14 +507,16 @@ def joint_logprob(heads: list[Head], *, ignore_index: int, backend: str | None
 def valid_tokens(head: Head, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
     """``(hidden [n, d], labels [n], seq_ids [n])`` of the head's tokens whose label is not
     ``ignore_index``, the hidden rows read in place (:func:`row_source`) and gathered. Without
-    such a token, its first token (label ignored: it adds 0), so that the hidden states still
-    get a gradient, of zeros (a data-parallel reducer expects one)."""
+    such a token, its first token, as sequence 0 with its label ignored (it adds 0), so that
+    the hidden states still get a gradient, of zeros (a data-parallel reducer expects one)."""
     target = head.target.reshape(-1)
     tokens = (target != ignore_index).nonzero().squeeze(1)
+    ids = head.seq_ids.reshape(-1)
     if tokens.numel() == 0:
         tokens = tokens.new_zeros(1)
+        ids = torch.zeros_like(ids)
     view, index = row_source(head.hidden, tokens, row_map(head.hidden))
-    return view.index_select(0, index), target[tokens], head.seq_ids.reshape(-1)[tokens]
+    return view.index_select(0, index), target[tokens], ids[tokens]
 
 
 @torch.no_grad()
