@@ -64,7 +64,8 @@ def representable(g_out: dict, g_ref: dict) -> dict:
     for k in over:
         assert not bool(torch.isnan(g_out[k]).any()), f"d{k}: NaN where the gradient overflows"
     kept = {k: v for k, v in g_ref.items() if k not in over}
-    assume(bool(kept))
+    if not kept:  # called only then: hypothesis deprecates assume() outside a property test
+        assume(False)
     return kept
 
 
