@@ -278,12 +278,12 @@ def validate_head(
     if device is not None and hidden.device != device:
         raise ValueError(f"{h} is on {hidden.device} but {_called('hidden')} is on {device}")
 
-    flags = [(f"{h} contains NaN or inf", not_finite(hidden)),
-             (f"{w} contains NaN or inf", not_finite(weight))]
+    flags = []
     if labels is not None:
-        valid = labels != ignore_index
-        flags.insert(0, (f"{lb} must be in [0, {V}) or equal ignore_index={ignore_index}",
-                         (valid & ((labels < 0) | (labels >= V))).any()))
+        flags.append((f"{lb} must be in [0, {V}) or equal ignore_index={ignore_index}",
+                      ((labels != ignore_index) & ((labels < 0) | (labels >= V))).any()))
+    flags += [(f"{h} contains NaN or inf", not_finite(hidden)),
+              (f"{w} contains NaN or inf", not_finite(weight))]
     if bias is not None:
         flags.append((f"{b} contains NaN or inf", not_finite(bias)))
     if token_weights is not None:

@@ -484,7 +484,8 @@ def joint_logprob(heads: list[Head], *, ignore_index: int, backend: str | None
                                      ignore_index=ignore_index, seq_ids=first.seq_ids,
                                      num_seqs=first.num_seqs, backend=backend)
         return [(out.seq_sum, out.seq_count)]
-    # the op sees the gathered rows only; the others feed the logits means
+    # the op checks the gathered rows only, the logits means read all (and check_finite is off
+    # within a loss's run: values_checked)
     raise_flagged([(f"{name} contains NaN or inf", not_finite(h)) for name, h in
                    {head.names["hidden"]: head.hidden for head in heads}.items()])
     hidden, labels, seq_ids, sizes = [], [], [], []
