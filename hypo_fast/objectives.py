@@ -214,8 +214,8 @@ def dpo_loss(
     nca_pair      −log σ(z_w) − ½ log σ(−z_w) − ½ log σ(−z_l)
     bco_pair      −log σ(z_w) − log σ(−z_l)   (TRL main: no running reward shift)
     sppo_hard     (s_w − 1/(2β))² + (s_l + 1/(2β))²
-    apo_zero      1 − σ(z_w) + σ(z_l)
-    apo_down      σ(z_w) + 1 − σ(z)
+    apo_zero      1 − σ(βρ_w) + σ(βρ_l)   (the log-ratios ρ, whatever the scores: TRL main)
+    apo_down      σ(βρ_w) + 1 − σ(z)
     discopop      (1 − m)(−log σ(z)) + m·e^{−z},  m = σ(z/τ)   (LRML, τ = discopop_tau)
     sigmoid_norm  −log σ(β δ̄)
     ============  ====================================================================  ==========
@@ -229,7 +229,8 @@ def dpo_loss(
     δ = Δθ − max(0, Δref), Δθ = S_w − S_l, Δref = S^ref_w − S^ref_l (each divided by its count
     first for ipo/sigmoid_norm): a reference that already prefers y_w is not credited to the policy,
     one that prefers y_l is ignored. Only the margin δ changes; losses that also use the
-    individual scores (nca_pair, bco_pair, sppo_hard, apo_zero, apo_down) keep s_w, s_l = ρ.
+    individual scores (nca_pair, bco_pair, sppo_hard) or log-ratios (apo_zero, apo_down) keep
+    s_w, s_l = ρ.
 
     Metrics: rewards β·ρ (TRL), margins, accuracy, chosen/rejected logps. Returns the mean loss.
     """
@@ -292,9 +293,9 @@ def dpo_loss(
     elif loss_type == "sppo_hard":
         losses = (s_w - 0.5 / beta) ** 2 + (s_l + 0.5 / beta) ** 2
     elif loss_type == "apo_zero":
-        losses = 1 - torch.sigmoid(z_w) + torch.sigmoid(z_l)
+        losses = 1 - torch.sigmoid(beta * rho_w) + torch.sigmoid(beta * rho_l)
     elif loss_type == "apo_down":
-        losses = torch.sigmoid(z_w) + 1 - torch.sigmoid(z)
+        losses = torch.sigmoid(beta * rho_w) + 1 - torch.sigmoid(z)
     else:  # discopop
         weighted_exp = torch.exp((F.logsigmoid(z / tau) - z).clamp(max=_EXP_CLAMP))
         losses = torch.sigmoid(-z / tau) * -F.logsigmoid(z) + weighted_exp
@@ -457,7 +458,8 @@ def sparsepo_loss(
     ``*_reward_sums`` = Σ_t m^u_t (ℓ_t − ℓ^ref_t); ``*_kl_sums`` = Σ_t m^d_t KL_t with
     KL_t = KL(π_ref ‖ π_θ) at position t (full vocabulary, forward direction);
     ``*_mask_l1`` = ‖m^u‖₁, ``*_kl_mask_l1`` = ‖m^d‖₁ of each sequence (needed only when
-    ``l1_u`` resp. ``l1_d`` > 0; pass the same tensors twice for a common mask). With
+    ``l1_u`` resp. ``l1_d`` > 0; for a common mask pass the same tensors twice and, as HEBO,
+    halve both λ: the mask is penalised once per term). With
     u = R_w − R_l and d = Σ m^d_w κ_w − Σ m^d_l κ_l, κ = −KL, i.e. d = K_l − K_w::
 
         L = mean_b[ −log σ(β(u − d)) + λ_u(‖m^u_w‖₁ + ‖m^u_l‖₁) + λ_d(‖m^d_w‖₁ + ‖m^d_l‖₁) ]

@@ -431,7 +431,11 @@ def test_sparsepo_learned_masks_match_objectives(on_reward, on_kl, separate):
 
     m_u = token_mask if on_reward else None
     m_d = (kl_mask if separate else token_mask) if on_kl else None
-    want, metrics = expected_sparsepo(p, m_u, m_d, beta=0.6, l1_u=0.01, l1_d=0.02)
+    # HEBO's SparseTrainer: no penalty on a term without its mask; a common mask, penalised in
+    # both terms, has both weights halved
+    half = 0.5 if on_reward and on_kl and not separate else 1.0
+    want, metrics = expected_sparsepo(p, m_u, m_d, beta=0.6, l1_u=0.01 * half * on_reward,
+                                      l1_d=0.02 * half * on_kl)
     masks = [token_mask] + ([kl_mask] if separate else [])
     got_g, want_g = p.grads_of(loss, *masks), p.grads_of(want, *masks)
     assert_same(loss, got_g, want, want_g)

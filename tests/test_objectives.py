@@ -36,7 +36,8 @@ def sig(x: float) -> float:
     return math.exp(log_sig(x))
 
 
-# Per-pair DPO losses written from anchors/objectives.md §1.1. c.s_w, c.s_l: scores;
+# Per-pair DPO losses written from anchors/objectives.md §1.1 (APO from TRL main's code, which
+# takes the log-ratios there, not the scores). c.s_w, c.s_l: scores; c.r_w, c.r_l: log-ratios ρ;
 # c.d = s_w − s_l; c.dn = s_w/n_w − s_l/n_l; c.b = β; c.e = ε; c.tau = discopop τ.
 EXPECTED_DPO = {
     "sigmoid": lambda c: -(1 - c.e) * log_sig(c.b * c.d) - c.e * log_sig(-c.b * c.d),
@@ -50,8 +51,8 @@ EXPECTED_DPO = {
     - 0.5 * log_sig(-c.b * c.s_l),
     "bco_pair": lambda c: -log_sig(c.b * c.s_w) - log_sig(-c.b * c.s_l),
     "sppo_hard": lambda c: (c.s_w - 1 / (2 * c.b)) ** 2 + (c.s_l + 1 / (2 * c.b)) ** 2,
-    "apo_zero": lambda c: (1 - sig(c.b * c.s_w)) + sig(c.b * c.s_l),
-    "apo_down": lambda c: sig(c.b * c.s_w) + (1 - sig(c.b * c.d)),
+    "apo_zero": lambda c: (1 - sig(c.b * c.r_w)) + sig(c.b * c.r_l),
+    "apo_down": lambda c: sig(c.b * c.r_w) + (1 - sig(c.b * c.d)),
     "discopop": lambda c: (1 - sig(c.b * c.d / c.tau)) * -log_sig(c.b * c.d)
     + sig(c.b * c.d / c.tau) * math.exp(-c.b * c.d),
     "sigmoid_norm": lambda c: -log_sig(c.b * c.dn),
@@ -79,8 +80,8 @@ def _hand_dpo(loss_type, cols, counts, beta, eps, tau=0.05, score=lambda r: r):
     for pw, pl, rw, rl, nw, nl in zip(*cols, *counts, strict=True):
         s_w, s_l = score(pw - rw), score(pl - rl)
         c = SimpleNamespace(
-            s_w=s_w, s_l=s_l, d=s_w - s_l, dn=s_w / max(nw, 1) - s_l / max(nl, 1), b=beta, e=eps,
-            tau=tau,
+            s_w=s_w, s_l=s_l, r_w=pw - rw, r_l=pl - rl, d=s_w - s_l,
+            dn=s_w / max(nw, 1) - s_l / max(nl, 1), b=beta, e=eps, tau=tau,
         )
         losses.append(EXPECTED_DPO[loss_type](c))
     return sum(losses) / len(losses)
@@ -111,7 +112,7 @@ def test_dpo_loss_types_match_hand_formulas(loss_type, batch, beta):
         ("alpha_divergence", 1.0, lambda r: r),
     ],
 )
-@pytest.mark.parametrize("loss_type", ["sigmoid", "nca_pair"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "nca_pair", "apo_zero", "apo_down"])
 def test_f_divergence_scores(f_type, coef, score, loss_type):
     gen = torch.Generator().manual_seed(0)
     cols = [(-5 * torch.rand(6, generator=gen, dtype=F64)).tolist() for _ in range(4)]

@@ -29,7 +29,9 @@ class FusedLinearSparsePOLoss(FusedLinearPairLoss):
     ``token_mask`` is the common mask; ``kl_mask`` a separate KL mask (HEBO's
     ``rw_kl_independent``). ``mask_on_reward``/``mask_on_kl`` switch masking of each term: m^u =
     token_mask if mask_on_reward else 1; m^d = (kl_mask, else token_mask) if mask_on_kl else 1;
-    absent masks are 1. A mask that no term uses raises. Rewards β·R; ``chosen_logps`` are S.
+    absent masks are 1. A mask that no term uses raises. As in HEBO, l1_u (l1_d) applies only
+    with mask_on_reward (mask_on_kl), and a common mask (both on, no ``kl_mask``), counted in
+    both terms, has both halved. Rewards β·R; ``chosen_logps`` are S.
     """
 
     def __init__(
@@ -78,7 +80,15 @@ class FusedLinearSparsePOLoss(FusedLinearPairLoss):
         x = self._prepare(lin_weight, _input, target, bias, ref_input, ref_weight, ref_bias,
                           seq_ids=seq_ids, cu_seqlens=cu_seqlens, require_ref_head=True)
         reward_weights, kl_weights = self._mask_weights(x, token_mask, kl_mask)
-        return self._run(x, reward_weights=reward_weights, kl_weights=kl_weights)
+        return self._run(x, reward_weights=reward_weights, kl_weights=kl_weights,
+                         l1=self._l1_weights(common=kl_mask is None))
+
+    def _l1_weights(self, common: bool) -> tuple[float, float]:
+        """HEBO's penalty weights ``(λ_u, λ_d)``: 0 for a term without its mask, both halved
+        for a common mask."""
+        half = 0.5 if common and self.mask_on_reward and self.mask_on_kl else 1.0
+        return (half * self.l1_u if self.mask_on_reward else 0.0,
+                half * self.l1_d if self.mask_on_kl else 0.0)
 
     def _mask_weights(
         self, x: PairBatch, token_mask: Tensor | None, kl_mask: Tensor | None
@@ -102,7 +112,7 @@ class FusedLinearSparsePOLoss(FusedLinearPairLoss):
         return tuple(valid if m is None else valid * m.reshape(-1) for m in (reward, kl))
 
     def _statistics(self, x: PairBatch, *, reward_weights: Tensor,  # type: ignore[override]
-                    kl_weights: Tensor) -> PairStats:
+                    kl_weights: Tensor, l1: tuple[float, float]) -> PairStats:
         with x.op_names():
             out = ops.linear_kl(
                 x.hidden, x.weight, x.ref_hidden, x.ref_weight, bias=x.bias,
@@ -116,10 +126,11 @@ class FusedLinearSparsePOLoss(FusedLinearPairLoss):
         parts = sparsepo_sequence_sums(logp - ref_logp, out.kl.reshape(-1), ids, n,
                                        reward_weights=reward_weights, kl_weights=kl_weights)
         return PairStats(sums, counts, sums, segment_sum(ref_logp, ids, n),
-                         extra={"sparsepo": parts})
+                         extra={"sparsepo": parts, "l1": l1})
 
     def _objective(self, s: PairStats, nll: Tensor | None) -> tuple[Tensor, Metrics]:
-        rewards, kls, l1_u, l1_d = (s.halves(t) for t in s.extra["sparsepo"])
-        loss, metrics = sparsepo_loss(*rewards, *kls, *l1_u, *l1_d, beta=self.beta,
-                                      l1_u=self.l1_u, l1_d=self.l1_d)
+        rewards, kls, norm_u, norm_d = (s.halves(t) for t in s.extra["sparsepo"])
+        l1_u, l1_d = s.extra["l1"]
+        loss, metrics = sparsepo_loss(*rewards, *kls, *norm_u, *norm_d, beta=self.beta,
+                                      l1_u=l1_u, l1_d=l1_d)
         return self._add_nll(loss, nll), metrics
