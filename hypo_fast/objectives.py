@@ -13,7 +13,9 @@ Conventions shared by every function here:
   ``metrics`` holds detached tensors. Pair losses report ``chosen_rewards``, ``rejected_rewards``
   ``[B]``, ``margins = chosen_rewards − rejected_rewards`` ``[B]``, ``accuracy`` (scalar mean of
   ``margins > 0``), ``chosen_logps``, ``rejected_logps`` ``[B]`` (the log-probs as passed in).
-- Bad arguments raise ``TypeError``/``ValueError`` naming the argument, before any math.
+- Bad arguments raise ``TypeError``/``ValueError`` naming the argument: shapes, dtypes and
+  options before any math; NaN/inf values once per call, read back in one host sync after the
+  math is queued (:func:`hypo_fast._checks.one_sync`), so no result is returned.
 """
 
 from __future__ import annotations
