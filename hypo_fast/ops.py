@@ -83,6 +83,23 @@ def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.contiguous() if t is not None else None
 
 
+def _saveable(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t``, or a copy of it where autograd could not save it: labels made under
+    ``torch.inference_mode`` (the reference backend indexes with them as they are). Dynamo
+    cannot ask a tensor that, so in a graph ``t`` is taken as it is."""
+    if (t is not None and not torch.compiler.is_compiling() and torch.is_grad_enabled()
+            and t.is_inference()):
+        return t.clone()
+    return t
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "double backward (the gradient of a gradient taken with create_graph=True) through "
+        "hypo_fast's triton ops is not supported; the reference backend (backend='reference') "
+        "supports it")
+
+
 def _head_grads(hidden, bias, rows, dh, dw, db):
     """A backward op's outputs ``(dH, dW, db)``: the gradients shaped like their inputs (dH from
     the valid rows' ``dh [n, d]``, zero elsewhere), a fresh empty tensor for each absent one (an
@@ -242,6 +259,7 @@ def _backward(ctx, g_logp, g_lse, g_entropy, _, __):
 torch.library.register_autograd(
     "hypo_fast::linear_logprob", _backward, setup_context=_setup_context
 )
+torch.library.register_autograd("hypo_fast::linear_logprob_backward", _no_double_backward)
 
 
 def linear_logprob(
@@ -298,8 +316,8 @@ def linear_logprob(
         raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
     hidden, weight, bias = _fp32_if_fp64(hidden, weight, bias)
     logp, lse, entropy, _, _ = _linear_logprob_op(
-        hidden, weight, labels, bias, ignore_index, float(temperature), float(softcap or 0.0),
-        return_entropy, _filter_eps(filter_eps, hidden, weight, bias),
+        hidden, weight, _saveable(labels), bias, ignore_index, float(temperature),
+        float(softcap or 0.0), return_entropy, _filter_eps(filter_eps, hidden, weight, bias),
     )
     out = LogProbOutput(logp=logp, lse=lse, entropy=entropy if return_entropy else None)
     if seq_ids is not None:
@@ -475,6 +493,7 @@ def _kl_backward(ctx, g_kl, _g_stats, g_entropy, g_logp, _g_ref_logp, _g_tile_st
 torch.library.register_autograd(
     "hypo_fast::linear_kl", _kl_backward, setup_context=_kl_setup_context
 )
+torch.library.register_autograd("hypo_fast::linear_kl_backward", _no_double_backward)
 
 
 def linear_kl(
@@ -549,7 +568,7 @@ def linear_kl(
     hidden, weight, bias, ref_hidden, ref_weight, ref_bias = _fp32_if_fp64(
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
     kl, _, entropy, logp, ref_logp, _ = _linear_kl_op(
-        hidden, weight, ref_hidden, ref_weight, bias, ref_bias, valid, labels,
+        hidden, weight, ref_hidden, ref_weight, bias, ref_bias, valid, _saveable(labels),
         direction == "reverse", float(temperature), float(softcap or 0.0), return_entropy,
         _filter_eps(filter_eps, hidden, weight, bias),
     )

@@ -687,7 +687,8 @@ def test_preference_output_rebuilds_from_an_iterable():
         (lambda: FusedLinearSparsePOLoss(l1_u=-1.0), ValueError, "l1_u"),
         (lambda: HyPOLoss(estimator="k3"), ValueError, "estimator"),
         (lambda: HyPOLoss(kl_coef=-0.1), ValueError, "kl_coef"),
-        (lambda: HPOLoss(aux_tau=0.0), ValueError, "tau"),
+        (lambda: HPOLoss(aux_tau=0.0), ValueError, "^aux_tau"),
+        (lambda: HPOLoss(aux_w_max=-1.0), ValueError, "^aux_w_max"),
     ],
 )
 def test_bad_hyperparameters_raise_at_construction(make, error, match):

@@ -257,3 +257,36 @@ def test_no_counted_token_gives_zeros_and_zero_gradients(backend, filter_eps, tm
         inputs = (hidden, weight, bias, weights)
         for g, t in zip(torch.autograd.grad(loss, inputs), inputs, strict=True):
             assert g.shape == t.shape and not g.any()
+
+
+def _both_ops(hidden, weight, labels, backend):
+    """Both ops' outputs on one head (the KL against a scaled copy of it)."""
+    return (ops.linear_logprob(hidden, weight, labels, backend=backend).logp,
+            ops.linear_kl(hidden, weight, hidden.detach() * 0.9, weight.detach(), labels=labels,
+                          backend=backend).kl)
+
+
+def test_double_backward_is_a_clear_error_on_triton():
+    """The reference differentiates twice; the kernels' backward says it cannot, by name."""
+    hidden, weight, labels = small()
+    for backend in ("reference", "triton"):
+        for out in _both_ops(hidden, weight, labels, backend):
+            (g_hidden,) = torch.autograd.grad(out.sum(), hidden, create_graph=True)
+            second = lambda g=g_hidden: torch.autograd.grad(g.square().sum(), weight)  # noqa: E731
+            if backend == "reference":
+                assert second()[0].abs().sum() > 0
+            else:
+                with pytest.raises(NotImplementedError, match=r"double backward .* reference"):
+                    second()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_labels_made_in_inference_mode(backend):
+    """Labels from an evaluation-time collator (inference tensors) train like any others."""
+    hidden, weight, labels = small()
+    with torch.inference_mode():
+        frozen = labels.clone()
+    grads = [torch.autograd.grad(sum(o.sum() for o in _both_ops(hidden, weight, y, backend)),
+                                 (hidden, weight)) for y in (labels, frozen)]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -7,8 +7,14 @@ from typing import Any
 
 import torch
 
-from .._checks import check_finite, check_float, check_in_range, check_same_device
-from ..objectives import hpo_aux_term, hpo_loss
+from .._checks import (
+    check_finite,
+    check_float,
+    check_in_range,
+    check_positive,
+    check_same_device,
+)
+from ..objectives import hpo_loss
 from ._base import Metrics, PairBatch, PairStats, PreferenceOutput, Tensor
 from .pairs import FusedLinearDPOLoss
 
@@ -33,9 +39,8 @@ class HPOLoss(FusedLinearDPOLoss):
                  aux_w_max: float = 20.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.aux_coef = check_in_range("aux_coef", aux_coef, 0.0, math.inf)
-        self.aux_tau, self.aux_w_max = aux_tau, aux_w_max
-        zero = torch.zeros(1)
-        hpo_aux_term(zero, zero, tau=aux_tau, w_max=aux_w_max)
+        self.aux_tau = check_positive("aux_tau", aux_tau)
+        self.aux_w_max = check_positive("aux_w_max", aux_w_max)
 
     def forward(  # type: ignore[override]
         self,
