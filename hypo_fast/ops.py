@@ -284,11 +284,11 @@ def linear_logprob(
 
     Shapes: hidden ``[..., d]``, weight ``[V, d]``, bias ``[V]``; labels, seq_ids and
     token_weights shaped ``hidden.shape[:-1]``. Returns a :class:`LogProbOutput` with fp32
-    ``logp = z[y] - lse``, ``lse = logsumexp(z)``, optional ``entropy`` (0 where
-    ``labels == ignore_index``), and with ``seq_ids`` the per-sequence ``seq_sum = Σ logp``,
-    ``seq_weighted_sum = Σ w·logp`` and ``seq_count`` over ``num_seqs`` sequences (default
-    ``max(seq_ids) + 1``). Every output is differentiable w.r.t. hidden, weight, bias and
-    token_weights.
+    (from the reference and cpu backends fp64 for fp64 inputs) ``logp = z[y] - lse``,
+    ``lse = logsumexp(z)``, optional ``entropy`` (0 where ``labels == ignore_index``), and with
+    ``seq_ids`` the per-sequence ``seq_sum = Σ logp``, ``seq_weighted_sum = Σ w·logp`` and
+    ``seq_count`` over ``num_seqs`` sequences (default ``max(seq_ids) + 1``). Every output is
+    differentiable w.r.t. hidden, weight, bias and token_weights.
 
     Gradient filtering (triton backend): with ``filter_eps`` a number ε > 0, or ``"auto"``
     (ε = the input dtype's machine epsilon / 32: 2⁻¹² for bf16, 2⁻¹⁵ for fp16, 2⁻²⁸ for fp32, as
@@ -528,10 +528,11 @@ def linear_kl(
     and its label, if labels are given, is not ``ignore_index``; other tokens give 0 and cost
     nothing.
 
-    Returns a :class:`reference.KLOutput`: fp32 per-token ``kl``, optional policy ``entropy``,
-    ``logp``/``ref_logp`` of the labels when given, and with ``seq_ids`` ``seq_kl[s] = Σ w_i·kl_i``
-    (w = 1 without ``token_weights``) and ``seq_count`` over ``num_seqs`` sequences. Gradients
-    flow to hidden, weight, bias and token_weights; the reference tensors must not require grad.
+    Returns a :class:`reference.KLOutput`: fp32 (as :func:`linear_logprob`'s) per-token ``kl``,
+    optional policy ``entropy``, ``logp``/``ref_logp`` of the labels when given, and with
+    ``seq_ids`` ``seq_kl[s] = Σ w_i·kl_i`` (w = 1 without ``token_weights``) and ``seq_count``
+    over ``num_seqs`` sequences. Gradients flow to hidden, weight, bias and token_weights; the
+    reference tensors must not require grad (with grad mode on: an error on every backend).
 
     ``filter_eps`` (triton backend; default None, exact): as :func:`linear_logprob`'s, the
     backward skips the (row block, tile) pairs whose logits gradients provably add up, per row,
@@ -542,6 +543,11 @@ def linear_kl(
     skips more, not less.
     """
     _check_filter_eps(filter_eps)
+    for name, t in (("ref_hidden", ref_hidden), ("ref_weight", ref_weight),
+                    ("ref_bias", ref_bias)):
+        if torch.is_grad_enabled() and getattr(t, "requires_grad", False):
+            raise ValueError(f"{name} requires grad, but the reference head is frozen: pass "
+                             f"{name}.detach()")
     chosen = resolve_backend(backend, check_tensor("hidden", hidden).device)
     if chosen != "triton":
         return reference.linear_kl(
@@ -551,11 +557,6 @@ def linear_kl(
             token_weights=token_weights, return_entropy=return_entropy,
         )
     check_choice("direction", direction, reference.KL_DIRECTIONS)
-    for name, t in (("ref_hidden", ref_hidden), ("ref_weight", ref_weight),
-                    ("ref_bias", ref_bias)):
-        if torch.is_grad_enabled() and getattr(t, "requires_grad", False):
-            raise ValueError(f"{name} requires grad, but the reference head is frozen on the "
-                             f"triton backend: pass {name}.detach()")
     num_seqs, valid = reference.validate_kl_inputs(
         hidden, weight, ref_hidden, ref_weight, bias, ref_bias, labels=labels,
         ignore_index=ignore_index, mask=mask, temperature=temperature, softcap=softcap,

@@ -71,10 +71,11 @@ def linear_logits(
     *,
     temperature: float = 1.0,
     softcap: float | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """``z = softcap(H @ W.T + b) / temperature`` in fp32 (fp64 for fp64 inputs): ``[..., V]``,
-    under torch.autocast too."""
-    dtype = compute_dtype(hidden, weight, bias)
+    """``z = softcap(H @ W.T + b) / temperature`` in ``dtype`` (default fp32, fp64 for fp64
+    inputs): ``[..., V]``, under torch.autocast too."""
+    dtype = dtype or compute_dtype(hidden, weight, bias)
     with autocast_disabled(hidden.device):
         z = hidden.to(dtype) @ weight.to(dtype).T
     if bias is not None:
@@ -203,8 +204,9 @@ def linear_kl(
     token_weights: torch.Tensor | None = None,
     return_entropy: bool = False,
 ) -> KLOutput:
-    """Exact per-token KL between the policy head (H, W, b) and the reference head (H_ref, W_ref,
-    b_ref), both with the same temperature and softcap.
+    """Exact per-token KL between the policy head (H, W, b) and the frozen reference head
+    (H_ref, W_ref, b_ref: no gradient reaches it), both with the same temperature and softcap,
+    computed in fp64 if any of the six tensors is fp64, else fp32.
 
     ``reverse``: ``KL(π‖π_ref) = Σ_v p_v (log p_v - log q_v)``; ``forward``: ``KL(π_ref‖π)``.
     A row counts when ``mask`` is True (default: all) and, if labels are given, its label is not
@@ -216,9 +218,11 @@ def linear_kl(
         ignore_index=ignore_index, mask=mask, temperature=temperature, softcap=softcap,
         seq_ids=seq_ids, num_seqs=num_seqs, token_weights=token_weights,
     )
-    z = linear_logits(hidden, weight, bias, temperature=temperature, softcap=softcap)
-    r = linear_logits(ref_hidden, ref_weight, ref_bias, temperature=temperature, softcap=softcap)
-    kl = torch.where(valid, kl_from_logits(z, r.to(z.dtype), direction), 0.0)
+    dtype = compute_dtype(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    z = linear_logits(hidden, weight, bias, temperature=temperature, softcap=softcap, dtype=dtype)
+    r = linear_logits(ref_hidden, ref_weight, ref_bias, temperature=temperature,
+                      softcap=softcap, dtype=dtype).detach()
+    kl = torch.where(valid, kl_from_logits(z, r, direction), 0.0)
     out = KLOutput(kl=kl)
     if return_entropy:
         out.entropy = torch.where(valid, entropy_from_logits(z), 0.0)

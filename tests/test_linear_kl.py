@@ -749,6 +749,18 @@ def test_bad_inputs_raise_before_any_kernel(monkeypatch, case):
                       args.pop("ref_weight"), backend="triton", **args)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("case", [c for c in BAD_INPUTS if c.endswith("_requires_grad")])
+def test_reference_requiring_grad_is_an_error_on_every_backend(backend, case):
+    """As on triton: the reference head is frozen, so a gradient wanted there is an error."""
+    hidden, weight, bias, ref_hidden, ref_weight, *_ = small_inputs(requires_grad=True)
+    args = BAD_INPUTS[case][0](dict(ref_hidden=ref_hidden, ref_weight=ref_weight, bias=bias,
+                                    ref_bias=None))
+    with pytest.raises(ValueError, match=case.removesuffix("_requires_grad")):
+        ops.linear_kl(hidden, weight, args.pop("ref_hidden"), args.pop("ref_weight"),
+                      backend=backend, **args)
+
+
 @needs_triton
 def test_reference_requiring_grad_is_accepted_without_grad_mode():
     """Under no_grad nothing is recorded, so a reference that requires grad (e.g. one lm_head

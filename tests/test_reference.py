@@ -412,6 +412,34 @@ def test_kl_values_nonneg_and_swap_symmetry(seed, V, d, d_ref, scale, direction,
     assert same.kl.abs().max() <= 1e-6
 
 
+def test_kl_reference_head_is_frozen():
+    """Policy side only (DESIGN §3): the same hidden states as both heads' input get the policy's
+    gradient alone, as with a detached copy."""
+    h, w, _, _, wr, _ = two_heads(11, d_ref=5)
+    h.requires_grad_()
+    (shared,) = torch.autograd.grad(R.linear_kl(h, w, h, wr).kl.sum(), h)
+    (policy,) = torch.autograd.grad(R.linear_kl(h, w, h.detach(), wr).kl.sum(), h)
+    torch.testing.assert_close(shared, policy, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fp64_head", ["policy", "reference"])
+def test_kl_heads_of_mixed_precision_compute_in_fp64(fp64_head):
+    """fp64 when any head is fp64 (fp32 values of the other head widened first), every output."""
+    heads = two_heads(12)
+    narrowed = [t.float() for t in heads]
+    if fp64_head == "policy":
+        narrowed[:3] = heads[:3]
+    else:
+        narrowed[3:] = heads[3:]
+    labels = torch.tensor([1, 4, 10])
+    h, w, b, hr, wr, br = narrowed
+    out = R.linear_kl(h, w, hr, wr, bias=b, ref_bias=br, labels=labels)
+    h, w, b, hr, wr, br = (t.double() for t in narrowed)
+    want = R.linear_kl(h, w, hr, wr, bias=b, ref_bias=br, labels=labels)
+    for got, exp in ((out.kl, want.kl), (out.logp, want.logp), (out.ref_logp, want.ref_logp)):
+        torch.testing.assert_close(got, exp, rtol=0, atol=0)
+
+
 def test_kl_d_ref_differs_and_seq_reductions():
     h, w, b, hr, wr, br = two_heads(10, N=6, d=7, d_ref=3, V=11)
     labels = torch.tensor([1, -100, 4, 10, 0, 2])
