@@ -257,6 +257,8 @@ def validate_head(
     if bias is not None:
         check_float(b, bias)
         check_shape(b, bias, (V,), f"[V] with V = {w}.shape[0]")
+    if seq_ids is None and num_seqs is not None:
+        raise ValueError(f"num_seqs={num_seqs!r} counts the sequences of {si}: pass {si} with it")
     if token_weights is not None:
         if seq_ids is None:
             raise ValueError(f"{tw} weight the per-sequence sums: pass {si} with them")
@@ -270,6 +272,8 @@ def validate_head(
     if seq_ids is not None:
         check_index(si, seq_ids)
         check_shape(si, seq_ids, tokens, f"{h}.shape[:-1]")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     check_positive("temperature", temperature)
     if softcap is not None:
         check_positive("softcap", softcap)

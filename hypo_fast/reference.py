@@ -17,7 +17,14 @@ from dataclasses import dataclass
 import torch
 
 from ._autocast import autocast_disabled
-from ._checks import check_choice, check_float, raise_flagged, validate_head
+from ._checks import (
+    check_choice,
+    check_finite,
+    check_float,
+    check_same_device,
+    raise_flagged,
+    validate_head,
+)
 
 KL_DIRECTIONS = ("reverse", "forward")
 
@@ -274,17 +281,32 @@ def kl_rows(hidden: torch.Tensor, labels: torch.Tensor | None, ignore_index: int
     return valid
 
 
+def _log_ratio(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """``log π(y) − log π_ref(y)`` of two float tensors of one shape (no broadcasting: a
+    mismatch is a bug), on one device, free of NaN/inf (checked with a host sync)."""
+    check_float("logp", logp)
+    check_float("ref_logp", ref_logp)
+    if logp.shape != ref_logp.shape:
+        raise ValueError(f"logp and ref_logp must have one shape, got {tuple(logp.shape)} and "
+                         f"{tuple(ref_logp.shape)}")
+    check_same_device({"logp": logp, "ref_logp": ref_logp})
+    check_finite({"logp": logp, "ref_logp": ref_logp})
+    return logp - ref_logp
+
+
 def k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """k1 = log π(y) - log π_ref(y): unbiased for KL(π‖π_ref) with y ~ π (Schulman 2020)."""
-    return logp - ref_logp
+    return _log_ratio(logp, ref_logp)
 
 
 def k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """k2 = ½ (log π(y) - log π_ref(y))²: biased, low variance; its gradient is ∇KL(π‖π_ref)."""
-    return 0.5 * (logp - ref_logp) ** 2
+    return 0.5 * _log_ratio(logp, ref_logp) ** 2
 
 
 def k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """k3 = (r - 1) - log r with r = π_ref(y)/π(y): unbiased for KL(π‖π_ref), ≥ 0."""
-    log_r = ref_logp - logp
+    """k3 = (r - 1) - log r with r = π_ref(y)/π(y): unbiased for KL(π‖π_ref), ≥ 0. Exact, not
+    clamped (verl and OpenRLHF clamp): inf where log r exceeds the dtype's exp range (88 in
+    fp32)."""
+    log_r = -_log_ratio(logp, ref_logp)
     return torch.expm1(log_r) - log_r

@@ -524,6 +524,21 @@ def test_k_estimators_closed_form():
     torch.testing.assert_close(R.k3(lp, lq), ratio - 1 - ratio.log())
 
 
+@pytest.mark.parametrize("k", [R.k1, R.k2, R.k3])
+@pytest.mark.parametrize(
+    ("logp", "ref_logp", "exc", "match"),
+    [
+        (torch.zeros(4), torch.zeros(4, 1), ValueError, "one shape"),  # would broadcast to 4x4
+        (torch.zeros(4), torch.zeros(4, dtype=torch.int64), TypeError, "ref_logp"),
+        (torch.tensor([0.0, math.nan]), torch.zeros(2), ValueError, "logp contains NaN"),
+        (torch.zeros(2), torch.tensor([0.0, -math.inf]), ValueError, "ref_logp contains NaN"),
+    ],
+)
+def test_k_estimators_reject(k, logp, ref_logp, exc, match):
+    with pytest.raises(exc, match=match):
+        k(logp, ref_logp)
+
+
 def test_k2_expected_gradient_equals_kl_gradient_by_enumeration():
     d, d_ref, V = 5, 3, 12
     h0, w0, b0, hr, wr, br = two_heads(14, N=1, d=d, d_ref=d_ref, V=V, scale=2.5)
@@ -625,6 +640,9 @@ LP_CASES = [
      ValueError, "seq_ids"),
     ("seq-ids-ge-num-seqs", lambda k: k.update(num_seqs=1), ValueError, "seq_ids"),
     ("num-seqs-zero", lambda k: k.update(num_seqs=0), ValueError, "num_seqs"),
+    ("num-seqs-without-seq-ids",
+     lambda k: k.update(num_seqs=2, seq_ids=None, token_weights=None), ValueError, "num_seqs"),
+    ("ignore-index-float", lambda k: k.update(ignore_index=-100.5), TypeError, "ignore_index"),
     ("hidden-nan", lambda k: k.update(hidden=with_value(k["hidden"], (1, 2, 0), math.nan)),
      ValueError, "hidden"),
     ("hidden-inf", lambda k: k.update(hidden=with_value(k["hidden"], (0, 0, 3), math.inf)),
