@@ -54,6 +54,11 @@ def _fp32_if_fp64(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, .
     return tuple(t.float() if t is not None and t.dtype == torch.float64 else t for t in tensors)
 
 
+# The ops compact their valid rows (nonzero) and the filtered backward reads its tile lists on
+# the host: a CUDA graph cannot capture them, so torch.compile's cudagraph modes leave them out.
+_HOST_SYNCING = (torch.Tag.cudagraph_unsafe,)
+
+
 def _valid_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return (labels.reshape(-1) != ignore_index).nonzero().squeeze(1)
 
@@ -126,7 +131,7 @@ def _fake_head_grads(hidden, weight, bias, needs):
     )
 
 
-@torch.library.custom_op("hypo_fast::linear_logprob", mutates_args=())
+@torch.library.custom_op("hypo_fast::linear_logprob", mutates_args=(), tags=_HOST_SYNCING)
 def _linear_logprob_op(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -146,9 +151,9 @@ def _linear_logprob_op(
 
     rows = _valid_rows(labels, ignore_index)
     flat = labels.reshape(-1)
-    tile_lse = _tile_stats_buffer("linear_logprob", (), hidden, weight, labels, filter_eps)
     h, h_rows = row_source(hidden, rows, row_map(hidden))
     with _on_device(hidden):
+        tile_lse = _tile_stats_buffer("linear_logprob", (), hidden, weight, labels, filter_eps)
         fwd = logprob_forward(
             h, rows_view(weight), _contiguous(bias), flat.index_select(0, rows), h_rows,
             all_rows=all_rows(h, h_rows, rows), temperature=temperature,
@@ -187,7 +192,7 @@ def _(hidden, weight, labels, bias, ignore_index, temperature, softcap, want_ent
             out.new_empty(2, labels.numel()))
 
 
-@torch.library.custom_op("hypo_fast::linear_logprob_backward", mutates_args=())
+@torch.library.custom_op("hypo_fast::linear_logprob_backward", mutates_args=(), tags=_HOST_SYNCING)
 def _linear_logprob_backward_op(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -350,7 +355,7 @@ def _kl_heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows):
             Head(h_ref, rows_view(ref_weight), _contiguous(ref_bias)), index)
 
 
-@torch.library.custom_op("hypo_fast::linear_kl", mutates_args=())
+@torch.library.custom_op("hypo_fast::linear_kl", mutates_args=(), tags=_HOST_SYNCING)
 def _linear_kl_op(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -411,7 +416,7 @@ def _(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, valid, labels, rev
             _tile_stats_buffer("linear_kl", (TILE_STATS,), hidden, weight, valid, filter_eps))
 
 
-@torch.library.custom_op("hypo_fast::linear_kl_backward", mutates_args=())
+@torch.library.custom_op("hypo_fast::linear_kl_backward", mutates_args=(), tags=_HOST_SYNCING)
 def _linear_kl_backward_op(
     hidden: torch.Tensor,
     weight: torch.Tensor,

@@ -290,3 +290,10 @@ def test_labels_made_in_inference_mode(backend):
                                  (hidden, weight)) for y in (labels, frozen)]
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["linear_logprob", "linear_logprob_backward", "linear_kl",
+                                  "linear_kl_backward"])
+def test_ops_tell_torch_compile_they_cannot_be_graph_captured(name):
+    """Each op syncs with the host (row compaction), so a cudagraph mode must leave it out."""
+    assert torch.Tag.cudagraph_unsafe in getattr(torch.ops.hypo_fast, name).default.tags
