@@ -44,7 +44,8 @@ Differences from Liger-Kernel 0.8.5 (``chunked_loss``), where the concept exists
    ``H W^T + b`` over every token of the half, prompt and padding included, and the vocabulary)
    but are computed without logits, as ``h̄·(Σ_v w_v)/V + mean(b)`` in fp32 (h̄ the half's mean
    hidden state, in the input dtype). In the packed layout, "every token" is every token of the
-   chosen (rejected) sequences.
+   chosen (rejected) sequences; a half with no token at all (every sequence of it empty) gives
+   0, not NaN.
 6. All ``aux`` values are detached tensors; Liger's come out of its autograd Function (they
    carry a ``grad_fn`` but no gradient flows through them either).
 7. Errors: bad inputs raise ``ValueError``/``TypeError`` naming the argument before any compute
