@@ -422,3 +422,104 @@ def test_public_kl_op_filters_deterministically(direction):
     assert torch.equal(filtered, grads(1e-2))
     assert ops._filter_eps("auto", hidden.detach(), weight) == 0.0
     assert ops._filter_eps("auto", hidden, weight) == torch.finfo(hidden.dtype).eps / 32
+
+
+# ---------------------------------------------------------------------------------------------
+# The bounds one term at a time (with every gradient term on, the other terms' slack hid a
+# bound ~10-20% too small), per-row decisions, eps swept to just below each tile's true Σ|dz|
+
+
+def tile_sums(dx, n_tiles, width):
+    """``[n, n_tiles]``: Σ_{j in tile} |dx_ij| of a ``[n, V]`` logits gradient."""
+    n, v = dx.shape
+    return torch.nn.functional.pad(dx.abs(), (0, n_tiles * width - v)).view(n, n_tiles, -1).sum(2)
+
+
+def assert_drops_within_budget(per_tile, scale, keep_at):
+    """For ε at 97% of every (row, tile)'s Σ|dz| / scale (60 of them): what ``keep_at(ε)`` drops
+    adds up, per row, to at most ε·scale."""
+    edges = sorted(set((per_tile * 0.97 / scale[:, None]).flatten().tolist()))
+    for eps in edges[:: max(1, len(edges) // 60)]:
+        dropped = (per_tile * (~keep_at(eps)).double()).sum(1)
+        assert bool((dropped <= eps * scale + 1e-12).all()), (eps, (dropped - eps * scale).max())
+
+
+def test_logprob_drops_obey_the_bound_of_the_entropy_term_alone():
+    """g_lse = g_logp (no label term) and a low-mass tile uniform inside (its entropy log W, the
+    bound's worst case)."""
+    g = gen(0)
+    n, d, v = 40, 32, 300
+    hidden = torch.randn(n, d, generator=g)
+    weight = torch.randn(v, d, generator=g) * 3.0 / d**0.5
+    weight[64:128] = 0.0
+    bias = torch.randn(v, generator=g)
+    bias[64:128] = -3.0
+    labels = torch.randint(0, v, (n,), generator=g)
+    width = K.tile_width(hidden.dtype)
+    tile_lse = torch.empty(triton.cdiv(v, width), n)
+    fwd = K.logprob_forward(hidden, weight, bias, labels, torch.arange(n), want_entropy=True,
+                            tile_lse=tile_lse)
+    g_ent, g_logp = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    dx = spec_logits_grad(hidden, weight, bias, labels, torch.arange(n),
+                          (g_logp.double(), g_logp.double(), g_ent.double()), temperature=1.0,
+                          softcap=None, entropy=True)
+    assert_drops_within_budget(
+        tile_sums(dx, tile_lse.shape[0], width), g_ent.double().abs(),
+        lambda eps: K.filter_tiles(tile_lse, labels, fwd.lse, fwd.entropy, g_logp, g_logp, g_ent,
+                                   eps, 1, width))
+
+
+@pytest.mark.parametrize("reverse", [True, False])
+@pytest.mark.parametrize("favoured", [None, 1.0, 3.0], ids=["random", "ref+1", "ref+3"])
+def test_kl_drops_obey_the_bound_of_the_kl_term_alone(reverse, favoured):
+    """The KL gradient alone: a random reference nearby, or one that puts e^c more weight on one
+    low-mass tile while the others are negligible (there |dz| = p·|x − KL| exceeds p·max|x| by
+    p·KL: the |KL| term of the bound covers it)."""
+    g = gen(3)
+    n, d, v = 24, 32, 400
+    hidden = torch.randn(n, d, generator=g)
+    if favoured is None:
+        weight = torch.randn(v, d, generator=g) * 2 / d**0.5
+        bias = torch.randn(v, generator=g) * 3
+        ref_w = weight + 0.3 * torch.randn(v, d, generator=g) * 2 / d**0.5
+        ref_b = bias + 0.9 * torch.randn(v, generator=g)
+    else:
+        weight = ref_w = torch.randn(v, d, generator=g) * 0.05
+        bias = torch.full((v,), -30.0)  # negligible tiles: no slack of theirs pads the budget
+        bias[:64], bias[192:256] = 4.0, 0.0
+        ref_b = bias.clone()
+        ref_b[192:256] += favoured
+    width = KL.tile_width(hidden.dtype)
+    stats = torch.empty(KL.TILE_STATS, triton.cdiv(v, width), n)
+    st = KL.kl_forward(KL.Head(hidden, weight, bias), KL.Head(hidden, ref_w, ref_b),
+                       torch.arange(n), reverse=reverse, tile_stats=stats)
+    g_kl = torch.randn(n, generator=g)
+    x = (hidden.double() @ weight.double().T + bias.double()).requires_grad_()
+    kl = R.kl_from_logits(x, hidden.double() @ ref_w.double().T + ref_b.double(),
+                          "reverse" if reverse else "forward")
+    (dx,) = torch.autograd.grad((g_kl.double() * kl).sum(), x)
+    assert_drops_within_budget(
+        tile_sums(dx, stats.shape[1], width), g_kl.double().abs(),
+        lambda eps: KL.filter_tiles(stats, st.norm, None, None, g_kl, None, None, reverse, eps, 1,
+                                    width))
+
+
+def test_recorded_tile_masses_bound_the_true_ones_at_extreme_logits():
+    """The forward's per-tile log-sum-exps, as ``log_mass`` reads them, are upper bounds of each
+    tile's fp64 mass at logits ~±1e3 (the bounds' rounding slack); masses below e^-80 may read
+    as 0 (documented)."""
+    g = gen(1)
+    n, d, v = 40, 32, 300
+    hidden = torch.randn(n, d, generator=g)
+    weight = torch.randn(v, d, generator=g) * 350.0 / d**0.5
+    bias = torch.randn(v, generator=g)
+    labels = torch.randint(0, v, (n,), generator=g)
+    width = K.tile_width(hidden.dtype)
+    tile_lse = torch.empty(triton.cdiv(v, width), n)
+    fwd = K.logprob_forward(hidden, weight, bias, labels, torch.arange(n), tile_lse=tile_lse)
+    z = hidden.double() @ weight.double().T + bias.double()
+    padded = torch.nn.functional.pad(z, (0, tile_lse.shape[0] * width - v), value=-math.inf)
+    true = (torch.logsumexp(padded.view(n, -1, width), 2) - torch.logsumexp(z, 1)[:, None]).T
+    got = TILES.log_mass(tile_lse, fwd.lse[None, :]).double()
+    ok = (got >= true) | (true < -80)
+    assert bool(ok.all()), (true - got)[~ok].max()

@@ -201,7 +201,8 @@ class Judge:
             return
         truth = pick(self.truth())
         noise = max(rel_err(pick(v), truth, scale) for v in variants.values())
-        assert math.isfinite(noise) and SPEC_FACTOR * noise < 0.5, f"{name}: noise {noise:.3g}"
+        # the bar this sets is ~4e-4 at worst (above); a spec noisier than 5e-3 is no yardstick
+        assert math.isfinite(noise) and noise < 5e-3, f"{name}: spec noise {noise:.3g}"
         err_truth = rel_err(got, truth, scale)
         assert err_truth <= max(tol, SPEC_FACTOR * noise), (
             f"{name}: rel. error {err:.3g} > {tol:g} vs the spec, and vs the spec in fp64 "

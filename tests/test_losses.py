@@ -231,7 +231,11 @@ def test_dpo_precomputed_reference_equals_reference_head():
     module = FusedLinearDPOLoss(beta=0.5, average_log_prob=True)
     loss, aux = call(module, p)
     _, ref, _, _ = expected_logps(p, average=True)
-    loss2, aux2 = module(p.w, p.h, p.y, p.b, ref_chosen_logps=ref[:2], ref_rejected_logps=ref[2:])
+    # given log-probs that require grad: the reference is frozen, no gradient reaches them
+    ref_w, ref_l = ref[:2].detach().requires_grad_(), ref[2:].detach().requires_grad_()
+    loss2, aux2 = module(p.w, p.h, p.y, p.b, ref_chosen_logps=ref_w, ref_rejected_logps=ref_l)
+    assert torch.autograd.grad(loss2, (ref_w, ref_l), retain_graph=True,
+                               allow_unused=True) == (None, None)
     assert_same(loss2, p.grads_of(loss2), loss, p.grads_of(loss))
     for a, b in zip(aux, aux2, strict=True):
         torch.testing.assert_close(a, b)

@@ -224,18 +224,19 @@ def test_dpo_gradcheck(loss_type, f_type):
 
 
 def test_dpo_metrics():
-    pw = torch.tensor([-3.0, -6.0, -2.0], requires_grad=True)
-    pl = torch.tensor([-4.0, -5.0, -2.0], requires_grad=True)
-    rw = torch.tensor([-3.5, -5.5, -2.5])
-    rl = torch.tensor([-3.5, -5.5, -2.0])
+    pw = torch.tensor([-3.0, -6.0, -2.0, -1.0], requires_grad=True)
+    pl = torch.tensor([-4.0, -5.0, -2.0, -1.5], requires_grad=True)
+    rw = torch.tensor([-3.5, -5.5, -2.5, -1.0])
+    rl = torch.tensor([-3.5, -5.5, -2.0, -1.5])
     _, m = dpo_loss(pw, pl, rw, rl, beta=0.5)
     assert set(m) >= {"chosen_rewards", "rejected_rewards", "margins", "accuracy",
                       "chosen_logps", "rejected_logps"}
     assert all(not v.requires_grad for v in m.values())
-    torch.testing.assert_close(m["chosen_rewards"], torch.tensor([0.25, -0.25, 0.25]))
-    torch.testing.assert_close(m["rejected_rewards"], torch.tensor([-0.25, 0.25, 0.0]))
-    torch.testing.assert_close(m["margins"], torch.tensor([0.5, -0.5, 0.25]))
-    assert m["accuracy"].dim() == 0 and m["accuracy"].item() == pytest.approx(2 / 3)
+    torch.testing.assert_close(m["chosen_rewards"], torch.tensor([0.25, -0.25, 0.25, 0.0]))
+    torch.testing.assert_close(m["rejected_rewards"], torch.tensor([-0.25, 0.25, 0.0, 0.0]))
+    torch.testing.assert_close(m["margins"], torch.tensor([0.5, -0.5, 0.25, 0.0]))
+    # a tie is no win (TRL and Liger count margins > 0)
+    assert m["accuracy"].dim() == 0 and m["accuracy"].item() == pytest.approx(2 / 4)
     torch.testing.assert_close(m["chosen_logps"], pw.detach())
 
 
