@@ -17,6 +17,8 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
+F = TypeVar("F", bound=Callable)
+T = TypeVar("T")
 
 
 _CALLER_NAMES: ContextVar[dict[str, str] | None] = ContextVar("hypo_fast_caller_names",
@@ -24,30 +26,34 @@ _CALLER_NAMES: ContextVar[dict[str, str] | None] = ContextVar("hypo_fast_caller_
 
 
 @contextlib.contextmanager
-def caller_names(**names: str) -> Iterator[None]:
-    """Within the context, :func:`validate_head`'s messages name an op's arguments (``hidden``,
-    ``weight``, ``bias``, ``labels``, ``ref_hidden``, ...) as the caller's: a loss passes its
-    ``ref_input`` as an op's ``hidden``, and an error should say ``ref_input``."""
-    token = _CALLER_NAMES.set({**(_CALLER_NAMES.get() or {}), **names})
+def _setting(var: ContextVar[T], value: T) -> Iterator[None]:
+    token = var.set(value)
     try:
         yield
     finally:
-        _CALLER_NAMES.reset(token)
+        var.reset(token)
+
+
+def caller_names(**names: str) -> contextlib.AbstractContextManager[None]:
+    """Within the context, :func:`validate_head`'s messages name an op's arguments (``hidden``,
+    ``weight``, ``bias``, ``labels``, ``ref_hidden``, ...) as the caller's: a loss passes its
+    ``ref_input`` as an op's ``hidden``, and an error should say ``ref_input``. Nothing under
+    ``torch.compile``, which checks nothing."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return _setting(_CALLER_NAMES, {**(_CALLER_NAMES.get() or {}), **names})
 
 
 _VALUES_CHECKED: ContextVar[bool] = ContextVar("hypo_fast_values_checked", default=False)
 
 
-@contextlib.contextmanager
-def values_checked() -> Iterator[None]:
+def values_checked() -> contextlib.AbstractContextManager[None]:
     """Within the context :func:`check_finite` checks nothing: the caller checked the values
     already. A loss checks its inputs before any kernel, so that the objectives it calls do not
     wait for the queued kernels (a host synchronisation) to look at their outputs."""
-    token = _VALUES_CHECKED.set(True)
-    try:
-        yield
-    finally:
-        _VALUES_CHECKED.reset(token)
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return _setting(_VALUES_CHECKED, True)
 
 
 def _called(name: str) -> str:
@@ -106,7 +112,6 @@ def check_same_device(pairs: dict[str, torch.Tensor | None]) -> None:
 
 _PENDING: ContextVar[list[tuple[str, torch.Tensor]] | None] = ContextVar(
     "hypo_fast_pending_checks", default=None)
-F = TypeVar("F", bound=Callable)
 
 
 def one_sync(fn: F) -> F:
@@ -177,9 +182,10 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
 def raise_flagged(flags: list[tuple[str, torch.Tensor]]) -> None:
     """Raise ``ValueError(message)`` for the first 0-d bool tensor that is True.
 
-    The flags are computed on the inputs' device and read back with one host synchronisation.
+    The flags are computed on the inputs' device and read back with one host synchronisation
+    (none under ``torch.compile``, where nothing is checked in a graph).
     """
-    if not flags:
+    if not flags or torch.compiler.is_compiling():
         return
     bad = torch.stack([f for _, f in flags]).cpu()
     for (message, _), is_bad in zip(flags, bad.tolist(), strict=False):

@@ -20,7 +20,10 @@ def row_map(hidden: torch.Tensor) -> tuple[int, tuple[int, ...]] | None:
     ``Σ_k i_k·c_k`` of a 2-D ``[R, d]`` view with row stride ``step`` over the same memory, every
     token's row starting at a multiple of ``step`` (a slice such as ``h[:, :-1]``, which
     ``reshape`` would copy). None, for a copy, without unit stride along d, with no tokens, or
-    where rows would not be 16-byte aligned (the kernels' vectorised loads need that)."""
+    where rows would not be 16-byte aligned (the kernels' vectorised loads need that), and under
+    ``torch.compile``, whose traced tensors have no address."""
+    if torch.compiler.is_compiling():
+        return None
     if hidden.dim() < 2 or hidden.numel() == 0 or hidden.stride(-1) != 1:
         return None
     lead = [(n, s) for n, s in zip(hidden.shape[:-1], hidden.stride()[:-1], strict=True)]

@@ -72,7 +72,7 @@ class PreferenceOutput(tuple):
     @classmethod
     def from_metrics(cls, metrics: Metrics, extra: tuple[str, ...] = ()) -> PreferenceOutput:
         """Liger's fields, then ``extra``, taken from ``metrics`` (kept whole as ``.metrics``)."""
-        out = cls(metrics[k] for k in (*LIGER_AUX_FIELDS, *extra))
+        out = cls([metrics[k] for k in (*LIGER_AUX_FIELDS, *extra)])
         out.metrics = metrics
         return out
 
@@ -178,7 +178,7 @@ def sequence_layout(
                 f"{c_name} for a packed one), got shape {tuple(hidden.shape)}"
             )
         num_seqs, length = tokens
-        ids = torch.arange(num_seqs, device=hidden.device)[:, None].expand(num_seqs, length)
+        ids = torch.arange(num_seqs * length, device=hidden.device).reshape(tokens) // length
         return ids, num_seqs
     if hidden.dim() not in (2, 3) or (hidden.dim() == 3 and hidden.shape[0] != 1):
         raise ValueError(
@@ -189,6 +189,9 @@ def sequence_layout(
         check_index(s_name, seq_ids)
         check_shape(s_name, seq_ids, tokens, f"{h_name}.shape[:-1]")
         check_same_device({h_name: hidden, s_name: seq_ids})
+        if torch.compiler.is_compiling():
+            raise ValueError(f"under torch.compile pass {c_name}, not {s_name}: the number of "
+                             f"sequences, max({s_name}) + 1, must be known to trace the loss")
         lo, hi = torch.aminmax(seq_ids.reshape(-1))
         raise_flagged([(f"{s_name} must be >= 0", lo < 0)])
         return seq_ids, int(hi) + 1
@@ -509,10 +512,16 @@ def valid_tokens(head: Head, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]
     """``(hidden [n, d], labels [n], seq_ids [n])`` of the head's tokens whose label is not
     ``ignore_index``, the hidden rows read in place (:func:`row_source`) and gathered. Without
     such a token, its first token, as sequence 0 with its label ignored (it adds 0), so that
-    the hidden states still get a gradient, of zeros (a data-parallel reducer expects one)."""
+    the hidden states still get a gradient, of zeros (a data-parallel reducer expects one).
+    Under ``torch.compile``, whose graphs need shapes known before the data, every token, an
+    ignored one as sequence 0 (a head may number only its scored sequences)."""
     target = head.target.reshape(-1)
-    tokens = (target != ignore_index).nonzero().squeeze(1)
     ids = head.seq_ids.reshape(-1)
+    if torch.compiler.is_compiling():
+        tokens = torch.arange(target.numel(), device=target.device)
+        ids = torch.where(target != ignore_index, ids, 0)
+    else:
+        tokens = (target != ignore_index).nonzero().squeeze(1)
     if tokens.numel() == 0:
         tokens = tokens.new_zeros(1)
         ids = torch.zeros_like(ids)
