@@ -113,3 +113,22 @@ def test_packed_seq_ids_under_compile_ask_for_cu_seqlens():
         torch.compile(run, backend="aot_eager", fullgraph=True)()
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(run, backend="aot_eager")(), run())  # graph break
+
+
+@pytest.mark.parametrize("kind", ["orpo_nll_target", "dpo_packed"])
+def test_compiled_loss_follows_changing_shapes(kind):
+    """One graph with symbolic sizes (``dynamic=True``) serves batches of other lengths."""
+    torch._dynamo.reset()
+
+    def loss_of(p):
+        if kind == "dpo_packed":
+            n, d = p.h.shape[0] * p.h.shape[1], p.h.shape[2]
+            return FusedLinearDPOLoss()(
+                p.w, p.h.reshape(1, n, d), p.y.reshape(1, n), p.b, p.rh.reshape(1, n, d), p.rw,
+                p.rb, cu_seqlens=torch.arange(0, n + 1, p.h.shape[1]))[0]
+        return FusedLinearORPOLoss()(p.w, p.h, p.y, p.b, p.y.flip(0))[0]
+
+    compiled = torch.compile(loss_of, backend="aot_eager", fullgraph=True, dynamic=True)
+    for B, T in [(2, 5), (3, 8), (1, 6)]:
+        p = make_pairs(B=B, T=T, d=16, V=40, dtype=F32, seed=T)
+        torch.testing.assert_close(compiled(p), loss_of(p), rtol=1e-5, atol=1e-6)
