@@ -105,7 +105,8 @@ def soft_cap(x: torch.Tensor, c: float) -> torch.Tensor:
     return c * torch.where(u.abs() < 1.0, torch.tanh(u), s * (1.0 - 2.0 * e / (1.0 + e)))
 
 
-def logprob_from_logits(z: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100):
+def logprob_from_logits(z: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row ``(logp, lse)``: ``lse = logsumexp(z)``, ``logp = z[y] - lse``; 0 where ignored."""
     valid = labels != ignore_index
     lse = torch.logsumexp(z, dim=-1)
@@ -245,10 +246,14 @@ def linear_kl(
 
 
 def validate_kl_inputs(
-    hidden, weight, ref_hidden, ref_weight, bias, ref_bias, *, labels, ignore_index, mask,
-    temperature, softcap, seq_ids, num_seqs, token_weights,
-):
-    """Checks both heads; returns ``(num_seqs, valid_mask)``."""
+    hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor, bias: torch.Tensor | None, ref_bias: torch.Tensor | None, *,
+    labels: torch.Tensor | None, ignore_index: int, mask: torch.Tensor | None,
+    temperature: float, softcap: float | None, seq_ids: torch.Tensor | None,
+    num_seqs: int | None, token_weights: torch.Tensor | None,
+) -> tuple[int | None, torch.Tensor]:
+    """Checks both heads (as :func:`validate_head`, the reference's vocabulary and device those
+    of the policy); returns ``(num_seqs, valid_mask)``."""
     check_float("ref_hidden", ref_hidden)
     if ref_hidden.shape[:-1] != hidden.shape[:-1]:
         raise ValueError(
