@@ -193,6 +193,14 @@ def raise_flagged(flags: list[tuple[str, torch.Tensor]]) -> None:
             raise ValueError(message)
 
 
+def labels_flag(name: str, labels: torch.Tensor, vocab: int, ignore_index: int
+                ) -> tuple[str, torch.Tensor]:
+    """``(message, 0-d bool)`` for :func:`raise_flagged`: a label outside ``[0, vocab)`` that is
+    not ``ignore_index``."""
+    return (f"{name} must be in [0, {vocab}) or equal ignore_index={ignore_index}",
+            ((labels != ignore_index) & ((labels < 0) | (labels >= vocab))).any())
+
+
 def not_finite(t: torch.Tensor) -> torch.Tensor:
     """0-d bool: t holds a NaN or ±inf. One read of t through a reduction, whatever its strides,
     no t-sized temporary (min/max propagate NaN and keep ±inf)."""
@@ -290,8 +298,7 @@ def validate_head(
 
     flags = []
     if labels is not None:
-        flags.append((f"{lb} must be in [0, {V}) or equal ignore_index={ignore_index}",
-                      ((labels != ignore_index) & ((labels < 0) | (labels >= V))).any()))
+        flags.append(labels_flag(lb, labels, V, ignore_index))
     flags += [(f"{h} contains NaN or inf", not_finite(hidden)),
               (f"{w} contains NaN or inf", not_finite(weight))]
     if bias is not None:

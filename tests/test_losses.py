@@ -768,6 +768,11 @@ def _bad_calls():
         ("hypo rloo without groups", lambda: HyPOLoss(estimator="rloo")(
             p.w, p.h, p.y, p.b, p.rh, p.rw, online_input=p.h, online_target=p.y,
             online_ref_input=p.rh), ValueError, "group_ids is required"),
+        ("orpo joint call, target out of range", lambda: FusedLinearORPOLoss()(
+            p.w, p.h, p.y.clamp(min=0) + 16, p.b, p.y), ValueError, r"^target must be in"),
+        ("hypo online_target out of range", lambda: HyPOLoss(estimator="reinforce")(
+            p.w, p.h, p.y, p.b, p.rh, p.rw, online_input=p.h, online_target=p.y.clamp(min=0) - 1,
+            online_ref_input=p.rh), ValueError, r"^online_target must be in \[0, 16\)"),
         ("ref_input inf", lambda: dpo(p.w, p.h, p.y, p.b, p.rh * math.inf, p.rw, p.rb),
          ValueError, "^ref_input contains NaN or inf"),
         ("ref_weight nan", lambda: dpo(p.w, p.h, p.y, p.b, p.rh, p.rw * math.nan, p.rb),
@@ -807,7 +812,7 @@ def _bad_calls():
             p.w, torch.where(torch.arange(5)[:, None] == 0, math.nan, p.h), p.y, p.b, p.y),
          ValueError, "^_input contains NaN or inf"),
         ("orpo nll_target out of range", lambda: FusedLinearORPOLoss()(
-            p.w, p.h, p.y, p.b, p.y + 16), ValueError, r"nll_target \(chosen sequences\) must"),
+            p.w, p.h, p.y, p.b, p.y + 16), ValueError, r"^nll_target \(chosen sequences\) must"),
         ("hpo rewards shape", lambda: HPOLoss()(
             p.w, p.h, p.y, p.b, p.rh, p.rw, aux_rewards=torch.zeros(3, dtype=F64)),
          ValueError, r"aux_rewards must have shape \(4,\)"),

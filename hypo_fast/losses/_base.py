@@ -29,6 +29,7 @@ from .._checks import (
     check_positive,
     check_same_device,
     check_shape,
+    labels_flag,
     not_finite,
     raise_flagged,
     values_checked,
@@ -488,9 +489,11 @@ def joint_logprob(heads: list[Head], *, ignore_index: int, backend: str | None
                                      num_seqs=first.num_seqs, backend=backend)
         return [(out.seq_sum, out.seq_count)]
     # the op checks the gathered rows only, the logits means read all (and check_finite is off
-    # within a loss's run: values_checked)
+    # within a loss's run: values_checked); each head's labels, for errors that name them
     raise_flagged([(f"{name} contains NaN or inf", not_finite(h)) for name, h in
-                   {head.names["hidden"]: head.hidden for head in heads}.items()])
+                   {head.names["hidden"]: head.hidden for head in heads}.items()]
+                  + [labels_flag(head.names["labels"], head.target, first.weight.shape[0],
+                                 ignore_index) for head in heads])
     hidden, labels, seq_ids, sizes = [], [], [], []
     for head in heads:
         rows, target, ids = valid_tokens(head, ignore_index)
