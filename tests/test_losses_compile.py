@@ -9,15 +9,7 @@ import pytest
 import torch
 from test_losses import IGN, call, make_pairs, needs_triton, online_batch
 
-from hypo_fast.losses import (
-    FusedLinearCPOLoss,
-    FusedLinearDPOLoss,
-    FusedLinearORPOLoss,
-    FusedLinearSimPOLoss,
-    FusedLinearSparsePOLoss,
-    HPOLoss,
-    HyPOLoss,
-)
+from hypo_fast import losses
 
 F32 = torch.float32
 KINDS = ["dpo_nll", "dpo_precomputed_ref", "simpo", "cpo", "orpo_nll_target", "sparsepo",
@@ -31,35 +23,37 @@ def scenario(kind: str, backend: str):
     g = torch.Generator().manual_seed(2)
     leaves = [p.w, p.h, p.b]
     if kind == "dpo_nll":
-        return lambda: call(FusedLinearDPOLoss(compute_nll_loss=True, backend=backend), p), leaves
+        module = losses.FusedLinearDPOLoss(compute_nll_loss=True, backend=backend)
+        return lambda: call(module, p), leaves
     if kind == "dpo_precomputed_ref":
         ref = torch.randn(2, 2, generator=g) - 5.0
-        return lambda: FusedLinearDPOLoss(backend=backend)(
+        return lambda: losses.FusedLinearDPOLoss(backend=backend)(
             p.w, p.h, p.y, p.b, ref_chosen_logps=ref[0], ref_rejected_logps=ref[1]), leaves
     if kind in ("simpo", "cpo"):
-        cls = FusedLinearSimPOLoss if kind == "simpo" else FusedLinearCPOLoss
+        cls = losses.FusedLinearSimPOLoss if kind == "simpo" else losses.FusedLinearCPOLoss
         return lambda: cls(backend=backend)(p.w, p.h, p.y, p.b), leaves
     if kind == "orpo_nll_target":
         target = torch.randint(0, 40, p.y.shape, generator=g)
         target[:, :2] = IGN
-        return lambda: FusedLinearORPOLoss(backend=backend)(p.w, p.h, p.y, p.b, target), leaves
+        orpo = losses.FusedLinearORPOLoss(backend=backend)
+        return lambda: orpo(p.w, p.h, p.y, p.b, target), leaves
     if kind == "sparsepo":
         mask = torch.rand(p.y.shape, generator=g).requires_grad_(True)
-        return (lambda: call(FusedLinearSparsePOLoss(backend=backend), p, token_mask=mask),
+        return (lambda: call(losses.FusedLinearSparsePOLoss(backend=backend), p, token_mask=mask),
                 [*leaves, mask])
     if kind.startswith("hypo_"):
         oh, oy, orh, groups = online_batch(M=4, T=5, d=16, V=40, seed=82)
         oh = oh.detach().float().requires_grad_(True)
         estimator = kind.removeprefix("hypo_")
-        return lambda: call(HyPOLoss(estimator=estimator, backend=backend), p, online_input=oh,
-                            online_target=oy, online_ref_input=orh.float(),
-                            group_ids=groups), [*leaves, oh]
+        hypo = losses.HyPOLoss(estimator=estimator, backend=backend)
+        return lambda: call(hypo, p, online_input=oh, online_target=oy,
+                            online_ref_input=orh.float(), group_ids=groups), [*leaves, oh]
     if kind == "hpo":
         rewards = torch.randn(2, generator=g)
-        return lambda: call(HPOLoss(backend=backend), p, aux_rewards=rewards), leaves
+        return lambda: call(losses.HPOLoss(backend=backend), p, aux_rewards=rewards), leaves
     assert kind == "dpo_packed"  # the pairs as one packed row, two sequences of 5 tokens each
     cu = torch.arange(0, 21, 5)
-    return lambda: FusedLinearDPOLoss(backend=backend)(
+    return lambda: losses.FusedLinearDPOLoss(backend=backend)(
         p.w, p.h.reshape(1, 20, 16), p.y.reshape(1, 20), p.b, p.rh.reshape(1, 20, 16), p.rw,
         p.rb, cu_seqlens=cu), leaves
 
@@ -104,7 +98,7 @@ def test_packed_seq_ids_under_compile_ask_for_cu_seqlens():
     seq_ids = torch.arange(4).repeat_interleave(5).reshape(1, 20)
 
     def run():
-        return FusedLinearDPOLoss()(p.w, p.h.reshape(1, 20, 16), p.y.reshape(1, 20), p.b,
+        return losses.FusedLinearDPOLoss()(p.w, p.h.reshape(1, 20, 16), p.y.reshape(1, 20), p.b,
                                     p.rh.reshape(1, 20, 16), p.rw, p.rb, seq_ids=seq_ids)[0]
 
     torch._dynamo.reset()
@@ -123,10 +117,10 @@ def test_compiled_loss_follows_changing_shapes(kind):
     def loss_of(p):
         if kind == "dpo_packed":
             n, d = p.h.shape[0] * p.h.shape[1], p.h.shape[2]
-            return FusedLinearDPOLoss()(
+            return losses.FusedLinearDPOLoss()(
                 p.w, p.h.reshape(1, n, d), p.y.reshape(1, n), p.b, p.rh.reshape(1, n, d), p.rw,
                 p.rb, cu_seqlens=torch.arange(0, n + 1, p.h.shape[1]))[0]
-        return FusedLinearORPOLoss()(p.w, p.h, p.y, p.b, p.y.flip(0))[0]
+        return losses.FusedLinearORPOLoss()(p.w, p.h, p.y, p.b, p.y.flip(0))[0]
 
     compiled = torch.compile(loss_of, backend="aot_eager", fullgraph=True, dynamic=True)
     for B, T in [(2, 5), (3, 8), (1, 6)]:
