@@ -10,6 +10,7 @@ exercised on a few tiny cases. Equality with Liger-Kernel is in test_losses_lige
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import os
 import pickle
@@ -210,6 +211,18 @@ def test_dpo_logits_means_are_liger_definition():
     _, aux_view = call(FusedLinearDPOLoss(), replace(p, h=wide[:, 1:]))
     _, aux = call(FusedLinearDPOLoss(), p)
     torch.testing.assert_close(aux_view[2:4], aux[2:4])
+
+
+def test_logits_means_of_a_half_with_no_token_are_zero():
+    """Packed, every chosen sequence empty: the chosen mean is 0 (not NaN, not mean(b)), the
+    rejected one the mean over the rejected tokens."""
+    p = make_pairs(B=1, T=5, V=24, seed=4)
+    h, y = p.h[1], p.y[1].clone()
+    y[2] = 3  # a token to score
+    _, aux = FusedLinearSimPOLoss()(p.w, h, y, p.b, cu_seqlens=torch.tensor([0, 0, 5]))
+    assert aux[2].item() == 0.0
+    torch.testing.assert_close(aux[3].double(), logits(h, p.w, p.b).mean(), rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_logits_means_do_not_overflow_fp16():
@@ -522,15 +535,19 @@ def test_hypo_precomputed_online_reference_and_packed_online():
     torch.testing.assert_close(got_aux.metrics["online_kl"], aux.metrics["online_kl"])
 
 
+@pytest.mark.parametrize("average", [False, True])
 @pytest.mark.parametrize("chosen_only", [False, True])
-def test_hpo_matches_objectives(chosen_only):
+def test_hpo_matches_objectives(chosen_only, average):
+    """The auxiliary term weighs the log-probs the DPO term uses: averaged per token with
+    ``average_log_prob``."""
     p = make_pairs(seed=61).leaves()
     n = p.num_pairs if chosen_only else 2 * p.num_pairs
     rewards = torch.linspace(-1.0, 2.0, n, dtype=F64)
     baseline = torch.full((n,), 0.25, dtype=F64)
-    module = HPOLoss(beta=0.2, aux_coef=0.5, aux_tau=0.7, aux_w_max=3.0)
+    module = HPOLoss(beta=0.2, aux_coef=0.5, aux_tau=0.7, aux_w_max=3.0,
+                     average_log_prob=average)
     loss, aux = call(module, p, aux_rewards=rewards, aux_baseline=baseline)
-    logps, ref, _, _ = expected_logps(p)
+    logps, ref, _, _ = expected_logps(p, average=average)
     want, metrics = objectives.hpo_loss(*halves(logps), *halves(ref), logps[:n], rewards,
                                         alpha=0.5, aux_baseline=baseline, tau=0.7, w_max=3.0,
                                         beta=0.2)
@@ -540,6 +557,47 @@ def test_hpo_matches_objectives(chosen_only):
 
 # ---------------------------------------------------------------------------------------------
 # autocast, frozen head, tied embeddings, triton backend
+
+
+@pytest.mark.parametrize("kind", ["dpo", "sparsepo", "hypo_exact"])
+def test_reference_head_requiring_grad_is_frozen(kind):
+    """A reference head that requires grad (a copy of the policy, say) is used detached, as in
+    Liger: same loss, and no gradient reaches it (the KL op would refuse it otherwise)."""
+    p = make_pairs(seed=73).leaves()
+    oh, oy, orh, _ = online_batch(seed=74)
+
+    def run(q, online_ref):
+        if kind == "dpo":
+            return call(FusedLinearDPOLoss(), q)[0]
+        if kind == "sparsepo":
+            return call(FusedLinearSparsePOLoss(), q)[0]
+        return call(HyPOLoss(estimator="exact"), q, online_input=oh, online_target=oy,
+                    online_ref_input=online_ref)[0]
+
+    want = run(p, orh)
+    live = replace(p, rh=p.rh.clone().requires_grad_(True), rw=p.rw.clone().requires_grad_(True),
+                   rb=p.rb.clone().requires_grad_(True))
+    online_ref = orh.clone().requires_grad_(True)
+    got = run(live, online_ref)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    got.backward()
+    assert all(t.grad is None for t in (live.rh, live.rw, live.rb, online_ref))
+    assert live.w.grad is not None
+
+
+def test_loss_defaults():
+    """Liger's constructor defaults (test_losses_liger checks them against Liger's own), the
+    SparsePO README's β 0.8, HyPO's RLOO baseline, HPO's AWR weights."""
+    def defaults(cls):
+        return {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items()
+                if v.default is not inspect.Parameter.empty}
+
+    assert defaults(FusedLinearSparsePOLoss) | {"beta": 0.8, "mask_on_reward": True,
+                                                "mask_on_kl": True, "l1_u": 0.0, "l1_d": 0.0
+                                                } == defaults(FusedLinearSparsePOLoss)
+    assert defaults(HyPOLoss) == {"kl_coef": 0.1, "estimator": "rloo"}
+    assert defaults(HPOLoss) == {"aux_coef": 1.0, "aux_tau": 1.0, "aux_w_max": 20.0}
+    assert HyPOLoss().beta == HPOLoss().beta == FusedLinearDPOLoss().beta == 0.1
 
 
 def test_autocast_casts_like_f_linear():
@@ -762,6 +820,10 @@ def _bad_calls():
         ("hypo missing online reference", lambda: HyPOLoss()(
             p.w, p.h, p.y, p.b, p.rh, p.rw, online_input=p.h, online_target=p.y),
          ValueError, "online_ref_input"),
+        ("hypo both online references", lambda: HyPOLoss(estimator="reinforce")(
+            p.w, p.h, p.y, p.b, p.rh, p.rw, online_input=p.h, online_target=p.y,
+            online_ref_input=p.rh, online_ref_logps=torch.zeros(4, dtype=F64)), ValueError,
+         "online_ref_input or online_ref_logps, not both"),
         ("hypo exact with precomputed", lambda: HyPOLoss(estimator="exact")(
             p.w, p.h, p.y, p.b, p.rh, p.rw, online_input=p.h, online_target=p.y,
             online_ref_logps=torch.zeros(4, dtype=F64)), ValueError, "needs the reference head"),

@@ -8,6 +8,8 @@ gradients of input, weight and bias must agree within Liger's own fp32 test tole
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -105,6 +107,21 @@ def test_reference_free_losses_equal_liger(ours, theirs, kwargs):
     h, w, b, target, _ = make_inputs(11, -100, True)
     assert_parity(run(ours(**kwargs), h, w, b, target),
                   run(getattr(liger, theirs)(compiled=False, **kwargs), h, w, b, target))
+
+
+@pytest.mark.parametrize(("ours", "theirs"), [
+    (FusedLinearDPOLoss, "LigerFusedLinearDPOLoss"),
+    (FusedLinearSimPOLoss, "LigerFusedLinearSimPOLoss"),
+    (FusedLinearCPOLoss, "LigerFusedLinearCPOLoss"),
+    (FusedLinearORPOLoss, "LigerFusedLinearORPOLoss"),
+])
+def test_constructor_arguments_and_defaults_are_ligers(ours, theirs):
+    """Every argument of Liger's constructor, with its default (ours may add some)."""
+    def defaults(cls):
+        return {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items()}
+
+    theirs = defaults(getattr(liger, theirs))
+    assert {k: v for k, v in defaults(ours).items() if k in theirs} == theirs
 
 
 def test_orpo_nll_target_equals_liger():

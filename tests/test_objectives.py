@@ -3,6 +3,7 @@ and argument validation. The HyPO KL estimators are in test_estimators.py."""
 
 from __future__ import annotations
 
+import inspect
 import math
 from types import SimpleNamespace
 
@@ -123,6 +124,31 @@ def test_f_divergence_scores(f_type, coef, score, loss_type):
         f_alpha_divergence_coef=coef,
     )
     assert loss.item() == pytest.approx(_hand_dpo(loss_type, cols, counts, 0.3, 0.0, score=score))
+
+
+@pytest.mark.parametrize("f_type", ["forward_kl", "js_divergence", "alpha_divergence"])
+def test_rewards_are_beta_log_ratios_under_every_f_divergence(f_type):
+    """TRL logs β·ρ as the rewards whatever the f-divergence; the scores enter the loss only."""
+    pw, pl = torch.tensor([-3.0, -6.0], dtype=F64), torch.tensor([-4.0, -5.0], dtype=F64)
+    rw, rl = torch.tensor([-3.5, -5.0], dtype=F64), torch.tensor([-3.0, -5.5], dtype=F64)
+    _, m = dpo_loss(pw, pl, rw, rl, beta=0.5, f_divergence_type=f_type,
+                    f_alpha_divergence_coef=0.3)
+    torch.testing.assert_close(m["chosen_rewards"], 0.5 * (pw - rw))
+    torch.testing.assert_close(m["rejected_rewards"], 0.5 * (pl - rl))
+    torch.testing.assert_close(m["margins"], 0.5 * ((pw - rw) - (pl - rl)))
+    assert m["accuracy"].item() == 0.5
+
+
+@pytest.mark.parametrize(("f_type", "rho"), [("forward_kl", -60.0), ("alpha_divergence", -150.0)])
+def test_f_divergence_scores_exact_up_to_exponent_80(f_type, rho):
+    """Exponents up to 80 (e^60 here; e^75 for α = 0.5 at ρ = −150) are not clamped."""
+    pw, pl, rw, rl = (torch.tensor([v], dtype=F64) for v in (rho, -1.0, 0.0, -1.0))
+    loss, _ = dpo_loss(pw, pl, rw, rl, beta=0.1, f_divergence_type=f_type,
+                       f_alpha_divergence_coef=0.5)
+    score = (lambda r: -math.exp(-r)) if f_type == "forward_kl" else (
+        lambda r: math.exp(-0.5 * r) / -0.5)
+    expected = -log_sig(0.1 * (score(rho) - score(0.0)))
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
 
 
 def test_exo_pair_zero_smoothing_means_1e_3():
@@ -370,6 +396,37 @@ def test_sparsepo_matches_anchor_formula():
                rw, rl, kw, kl, mw, ml, dw, dl)
 
 
+def test_objective_defaults_are_the_anchors():
+    """TRL's DPOConfig; official SimPO (β 2.0, γ = β·gamma_beta_ratio = 2.0·0.25); SparsePO's
+    README β 0.8; TRL's CPO / ORPO β 0.1; HyPO's RLOO baseline; HPO's AWR clip."""
+    def defaults(fn):
+        return {k: p.default for k, p in inspect.signature(fn).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+
+    assert defaults(dpo_loss) | {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0,
+                                 "discopop_tau": 0.05, "f_divergence_type": "reverse_kl",
+                                 "f_alpha_divergence_coef": 0.5} == defaults(dpo_loss)
+    assert defaults(simpo_loss) | {"beta": 2.0, "gamma": 0.5, "sft_weight": 0.0} == defaults(
+        simpo_loss)
+    assert defaults(sparsepo_loss) | {"beta": 0.8, "l1_u": 0.0, "l1_d": 0.0} == defaults(
+        sparsepo_loss)
+    assert defaults(cpo_loss)["beta"] == defaults(orpo_loss)["beta"] == 0.1
+    assert defaults(cpo_loss)["alpha"] == 1.0
+    assert defaults(hypo_kl_term)["estimator"] == "rloo"
+    assert defaults(hpo_aux_term) | {"tau": 1.0, "w_max": 20.0} == defaults(hpo_aux_term)
+
+
+def test_sparsepo_l1_is_of_absolute_mask_weights():
+    """‖m‖₁ = Σ|m_t|: a negative mask weight adds to the penalty."""
+    lr, kl = torch.zeros(3, dtype=F64), torch.zeros(3, dtype=F64)
+    mu = torch.tensor([0.5, -2.0, 1.0], dtype=F64)
+    md = torch.tensor([-0.25, 0.0, 3.0], dtype=F64)
+    _, _, l1u, l1d = sparsepo_sequence_sums(lr, kl, torch.tensor([0, 0, 1]), 2,
+                                            reward_weights=mu, kl_weights=md)
+    torch.testing.assert_close(l1u, torch.tensor([2.5, 1.0], dtype=F64))
+    torch.testing.assert_close(l1d, torch.tensor([0.25, 3.0], dtype=F64))
+
+
 def test_sparsepo_sequence_sums_and_mask_gradients():
     gen = torch.Generator().manual_seed(3)
     lr, kl = torch.randn(7, generator=gen, dtype=F64), torch.rand(7, generator=gen, dtype=F64)
@@ -409,8 +466,11 @@ def test_hpo_aux_term_weights_and_gradient():
     _, m1 = hpo_aux_term(s, r, baseline=1.0, w_max=1e9)
     torch.testing.assert_close(m1["weights"], torch.exp(r - 1.0))
     v = torch.tensor([0.5, 0.5, 9.0, -1.0], dtype=F64, requires_grad=True)
-    _, m2 = hpo_aux_term(s, r, baseline=v, w_max=1e9)
+    term2, m2 = hpo_aux_term(s, r, baseline=v, w_max=1e9)
     torch.testing.assert_close(m2["advantages"], (r - v).detach())
+    assert not m2["advantages"].requires_grad and not m2["weights"].requires_grad
+    term2.backward()
+    assert v.grad is None  # w = sg(...): the value head is not trained through this term
     assert torch.isfinite(hpo_aux_term(s, r * 1e6, w_max=5.0)[0])
 
 
