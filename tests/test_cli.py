@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,11 +86,21 @@ def test_realistic_entropy_calibration():
     assert not torch.equal(inp.weight, inp.ref_weight)
 
 
-@pytest.mark.parametrize("bad", [["--backend", "nope"], ["--pairs", "0"], ["--dtype", "int8"]])
+@pytest.mark.parametrize("bad", [["--backend", "nope"], ["--pairs", "0"], ["--dtype", "int8"],
+                                 ["--vocab", "1"]])
 def test_quickstart_rejects_bad_flags(bad, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main([*ARGV, *bad])
     assert e.value.code != 0
+    assert bad[0] in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc")
+def test_cpu_peak_memory_is_in_bytes():
+    """ru_maxrss is in KiB on Linux: the high-water mark in bytes is the kernel's VmHWM."""
+    status = Path("/proc/self/status").read_text()
+    hwm = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
+    assert cli._max_rss_bytes() >= 0.5 * hwm * 1024
 
 
 def test_quickstart_names_the_flag_it_cannot_honour(monkeypatch, capsys):

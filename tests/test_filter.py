@@ -168,7 +168,7 @@ def test_auto_eps_is_a_fraction_of_the_dtype_resolution():
         h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
         res = ops.linear_logprob(h, w, labels, bias, backend="triton", filter_eps=mode)
         out[mode] = torch.autograd.grad((res.logp * coef).sum(), (h, w))
-    assert math.isclose(torch.finfo(BF16).eps / 32, 2.0**-12)
+    assert ops._filter_eps("auto", hidden.detach().requires_grad_(), weight) == 2.0**-12
     for a, b in zip(out["auto"], out[None], strict=True):
         assert rel(a, b) < 2.0**-7
 

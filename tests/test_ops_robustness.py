@@ -143,6 +143,34 @@ def test_shifted_hidden_is_read_in_place(op, monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(g_mixed, g_view, strict=True))
 
 
+@pytest.mark.parametrize("op", ["logprob", "kl"])
+def test_transposed_hidden_every_row_valid(op):
+    """hidden [T, B, d] as a transpose of a [B, T, d] buffer, every label valid: its rows are
+    every row of the buffer but in another order, so the kernels must follow the row index
+    (not take the buffer's rows in order); the same values and gradients as a copy."""
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(3, 5, 16, generator=g)
+    ref = torch.randn(3, 5, 16, generator=g).transpose(0, 1)
+    weight = (torch.randn(40, 16, generator=g) / 4).requires_grad_()
+    labels = torch.randint(0, 40, (5, 3), generator=g)
+
+    def run(h):
+        if op == "logprob":
+            out = ops.linear_logprob(h, weight, labels, backend="triton")
+            return out.logp, out.logp.sum()
+        out = ops.linear_kl(h, weight, ref, weight.detach(), labels=labels, backend="triton")
+        return out.kl, out.kl.sum()
+
+    view = base.clone().requires_grad_().transpose(0, 1)
+    assert _layout.row_map(view) is not None and not view.is_contiguous()
+    copy = view.detach().contiguous().requires_grad_()
+    (got, total), (want, want_total) = run(view), run(copy)
+    assert torch.equal(got, want)
+    g_view = torch.autograd.grad(total, (view, weight))
+    g_copy = torch.autograd.grad(want_total, (copy, weight))
+    assert all(torch.equal(a, b) for a, b in zip(g_view, g_copy, strict=True))
+
+
 def test_row_map_edges():
     """Which hidden layouts are read in place: views whose rows start at 16-byte aligned
     multiples of one stride (size-1 dims do not count); copies otherwise, and for no tokens."""

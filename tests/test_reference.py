@@ -643,6 +643,7 @@ LP_CASES = [
     ("num-seqs-without-seq-ids",
      lambda k: k.update(num_seqs=2, seq_ids=None, token_weights=None), ValueError, "num_seqs"),
     ("ignore-index-float", lambda k: k.update(ignore_index=-100.5), TypeError, "ignore_index"),
+    ("ignore-index-bool", lambda k: k.update(ignore_index=True), TypeError, "ignore_index"),
     ("hidden-nan", lambda k: k.update(hidden=with_value(k["hidden"], (1, 2, 0), math.nan)),
      ValueError, "hidden"),
     ("hidden-inf", lambda k: k.update(hidden=with_value(k["hidden"], (0, 0, 3), math.inf)),
@@ -682,7 +683,8 @@ LP_CASES = [
 KL_CASES = [
     ("direction", lambda k: k.update(direction="sideways"), ValueError, "direction"),
     ("direction-case", lambda k: k.update(direction="Reverse"), ValueError, "direction"),
-    ("ref-vocab", lambda k: k.update(ref_weight=torch.randn(6, 6)), ValueError, "ref_weight"),
+    ("ref-vocab", lambda k: k.update(ref_weight=torch.randn(6, 6)), ValueError,
+     "^ref_weight has vocabulary 6 but weight has 5"),
     ("ref-hidden-wrong-d", lambda k: k.update(ref_hidden=torch.randn(2, 3, 4)), ValueError,
      "ref_hidden"),
     ("ref-hidden-tokens", lambda k: k.update(ref_hidden=torch.randn(2, 4, 6)), ValueError,
@@ -722,7 +724,11 @@ KL_CASES = [
     ("ref-head-on-meta", lambda k: k.update(ref_hidden=k["ref_hidden"].to(META),
                                             ref_weight=k["ref_weight"].to(META),
                                             ref_bias=k["ref_bias"].to(META)),
-     ValueError, "ref_hidden"),
+     ValueError, "^labels is on cpu but ref_hidden is on meta"),
+    ("ref-head-on-meta-no-labels", lambda k: k.update(
+        ref_hidden=k["ref_hidden"].to(META), ref_weight=k["ref_weight"].to(META),
+        ref_bias=k["ref_bias"].to(META), labels=None),
+     ValueError, "^ref_hidden is on meta but hidden is on cpu"),
     ("mask-on-meta", lambda k: k.update(mask=k["mask"].to(META)), ValueError, "mask"),
     ("weight-on-meta", lambda k: k.update(weight=k["weight"].to(META)), ValueError, "weight"),
 ]
