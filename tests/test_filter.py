@@ -421,6 +421,8 @@ def test_public_kl_op_filters_deterministically(direction):
     assert 0 < rel(filtered, exact) < 2e-2  # the block-sparse path ran, close to exact
     assert torch.equal(filtered, grads(1e-2))
     assert ops._filter_eps("auto", hidden.detach(), weight) == 0.0
+    with torch.no_grad():  # a reference forward: no backward to filter, no tile statistics
+        assert ops._filter_eps("auto", hidden, weight) == 0.0
     assert ops._filter_eps("auto", hidden, weight) == torch.finfo(hidden.dtype).eps / 32
 
 

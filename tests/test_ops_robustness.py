@@ -143,15 +143,17 @@ def test_shifted_hidden_is_read_in_place(op, monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(g_mixed, g_view, strict=True))
 
 
+@pytest.mark.parametrize(("dtype", "tma"), [(torch.float32, False), (torch.bfloat16, True)],
+                         ids=["fp32-pointers", "bf16-descriptors"])
 @pytest.mark.parametrize("op", ["logprob", "kl"])
-def test_transposed_hidden_every_row_valid(op):
+def test_transposed_hidden_every_row_valid(op, dtype, tma):
     """hidden [T, B, d] as a transpose of a [B, T, d] buffer, every label valid: its rows are
     every row of the buffer but in another order, so the kernels must follow the row index
     (not take the buffer's rows in order); the same values and gradients as a copy."""
     g = torch.Generator().manual_seed(6)
-    base = torch.randn(3, 5, 16, generator=g)
-    ref = torch.randn(3, 5, 16, generator=g).transpose(0, 1)
-    weight = (torch.randn(40, 16, generator=g) / 4).requires_grad_()
+    base = torch.randn(3, 5, 16, generator=g, dtype=dtype)
+    ref = torch.randn(3, 5, 16, generator=g, dtype=dtype).transpose(0, 1)
+    weight = (torch.randn(40, 16, generator=g, dtype=dtype) / 4).requires_grad_()
     labels = torch.randint(0, 40, (5, 3), generator=g)
 
     def run(h):
@@ -164,10 +166,11 @@ def test_transposed_hidden_every_row_valid(op):
     view = base.clone().requires_grad_().transpose(0, 1)
     assert _layout.row_map(view) is not None and not view.is_contiguous()
     copy = view.detach().contiguous().requires_grad_()
-    (got, total), (want, want_total) = run(view), run(copy)
+    with tma_loads(tma):
+        (got, total), (want, want_total) = run(view), run(copy)
+        g_view = torch.autograd.grad(total, (view, weight))
+        g_copy = torch.autograd.grad(want_total, (copy, weight))
     assert torch.equal(got, want)
-    g_view = torch.autograd.grad(total, (view, weight))
-    g_copy = torch.autograd.grad(want_total, (copy, weight))
     assert all(torch.equal(a, b) for a, b in zip(g_view, g_copy, strict=True))
 
 
@@ -180,6 +183,8 @@ def test_row_map_edges():
     assert _layout.row_map(torch.zeros(5, 16).expand(3, 5, 16)) == (16, (0, 1))  # stride 0
     assert _layout.row_map(torch.zeros(4, 6, 17)[..., :16]) is None  # 68-byte rows: unaligned
     assert _layout.row_map(torch.zeros(3, 0, 16)) is None  # no tokens
+    assert _layout.row_map(torch.zeros(65)[1:].view(4, 16)) is None  # base not 16-byte aligned
+    assert _layout.row_map(torch.zeros(1, 1, 16)) == (16, (0, 0))  # one token: its own row
     assert _layout.row_map(torch.zeros(16, 4).T) is None  # d not unit-stride
     rows = torch.tensor([0, 3, 7])
     contiguous = torch.randn(2, 4, 16)
