@@ -8,6 +8,7 @@ dX the spec's logits gradient — and what each row drops must obey the stated L
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -171,6 +172,26 @@ def test_auto_eps_is_a_fraction_of_the_dtype_resolution():
     assert ops._filter_eps("auto", hidden.detach().requires_grad_(), weight) == 2.0**-12
     for a, b in zip(out["auto"], out[None], strict=True):
         assert rel(a, b) < 2.0**-7
+
+
+def test_block_sparse_backward_of_a_strided_hidden_wider_than_a_block():
+    """The block-sparse kernels on hidden states d = 96 wide (not a multiple of their d-block
+    of 64) read as a column slice of a 128-wide buffer (row stride 128, not d): the same bits
+    as on a contiguous copy, within the filter's error of the exact backward, every column of
+    dH and dW written."""
+    hidden, weight, bias, labels, g = peaked_case(7, 96, 96, 330, bias_gap=30.0)
+    coefs = torch.randn(3, int((labels != -100).sum()), generator=g, dtype=F64)
+    wide = torch.zeros(96, 128)
+    wide[:, :96] = hidden
+    run = functools.partial(run_filtered, weight=weight, bias=bias, labels=labels, coefs=coefs,
+                            temperature=1.0, softcap=None, entropy=True)
+    _, strided, keep, _ = run(wide[:, :96], eps=1e-3)
+    _, copied, _, _ = run(hidden, eps=1e-3)
+    _, exact, _, _ = run(hidden, eps=0.0)
+    assert 0 < keep.float().mean() < 0.5  # the block-sparse path ran, skipping tiles
+    for a, b, c in zip(strided, copied, exact, strict=True):
+        assert torch.equal(a, b)
+        assert rel(a, c) < 1e-3
 
 
 @pytest.mark.parametrize("max_fraction", [1.0, 0.0])

@@ -174,6 +174,23 @@ def test_transposed_hidden_every_row_valid(op, dtype, tma):
     assert all(torch.equal(a, b) for a, b in zip(g_view, g_copy, strict=True))
 
 
+def test_descriptor_loads_need_d_rows_of_16_bytes():
+    """bf16, d = 44 (88-byte rows): a weight sliced from a 48-wide buffer has aligned rows, but
+    the gathered hidden rows would not, so HYPO_FAST_TMA=1 falls back to pointer loads (a
+    descriptor over them fails) and computes what pointer loads compute."""
+    g = torch.Generator().manual_seed(8)
+    weight = (torch.randn(40, 48, generator=g) / 6).bfloat16()[:, :44].requires_grad_()
+    hidden = torch.randn(2, 9, 44, generator=g).bfloat16().requires_grad_()
+    labels = torch.randint(0, 40, (2, 9), generator=g)
+    labels[0, :3] = -100
+    out = []
+    for tma in (False, True):
+        with tma_loads(tma):
+            lp = ops.linear_logprob(hidden, weight, labels, backend="triton").logp
+            out.append((lp, *torch.autograd.grad(lp.sum(), (hidden, weight))))
+    assert all(torch.equal(a, b) for a, b in zip(*out, strict=True))
+
+
 def test_row_map_edges():
     """Which hidden layouts are read in place: views whose rows start at 16-byte aligned
     multiples of one stride (size-1 dims do not count); copies otherwise, and for no tokens."""
