@@ -108,6 +108,12 @@ def row_stats(h, w, b, y):
     return token_logps(logits(h, w, b), y).sum(-1), (y != IGN).sum(-1).to(h.dtype)
 
 
+def signature_defaults(fn) -> dict:
+    """The parameters of ``fn`` that have a default, with it."""
+    return {k: v.default for k, v in inspect.signature(fn).parameters.items()
+            if v.default is not inspect.Parameter.empty}
+
+
 def halves(t):
     n = t.shape[0] // 2
     return t[:n], t[n:]
@@ -588,15 +594,12 @@ def test_reference_head_requiring_grad_is_frozen(kind):
 def test_loss_defaults():
     """Liger's constructor defaults (test_losses_liger checks them against Liger's own), the
     SparsePO README's β 0.8, HyPO's RLOO baseline, HPO's AWR weights."""
-    def defaults(cls):
-        return {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items()
-                if v.default is not inspect.Parameter.empty}
-
-    assert defaults(FusedLinearSparsePOLoss) | {"beta": 0.8, "mask_on_reward": True,
-                                                "mask_on_kl": True, "l1_u": 0.0, "l1_d": 0.0
-                                                } == defaults(FusedLinearSparsePOLoss)
-    assert defaults(HyPOLoss) == {"kl_coef": 0.1, "estimator": "rloo"}
-    assert defaults(HPOLoss) == {"aux_coef": 1.0, "aux_tau": 1.0, "aux_w_max": 20.0}
+    sparsepo = signature_defaults(FusedLinearSparsePOLoss.__init__)
+    assert sparsepo | {"beta": 0.8, "mask_on_reward": True, "mask_on_kl": True, "l1_u": 0.0,
+                       "l1_d": 0.0} == sparsepo
+    assert signature_defaults(HyPOLoss.__init__) == {"kl_coef": 0.1, "estimator": "rloo"}
+    assert signature_defaults(HPOLoss.__init__) == {"aux_coef": 1.0, "aux_tau": 1.0,
+                                                    "aux_w_max": 20.0}
     assert HyPOLoss().beta == HPOLoss().beta == FusedLinearDPOLoss().beta == 0.1
 
 

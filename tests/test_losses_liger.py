@@ -8,12 +8,12 @@ gradients of input, weight and bias must agree within Liger's own fp32 test tole
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 
 liger = pytest.importorskip("liger_kernel.chunked_loss")
+
+from test_losses import signature_defaults  # noqa: E402
 
 from hypo_fast.losses import (  # noqa: E402  (after the importorskip)
     FusedLinearCPOLoss,
@@ -117,11 +117,8 @@ def test_reference_free_losses_equal_liger(ours, theirs, kwargs):
 ])
 def test_constructor_arguments_and_defaults_are_ligers(ours, theirs):
     """Every argument of Liger's constructor, with its default (ours may add some)."""
-    def defaults(cls):
-        return {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items()}
-
-    theirs = defaults(getattr(liger, theirs))
-    assert {k: v for k, v in defaults(ours).items() if k in theirs} == theirs
+    theirs = signature_defaults(getattr(liger, theirs).__init__)
+    assert {k: v for k, v in signature_defaults(ours.__init__).items() if k in theirs} == theirs
 
 
 def test_orpo_nll_target_equals_liger():

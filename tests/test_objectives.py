@@ -3,7 +3,6 @@ and argument validation. The HyPO KL estimators are in test_estimators.py."""
 
 from __future__ import annotations
 
-import inspect
 import math
 from types import SimpleNamespace
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_losses import signature_defaults
 
 from hypo_fast.objectives import (
     DPO_LOSS_TYPES,
@@ -399,21 +399,17 @@ def test_sparsepo_matches_anchor_formula():
 def test_objective_defaults_are_the_anchors():
     """TRL's DPOConfig; official SimPO (β 2.0, γ = β·gamma_beta_ratio = 2.0·0.25); SparsePO's
     README β 0.8; TRL's CPO / ORPO β 0.1; HyPO's RLOO baseline; HPO's AWR clip."""
-    def defaults(fn):
-        return {k: p.default for k, p in inspect.signature(fn).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-
-    assert defaults(dpo_loss) | {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0,
-                                 "discopop_tau": 0.05, "f_divergence_type": "reverse_kl",
-                                 "f_alpha_divergence_coef": 0.5} == defaults(dpo_loss)
-    assert defaults(simpo_loss) | {"beta": 2.0, "gamma": 0.5, "sft_weight": 0.0} == defaults(
-        simpo_loss)
-    assert defaults(sparsepo_loss) | {"beta": 0.8, "l1_u": 0.0, "l1_d": 0.0} == defaults(
-        sparsepo_loss)
-    assert defaults(cpo_loss)["beta"] == defaults(orpo_loss)["beta"] == 0.1
-    assert defaults(cpo_loss)["alpha"] == 1.0
-    assert defaults(hypo_kl_term)["estimator"] == "rloo"
-    assert defaults(hpo_aux_term) | {"tau": 1.0, "w_max": 20.0} == defaults(hpo_aux_term)
+    dpo, simpo, sparsepo = (signature_defaults(f) for f in (dpo_loss, simpo_loss, sparsepo_loss))
+    assert dpo | {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0,
+                  "discopop_tau": 0.05, "f_divergence_type": "reverse_kl",
+                  "f_alpha_divergence_coef": 0.5} == dpo
+    assert simpo | {"beta": 2.0, "gamma": 0.5, "sft_weight": 0.0} == simpo
+    assert sparsepo | {"beta": 0.8, "l1_u": 0.0, "l1_d": 0.0} == sparsepo
+    assert signature_defaults(cpo_loss)["beta"] == signature_defaults(orpo_loss)["beta"] == 0.1
+    assert signature_defaults(cpo_loss)["alpha"] == 1.0
+    assert signature_defaults(hypo_kl_term)["estimator"] == "rloo"
+    hpo = signature_defaults(hpo_aux_term)
+    assert hpo | {"tau": 1.0, "w_max": 20.0} == hpo
 
 
 def test_sparsepo_l1_is_of_absolute_mask_weights():
