@@ -40,7 +40,7 @@ def realistic_inputs(
     """``(hidden [n, d], weight [v, d], labels [n], entropy)`` with the weight scaled so the mean
     entropy is near ``target_entropy``, labels drawn from the head's own softmax (so the label
     is usually a likely token, as for a trained model), and a leading ``prompt_fraction`` of
-    every 512-token sequence ignored.
+    every 512-token sequence ignored (of the one sequence when ``n < 512``).
 
     ``zipf > 0`` adds a token-frequency prior ``-zipf·log(1 + j)`` to every logit (through a
     constant hidden coordinate, so the head stays bias-free): low token ids are frequent, as in
@@ -74,6 +74,7 @@ def realistic_inputs(
     for start in range(0, n, 4096):
         z = hidden[start:start + 4096].float() @ weight.float().T
         labels[start:start + 4096] = torch.multinomial(torch.softmax(z, -1), 1, generator=g)[:, 0]
-    position = torch.arange(n, device=device) % 512
-    labels[position < int(512 * prompt_fraction)] = -100
+    seq = min(n, 512)  # one shorter sequence when n < 512 (a dry run)
+    position = torch.arange(n, device=device) % seq
+    labels[position < int(seq * prompt_fraction)] = -100
     return hidden, weight, labels, mean_entropy(hidden, weight)

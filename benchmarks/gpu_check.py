@@ -22,7 +22,7 @@ force descriptor or pointer loads (``HYPO_FAST_TMA``), checked for correctness a
 the default.
 
 ``--dry`` (with ``TRITON_INTERPRET=1``): every section on the CPU, with the kernels interpreted,
-a small head (d 64, V 1000) and 512 tokens: what the tests run so that a GPU lease is not spent
+a small head (d 64, V 1000) and 256 tokens: what the tests run so that a GPU lease is not spent
 on a broken script. Its numbers mean nothing.
 Writes ``gpu_check.json`` and ``gpu_check.md`` under ``$OUT`` when set; prints the table last.
 """
@@ -61,8 +61,8 @@ ONLY: set[str] = set()  # --only: the sections to run (empty: all)
 
 
 def tokens(n: int) -> int:
-    """``n`` tokens, 512 in a dry run."""
-    return min(n, 512) if DRY else n
+    """``n`` tokens, 256 in a dry run."""
+    return min(n, 256) if DRY else n
 
 
 def free_cache() -> None:
@@ -351,12 +351,13 @@ def timings(n, d, v, dtype, head, rate, tma=None, prompt_fraction=0.5):
     def naive_fb():
         return torch.autograd.grad(naive_logprob(h, w, y), (h, w), go)
 
-    # a causal LM's shift: the same tokens as h[:, :-1] of a [n/512, 513, d] buffer (a view
-    # that reshape would copy; the op reads it in place)
-    buf = torch.zeros(n // 512, 513, d, device=DEV, dtype=dtype, requires_grad=True)
+    # a causal LM's shift: the same tokens as h[:, :-1] of a [n/t, t + 1, d] buffer (a view
+    # that reshape would copy; the op reads it in place), t = 512 (all of a dry run's tokens)
+    t = min(n, 512)
+    buf = torch.zeros(n // t, t + 1, d, device=DEV, dtype=dtype, requires_grad=True)
     with torch.no_grad():
-        buf[:, :-1] = h.view(n // 512, 512, d)
-    shifted, y_shifted = buf[:, :-1], y.view(n // 512, 512)
+        buf[:, :-1] = h.view(n // t, t, d)
+    shifted, y_shifted = buf[:, :-1], y.view(n // t, t)
 
     def ours_fb_shifted():
         out = ops.linear_logprob(shifted, w, y_shifted, backend="triton").logp
@@ -500,7 +501,7 @@ def losses_check():
     from hypo_fast import losses as L
 
     g = torch.Generator(device=DEV).manual_seed(0)
-    b_, t_, d, v = 4, 64, 256, 1000
+    b_, t_, d, v = (2, 32, 64, 1000) if DRY else (4, 64, 256, 1000)
 
     def rnd(*shape, k=1.0):
         return torch.randn(*shape, generator=g, device=DEV) * k

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import os
 
+import fast_interpreter
 import torch
 from hypothesis import settings
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    fast_interpreter.install()
 
 # CI draws the same examples on every run (a red CI must mean a change broke something); local
 # runs keep drawing new ones, which is how the edge cases get found.
