@@ -352,7 +352,7 @@ def timings(n, d, v, dtype, head, rate, tma=None, prompt_fraction=0.5):
         return torch.autograd.grad(naive_logprob(h, w, y), (h, w), go)
 
     # a causal LM's shift: the same tokens as h[:, :-1] of a [n/t, t + 1, d] buffer (a view
-    # that reshape would copy; the op reads it in place), t = 512 (all of a dry run's tokens)
+    # that reshape would copy; the op reads it in place), t = 512 or, in a dry run, every token
     t = min(n, 512)
     buf = torch.zeros(n // t, t + 1, d, device=DEV, dtype=dtype, requires_grad=True)
     with torch.no_grad():

@@ -16,8 +16,6 @@ from hypothesis import settings
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
 if os.environ.get("TRITON_INTERPRET") == "1":
     fast_interpreter.install()
 

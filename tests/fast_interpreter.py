@@ -2,7 +2,8 @@
 
 Triton's interpreter patches ``triton.language`` (``inspect.getmembers`` over it) when a kernel
 is launched, and again on every call of a ``@triton.jit`` helper inside it. Our kernels call
-helpers per tile, and the repeats took 20-40% of interpreted time (triton 3.8-3.9).
+helpers per tile, and the repeats took 20-40% of interpreted time (measured on triton 3.8;
+3.9's interpreter patches the same way).
 :func:`install` skips a repeat where the launch has already patched the same language modules
 (their patches stay until the launch returns). The kernels' arithmetic is untouched.
 """
