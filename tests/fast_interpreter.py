@@ -30,24 +30,25 @@ def install() -> None:
         return
     import triton.language as tl
 
-    launch = {"running": False, "patched": set()}
+    launch = {"patched": None}  # the language modules the running launch patched; None: none runs
 
     def patch_once(fn):
         langs = {id(value) for value in fn.__globals__.values() if value is tl or value is tl.core}
-        if launch["running"]:
-            if langs <= launch["patched"]:
+        patched = launch["patched"]
+        if patched is not None:
+            if langs <= patched:
                 return scope()
-            launch["patched"] |= langs
+            patched |= langs
         return patch(fn)
 
     run = executor.__call__
 
     def run_and_unpatch(self, *args, **kwargs):
-        launch.update(running=True, patched=set())
+        launch["patched"] = set()
         try:
             return run(self, *args, **kwargs)
         finally:
-            launch.update(running=False, patched=set())
+            launch["patched"] = None
 
     interpreter._patch_lang = patch_once
     executor.__call__ = run_and_unpatch
