@@ -18,6 +18,8 @@ from dataclasses import dataclass, replace
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from hypo_fast import losses, objectives
@@ -33,6 +35,7 @@ from hypo_fast.losses import (
     HPOLoss,
     HyPOLoss,
 )
+from hypo_fast.losses.pairs import ld_token_weights
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 IGN = -100
@@ -357,6 +360,104 @@ def test_orpo_without_nll():
     assert float(aux[4]) == 0.0
 
 
+def ld_pairs(seed: int) -> Pairs:
+    """Pairs whose chosen and rejected completions differ in length, one of them empty (its
+    partner's public length is 0: every token of the partner is verbose)."""
+    p = make_pairs(B=3, T=9, seed=seed)
+    y = p.y.clone()
+    y[0, 4:] = IGN  # chosen 0: 2 tokens, rejected 0 (row 3): 7
+    y[4, 5:] = IGN  # chosen 1 (row 1): 6 tokens, rejected 1: 3
+    y[2, :] = IGN  # chosen 2: no token; rejected 2 (row 5): 5
+    return replace(p, y=y).leaves()
+
+
+def ld_logps(p: Pairs, ld_alpha: float) -> torch.Tensor:
+    """LD-DPO's sequence log-probs as TRL writes them for a padded batch: completion position
+    < public length → weight 1, later completion positions → ld_alpha."""
+    lp = token_logps(logits(p.h, p.w, p.b), p.y)
+    valid = p.y != IGN
+    n = valid.sum(-1)
+    public = torch.minimum(*halves(n)).repeat(2)
+    position = valid.long().cumsum(-1) - 1
+    front = (position < public[:, None]) & valid
+    rear = ~front & valid
+    return (lp * front).sum(-1) + ld_alpha * (lp * rear).sum(-1)
+
+
+@pytest.mark.parametrize("average", [False, True])
+@pytest.mark.parametrize("ld_alpha", [0.0, 0.35, 1.0])
+def test_ld_dpo_matches_trl_definition(ld_alpha, average):
+    p = ld_pairs(seed=21)
+    module = FusedLinearDPOLoss(beta=0.3, loss_type="ipo", ld_alpha=ld_alpha,
+                                compute_nll_loss=True, alpha=0.5, average_log_prob=average)
+    loss, aux = call(module, p)
+
+    _, ref, sums, counts = expected_logps(p, average=average)
+    logps = ld_logps(p, ld_alpha)
+    if average:
+        logps = logps / counts.clamp(min=1)
+    n = torch.ones_like(counts) if average else counts
+    want, metrics = objectives.dpo_loss(
+        *halves(logps), *halves(ref), beta=0.3, loss_type="ipo",
+        chosen_counts=halves(n)[0], rejected_counts=halves(n)[1],
+    )
+    nll = expected_nll(sums, counts)  # the NLL term is not reweighted
+    want = want + 0.5 * nll
+    assert_same(loss, p.grads_of(loss), want, p.grads_of(want))
+    metrics.update(nll_loss=nll)
+    assert_metrics(aux, metrics)
+    if ld_alpha == 1.0:
+        plain, _ = call(FusedLinearDPOLoss(beta=0.3, loss_type="ipo", compute_nll_loss=True,
+                                           alpha=0.5, average_log_prob=average), p)
+        torch.testing.assert_close(loss, plain)
+    else:  # the pairs here do differ in length, so the discount shows
+        assert not torch.allclose(logps, expected_logps(p, average=average)[0])
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "exact"])
+def test_ld_dpo_in_hypo_reweights_the_pairs_only(estimator):
+    """HyPO adds a KL term on online samples to the DPO loss: with ld_alpha, the pairs' term is
+    LD-DPO's and the KL term is unchanged, in value and gradients."""
+    p = ld_pairs(seed=22)
+    oh, oy, orh, groups = online_batch(seed=23)
+    online = dict(online_input=oh, online_target=oy, online_ref_input=orh, group_ids=groups)
+    kl_terms, totals = {}, {}
+    for ld in (None, 0.25):
+        totals[ld], aux = call(HyPOLoss(beta=0.2, estimator=estimator, ld_alpha=ld), p, **online)
+        dpo, _ = call(FusedLinearDPOLoss(beta=0.2, ld_alpha=ld), p)
+        torch.testing.assert_close(aux.metrics["dpo_loss"], dpo.detach())
+        kl_terms[ld] = totals[ld] - dpo
+    assert_same(kl_terms[0.25], p.grads_of(kl_terms[0.25], oh), kl_terms[None],
+                p.grads_of(kl_terms[None], oh))
+    assert not torch.allclose(totals[0.25], totals[None])
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_ld_token_weights_rank_each_sequences_valid_tokens(data):
+    """Any packing (sequences interleaved, empty, all-ignored): weight 1 on a sequence's first
+    min(n_w, n_l) valid tokens in storage order, ld_alpha on its later ones, 0 elsewhere."""
+    pairs = data.draw(st.integers(1, 4))
+    n = data.draw(st.integers(1, 40))
+    ids = torch.tensor(data.draw(st.lists(st.integers(0, 2 * pairs - 1), min_size=n,
+                                          max_size=n)))
+    valid = torch.tensor(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    alpha = data.draw(st.sampled_from([0.0, 0.5, 2.0]))
+    got = ld_token_weights(valid, ids, pairs, alpha)
+
+    counts = [int(valid[ids == s].sum()) for s in range(2 * pairs)]
+    seen = [0] * (2 * pairs)
+    want = torch.zeros(n)
+    for i, (s, v) in enumerate(zip(ids.tolist(), valid.tolist(), strict=True)):
+        if v:
+            public = min(counts[s % pairs], counts[s % pairs + pairs])
+            want[i] = 1.0 if seen[s] < public else alpha
+            seen[s] += 1
+    assert torch.equal(got, want)
+    assert torch.equal(ld_token_weights(valid.reshape(1, -1), ids.reshape(1, -1), pairs, alpha),
+                       want.reshape(1, -1))
+
+
 # ---------------------------------------------------------------------------------------------
 # packed layout
 
@@ -406,12 +507,14 @@ def test_packed_layout_equals_padded():
                                    atol=1e-6)
 
 
-def test_packed_sequences_in_any_order():
+@pytest.mark.parametrize("ld_alpha", [None, 0.5])
+def test_packed_sequences_in_any_order(ld_alpha):
     p = make_pairs(B=2, seed=32)
-    loss, aux = call(FusedLinearDPOLoss(), p)
+    module = FusedLinearDPOLoss(ld_alpha=ld_alpha)
+    loss, aux = call(module, p)
     h, y, seq_ids, _, index = pack(p, order=[2, 0, 3, 1])  # pairs interleaved in the stream
     rh = p.rh.reshape(-1, p.rh.shape[-1])[index]
-    got, got_aux = FusedLinearDPOLoss()(p.w, h, y, p.b, rh, p.rw, p.rb, seq_ids=seq_ids)
+    got, got_aux = module(p.w, h, y, p.b, rh, p.rw, p.rb, seq_ids=seq_ids)
     torch.testing.assert_close(got, loss)
     torch.testing.assert_close(got_aux[5], aux[5])
 
@@ -541,19 +644,22 @@ def test_hypo_precomputed_online_reference_and_packed_online():
     torch.testing.assert_close(got_aux.metrics["online_kl"], aux.metrics["online_kl"])
 
 
+@pytest.mark.parametrize("ld_alpha", [None, 0.3])
 @pytest.mark.parametrize("average", [False, True])
 @pytest.mark.parametrize("chosen_only", [False, True])
-def test_hpo_matches_objectives(chosen_only, average):
+def test_hpo_matches_objectives(chosen_only, average, ld_alpha):
     """The auxiliary term weighs the log-probs the DPO term uses: averaged per token with
-    ``average_log_prob``."""
-    p = make_pairs(seed=61).leaves()
+    ``average_log_prob``, LD-weighted with ``ld_alpha``."""
+    p = ld_pairs(seed=61)
     n = p.num_pairs if chosen_only else 2 * p.num_pairs
     rewards = torch.linspace(-1.0, 2.0, n, dtype=F64)
     baseline = torch.full((n,), 0.25, dtype=F64)
     module = HPOLoss(beta=0.2, aux_coef=0.5, aux_tau=0.7, aux_w_max=3.0,
-                     average_log_prob=average)
+                     average_log_prob=average, ld_alpha=ld_alpha)
     loss, aux = call(module, p, aux_rewards=rewards, aux_baseline=baseline)
-    logps, ref, _, _ = expected_logps(p, average=average)
+    logps, ref, _, counts = expected_logps(p, average=average)
+    if ld_alpha is not None:
+        logps = ld_logps(p, ld_alpha) / (counts.clamp(min=1) if average else 1)
     want, metrics = objectives.hpo_loss(*halves(logps), *halves(ref), logps[:n], rewards,
                                         alpha=0.5, aux_baseline=baseline, tau=0.7, w_max=3.0,
                                         beta=0.2)
@@ -668,8 +774,8 @@ def test_tied_embeddings_accumulate_both_paths():
 
 
 @needs_triton
-@pytest.mark.parametrize("kind", ["dpo", "orpo_nll_target", "sparsepo", "hypo_exact",
-                                  "hypo_rloo"])
+@pytest.mark.parametrize("kind", ["dpo", "dpo_ld", "orpo_nll_target", "sparsepo",
+                                  "hypo_exact", "hypo_rloo", "hypo_rloo_ld"])
 def test_triton_backend_matches_reference(kind):
     p = make_pairs(B=2, T=5, d=16, V=40, dtype=F32, seed=81).leaves()
     oh, oy, orh, _ = online_batch(M=2, T=5, d=16, V=40, seed=82)
@@ -677,10 +783,12 @@ def test_triton_backend_matches_reference(kind):
     mask = torch.rand(p.y.shape, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
     nll_target = torch.randint(0, 40, p.y.shape, generator=torch.Generator().manual_seed(3))
     nll_target[:, :2] = IGN
+    ld = 0.4 if kind.endswith("_ld") else None  # the pairs differ in length: the weights show
     results = []
     for backend in ("reference", "triton"):
-        if kind == "dpo":
-            loss, aux = call(FusedLinearDPOLoss(compute_nll_loss=True, backend=backend), p)
+        if kind.startswith("dpo"):
+            loss, aux = call(FusedLinearDPOLoss(compute_nll_loss=True, ld_alpha=ld,
+                                                backend=backend), p)
             extra = []
         elif kind == "orpo_nll_target":  # one call: the pairs' labels and the NLL's, gathered
             loss, aux = FusedLinearORPOLoss(backend=backend)(p.w, p.h, p.y, p.b, nll_target)
@@ -689,9 +797,9 @@ def test_triton_backend_matches_reference(kind):
             loss, aux = call(FusedLinearSparsePOLoss(backend=backend), p, token_mask=mask)
             extra = [mask]
         else:
-            estimator = kind.removeprefix("hypo_")
-            loss, aux = call(HyPOLoss(estimator=estimator, backend=backend), p, online_input=oh,
-                             online_target=oy, online_ref_input=orh.float(),
+            estimator = kind.split("_")[1]
+            loss, aux = call(HyPOLoss(estimator=estimator, ld_alpha=ld, backend=backend), p,
+                             online_input=oh, online_target=oy, online_ref_input=orh.float(),
                              group_ids=torch.tensor([0, 0]) if estimator == "rloo" else None)
             extra = [oh]
         results.append((loss, list(aux), p.grads_of(loss, *extra)))
@@ -747,6 +855,8 @@ def test_preference_output_rebuilds_from_an_iterable():
          "label_smoothing"),
         (lambda: FusedLinearDPOLoss(beta=0.0), ValueError, "beta"),
         (lambda: FusedLinearDPOLoss(alpha=-1.0), ValueError, "alpha"),
+        (lambda: FusedLinearDPOLoss(ld_alpha=-0.5), ValueError, "^ld_alpha"),
+        (lambda: HyPOLoss(ld_alpha=float("nan")), ValueError, "^ld_alpha"),
         (lambda: FusedLinearDPOLoss(backend="cuda"), ValueError, "backend"),
         (lambda: FusedLinearSimPOLoss(label_smoothing=0.7), ValueError, "label_smoothing"),
         (lambda: FusedLinearSparsePOLoss(l1_u=-1.0), ValueError, "l1_u"),

@@ -13,7 +13,7 @@ from hypo_fast import losses
 
 F32 = torch.float32
 KINDS = ["dpo_nll", "dpo_precomputed_ref", "simpo", "cpo", "orpo_nll_target", "sparsepo",
-         "hypo_exact", "hypo_rloo", "hpo", "dpo_packed"]
+         "hypo_exact", "hypo_rloo", "hpo", "dpo_packed", "hypo_rloo_ld", "dpo_packed_ld"]
 
 
 def scenario(kind: str, backend: str):
@@ -21,6 +21,8 @@ def scenario(kind: str, backend: str):
     whose gradients are compared; fresh inputs on every call of ``scenario``."""
     p = make_pairs(B=2, T=5, d=16, V=40, dtype=F32, seed=81).leaves()
     g = torch.Generator().manual_seed(2)
+    ld = 0.4 if kind.endswith("_ld") else None  # LD-DPO: the pairs differ in length
+    kind = kind.removesuffix("_ld")
     leaves = [p.w, p.h, p.b]
     if kind == "dpo_nll":
         module = losses.FusedLinearDPOLoss(compute_nll_loss=True, backend=backend)
@@ -45,7 +47,7 @@ def scenario(kind: str, backend: str):
         oh, oy, orh, groups = online_batch(M=4, T=5, d=16, V=40, seed=82)
         oh = oh.detach().float().requires_grad_(True)
         estimator = kind.removeprefix("hypo_")
-        hypo = losses.HyPOLoss(estimator=estimator, backend=backend)
+        hypo = losses.HyPOLoss(estimator=estimator, ld_alpha=ld, backend=backend)
         return lambda: call(hypo, p, online_input=oh, online_target=oy,
                             online_ref_input=orh.float(), group_ids=groups), [*leaves, oh]
     if kind == "hpo":
@@ -53,7 +55,7 @@ def scenario(kind: str, backend: str):
         return lambda: call(losses.HPOLoss(backend=backend), p, aux_rewards=rewards), leaves
     assert kind == "dpo_packed"  # the pairs as one packed row, two sequences of 5 tokens each
     cu = torch.arange(0, 21, 5)
-    return lambda: losses.FusedLinearDPOLoss(backend=backend)(
+    return lambda: losses.FusedLinearDPOLoss(ld_alpha=ld, backend=backend)(
         p.w, p.h.reshape(1, 20, 16), p.y.reshape(1, 20), p.b, p.rh.reshape(1, 20, 16), p.rw,
         p.rb, cu_seqlens=cu), leaves
 

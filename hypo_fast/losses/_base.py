@@ -12,7 +12,7 @@ import contextlib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -105,6 +105,7 @@ class Head:
     ref_weight: Tensor | None = None
     ref_bias: Tensor | None = None
     ref_logps: Tensor | None = None
+    weights: Tensor | None = None
     names: dict[str, str] = field(default_factory=lambda: dict(PAIR_NAMES))
 
     def op_names(self, *, ref: bool = False) -> contextlib.AbstractContextManager:
@@ -415,34 +416,30 @@ class FusedLinearPairLoss(nn.Module):
         """Per-sequence policy log-probs (one fused call over the 2B sequences) and reference."""
         return self._policy_stats(x)[0]
 
-    def _policy_stats(self, x: PairBatch, *more: Head
-                      ) -> tuple[PairStats, list[tuple[Tensor, Tensor]]]:
-        """The pairs' :class:`PairStats` and the ``(seq_sum, seq_count)`` of each further head
-        of ``more`` under the policy's lm_head, from ONE fused call (:func:`joint_logprob`).
-        With ``compute_nll_loss`` and ``nll_target`` the NLL's labels on the chosen rows are
-        one head more, their sums in ``extra["nll"]``."""
+    def _policy_stats(self, x: PairBatch, *more: Head) -> tuple[PairStats, list[SeqLogps]]:
+        """The pairs' :class:`PairStats` and the :class:`SeqLogps` of each further head of
+        ``more`` under the policy's lm_head, from ONE fused call (:func:`joint_logprob`). The
+        pairs' log-probs are their weighted sums when ``x.weights`` is set. With
+        ``compute_nll_loss`` and ``nll_target`` the NLL's labels on the chosen rows are one head
+        more, their statistics in ``extra["nll"]``."""
         heads = [x, *more]
         nll = self.compute_nll_loss and x.nll_target is not None
         if nll:
             labels = torch.where(x.seq_ids < x.num_pairs, x.nll_target, self.ignore_index)
             heads.append(Head(x.hidden, x.weight, x.bias, labels, x.seq_ids, x.num_pairs,
                               names={**x.names, "labels": "nll_target (chosen sequences)"}))
-        (sums, counts), *rest = joint_logprob(heads, ignore_index=self.ignore_index,
-                                              backend=self.backend)
-        s = self._pair_stats(x, sums, counts)
+        pairs, *rest = joint_logprob(heads, ignore_index=self.ignore_index, backend=self.backend)
+        s = PairStats(pairs.sums, pairs.counts, self._per_seq(pairs.weighted, pairs.counts),
+                      self._reference_logps(x))
         if nll:
             s.extra["nll"] = rest.pop()
         return s, rest
-
-    def _pair_stats(self, x: PairBatch, sums: Tensor, counts: Tensor) -> PairStats:
-        """:class:`PairStats` from the policy's per-sequence sums and counts ``[2B]``."""
-        return PairStats(sums, counts, self._per_seq(sums, counts), self._reference_logps(x))
 
     def _nll(self, x: PairBatch, s: PairStats) -> Tensor:
         """Token-mean NLL of the chosen completions over the batch: −Σ_{chosen} S / Σ_{chosen} n
         (Liger: divided by all non-ignored chosen tokens), from ``nll_target`` when given."""
         b = x.num_pairs
-        sums, counts = s.extra["nll"] if x.nll_target is not None else (s.sums, s.counts)
+        sums, counts = s.extra["nll"][:2] if x.nll_target is not None else (s.sums, s.counts)
         return -sums[:b].sum() / counts[:b].sum().clamp(min=1.0)
 
     def _objective(self, s: PairStats, nll: Tensor | None) -> tuple[Tensor, Metrics]:
@@ -471,10 +468,20 @@ class FusedLinearPairLoss(nn.Module):
         return loss, PreferenceOutput.from_metrics(metrics, self._extra_aux)
 
 
+class SeqLogps(NamedTuple):
+    """Per-sequence statistics ``[num_seqs]`` of one head's labels: ``sums`` = Σ_t log π,
+    ``counts`` = valid tokens, ``weighted`` = Σ_t w_t log π with the head's token weights (the
+    same tensor as ``sums`` when it has none)."""
+
+    sums: Tensor
+    counts: Tensor
+    weighted: Tensor
+
+
 def joint_logprob(heads: list[Head], *, ignore_index: int, backend: str | None
-                  ) -> list[tuple[Tensor, Tensor]]:
-    """Per-sequence ``(seq_sum [num_seqs], seq_count [num_seqs])`` of each head's labels, all
-    under the first head's weight and bias, from ONE :func:`hypo_fast.ops.linear_logprob` call.
+                  ) -> list[SeqLogps]:
+    """The :class:`SeqLogps` of each head's labels, all under the first head's weight and bias,
+    from ONE :func:`hypo_fast.ops.linear_logprob` call.
 
     Two calls with the same weight would each return a ``[V, d]`` dW, both alive while autograd
     adds them (V·d more at the head's backward: 1 GB for a bf16 Llama-3-8B head). Several heads'
@@ -486,38 +493,46 @@ def joint_logprob(heads: list[Head], *, ignore_index: int, backend: str | None
         with first.op_names():
             out = ops.linear_logprob(first.hidden, first.weight, first.target, first.bias,
                                      ignore_index=ignore_index, seq_ids=first.seq_ids,
-                                     num_seqs=first.num_seqs, backend=backend)
-        return [(out.seq_sum, out.seq_count)]
+                                     num_seqs=first.num_seqs, token_weights=first.weights,
+                                     backend=backend)
+        weighted = out.seq_sum if first.weights is None else out.seq_weighted_sum
+        return [SeqLogps(out.seq_sum, out.seq_count, weighted)]
     # the op checks the gathered rows only, the logits means read all (and check_finite is off
     # within a loss's run: values_checked); each head's labels, for errors that name them
     raise_flagged([(f"{name} contains NaN or inf", not_finite(h)) for name, h in
                    {head.names["hidden"]: head.hidden for head in heads}.items()]
                   + [labels_flag(head.names["labels"], head.target, first.weight.shape[0],
                                  ignore_index) for head in heads])
-    hidden, labels, seq_ids, sizes = [], [], [], []
+    weighted = any(head.weights is not None for head in heads)
+    hidden, labels, seq_ids, weights, sizes = [], [], [], [], []
     for head in heads:
-        rows, target, ids = valid_tokens(head, ignore_index)
+        rows, target, ids, tokens = valid_tokens(head, ignore_index)
         hidden.append(rows)
         labels.append(target)
         seq_ids.append(ids + sum(sizes))
         sizes.append(head.num_seqs)
+        if weighted:
+            weights.append(torch.ones_like(target, dtype=torch.float32) if head.weights is None
+                           else head.weights.reshape(-1)[tokens].float())
     names = {k: " / ".join(dict.fromkeys(h.names[k] for h in heads)) for k in first.names}
     with caller_names(**names):
         out = ops.linear_logprob(
             torch.cat(hidden), first.weight, torch.cat(labels), first.bias,
             ignore_index=ignore_index, seq_ids=torch.cat(seq_ids), num_seqs=sum(sizes),
-            backend=backend,
+            token_weights=torch.cat(weights) if weighted else None, backend=backend,
         )
-    return list(zip(out.seq_sum.split(sizes), out.seq_count.split(sizes), strict=True))
+    parts = (out.seq_sum, out.seq_count, out.seq_weighted_sum if weighted else out.seq_sum)
+    return [SeqLogps(*stats) for stats in zip(*(t.split(sizes) for t in parts), strict=True)]
 
 
-def valid_tokens(head: Head, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(hidden [n, d], labels [n], seq_ids [n])`` of the head's tokens whose label is not
-    ``ignore_index``, the hidden rows read in place (:func:`row_source`) and gathered. Without
-    such a token, its first token, as sequence 0 with its label ignored (it adds 0), so that
-    the hidden states still get a gradient, of zeros (a data-parallel reducer expects one).
-    Under ``torch.compile``, whose graphs need shapes known before the data, every token, an
-    ignored one as sequence 0 (a head may number only its scored sequences)."""
+def valid_tokens(head: Head, ignore_index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(hidden [n, d], labels [n], seq_ids [n], tokens [n])`` of the head's tokens whose label
+    is not ``ignore_index`` (``tokens``: their flat indices), the hidden rows read in place
+    (:func:`row_source`) and gathered. Without such a token, its first token, as sequence 0 with
+    its label ignored (it adds 0), so that the hidden states still get a gradient, of zeros (a
+    data-parallel reducer expects one). Under ``torch.compile``, whose graphs need shapes known
+    before the data, every token, an ignored one as sequence 0 (a head may number only its
+    scored sequences)."""
     target = head.target.reshape(-1)
     ids = head.seq_ids.reshape(-1)
     if torch.compiler.is_compiling():
@@ -529,7 +544,7 @@ def valid_tokens(head: Head, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]
         tokens = tokens.new_zeros(1)
         ids = torch.zeros_like(ids)
     view, index = row_source(head.hidden, tokens, row_map(head.hidden))
-    return view.index_select(0, index), target[tokens], ids[tokens]
+    return view.index_select(0, index), target[tokens], ids[tokens], tokens
 
 
 @torch.no_grad()

@@ -31,8 +31,8 @@ class HPOLoss(FusedLinearDPOLoss):
     per sequence, chosen first) or ``[B]`` (the chosen completions only), and ``aux_baseline``
     b: None (batch mean of the rewards), a number, or a tensor (0-d or shaped like
     ``aux_rewards``, e.g. a value head V(x)). S is the policy's log-prob in the loss convention
-    (sum, or mean with ``average_log_prob``). Metrics add ``dpo_loss``, ``aux_loss``,
-    ``aux_weights`` and ``aux_advantages``.
+    (sum, or mean with ``average_log_prob``; LD-weighted with ``ld_alpha``). Metrics add
+    ``dpo_loss``, ``aux_loss``, ``aux_weights`` and ``aux_advantages``.
     """
 
     def __init__(self, *args: Any, aux_coef: float = 1.0, aux_tau: float = 1.0,

@@ -141,11 +141,11 @@ class HyPOLoss(FusedLinearDPOLoss):
             s = super()._statistics(x)
             s.extra["online"] = self._exact_kl(online)
             return s
-        s, [(online_sums, _)] = self._policy_stats(x, online)
+        s, [online_stats] = self._policy_stats(x, online)
         ref = online.ref_logps
         if ref is None:
             ref = self._reference_sums(online)[0]
-        s.extra["online"] = hypo_kl_term(online_sums, ref, estimator=self.estimator,
+        s.extra["online"] = hypo_kl_term(online_stats.sums, ref, estimator=self.estimator,
                                          group_ids=group_ids)
         return s
 

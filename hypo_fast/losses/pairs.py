@@ -8,12 +8,14 @@ from one :func:`hypo_fast.ops.linear_logprob` call over the 2B sequences.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
+from .._checks import check_in_range
 from ..objectives import cpo_loss, dpo_loss, orpo_loss, simpo_loss
-from ._base import FusedLinearPairLoss, Metrics, PairStats, PreferenceOutput, Tensor
+from ._base import FusedLinearPairLoss, Metrics, PairBatch, PairStats, PreferenceOutput, Tensor
 
 
 def _ones() -> Tensor:
@@ -33,6 +35,14 @@ class FusedLinearDPOLoss(FusedLinearPairLoss):
     tokens of a sequence, or its mean with ``average_log_prob``. Constructor arguments and
     defaults, positional order, call and return tuple are Liger's ``LigerFusedLinearDPOLoss``;
     the keyword-only ones are additions.
+
+    ``ld_alpha`` = α (LD-DPO, TRL's ``DPOConfig.ld_alpha``; None = off) discounts the verbose
+    part of the policy's log-probs: with l_p = min(n(y_w), n(y_l)) the pair's public length,
+
+        S(y) = Σ_{first l_p valid tokens of y} log π + α · Σ_{later valid tokens} log π
+
+    (then divided by n(y) with ``average_log_prob``). As in TRL, the reference's log-probs and
+    the NLL term are not reweighted. α = 1 is DPO; the paper uses α in [0, 1].
 
     ``forward`` also takes ``ref_chosen_logps``/``ref_rejected_logps`` ``[B]`` (precomputed
     reference log-probs in the same convention as the policy's: sums, or means with
@@ -57,6 +67,7 @@ class FusedLinearDPOLoss(FusedLinearPairLoss):
         f_divergence_type: str = "reverse_kl",
         f_alpha_divergence_coef: float = 0.5,
         clip_ref_margin: bool = False,
+        ld_alpha: float | None = None,
         backend: str | None = None,
     ) -> None:
         super().__init__(
@@ -64,6 +75,8 @@ class FusedLinearDPOLoss(FusedLinearPairLoss):
             use_ref_model=use_ref_model, average_log_prob=average_log_prob, compiled=compiled,
             chunk_size=chunk_size, backend=backend,
         )
+        self.ld_alpha = None if ld_alpha is None else check_in_range("ld_alpha", ld_alpha, 0.0,
+                                                                     math.inf)
         self.loss_type = loss_type
         self.label_smoothing = label_smoothing
         self.discopop_tau = discopop_tau
@@ -121,6 +134,37 @@ class FusedLinearDPOLoss(FusedLinearPairLoss):
             seq_ids=seq_ids, cu_seqlens=cu_seqlens,
         )
         return self._run(x)
+
+    def _prepare(self, *args: Any, **kwargs: Any) -> PairBatch:
+        """The validated batch, with LD-DPO's token weights (:func:`ld_token_weights`) when
+        ``ld_alpha`` is set."""
+        x = super()._prepare(*args, **kwargs)
+        if self.ld_alpha is not None:
+            x.weights = ld_token_weights(x.target != self.ignore_index, x.seq_ids, x.num_pairs,
+                                         self.ld_alpha)
+        return x
+
+
+@torch.no_grad()
+def ld_token_weights(valid: Tensor, seq_ids: Tensor, num_pairs: int, alpha: float) -> Tensor:
+    """LD-DPO's token weights, fp32 and shaped like ``valid``: 1 on the first l_p valid tokens of
+    a sequence, α on its later valid tokens, 0 on the others, where l_p = min(n(y_w), n(y_l)) is
+    the valid-token count of the shorter sequence of its pair (sequence s and s ± B). A token's
+    rank is its position among its sequence's valid tokens in storage order. ``seq_ids`` in
+    ``[0, 2·num_pairs)``, shaped like ``valid``; no host synchronisation."""
+    valid_flat = valid.reshape(-1)
+    ids = seq_ids.reshape(-1).long()
+    counts = torch.zeros(2 * num_pairs, dtype=torch.long, device=ids.device)
+    counts = counts.index_add(0, ids, valid_flat.long())
+    order = torch.sort(ids, stable=True).indices
+    # 1-based rank among the sequence's valid tokens: valid tokens up to here, less those of
+    # the sequences sorted before it
+    before = counts.cumsum(0) - counts
+    ranked = valid_flat[order].long().cumsum(0) - before[ids[order]]
+    rank = torch.empty_like(ranked).scatter_(0, order, ranked)
+    public = torch.minimum(counts[:num_pairs], counts[num_pairs:]).repeat(2)
+    weights = torch.where(rank <= public[ids], 1.0, alpha)
+    return torch.where(valid_flat, weights, 0.0).reshape(valid.shape)
 
 
 class _ReferenceFreePairLoss(FusedLinearPairLoss):
