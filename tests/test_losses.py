@@ -371,17 +371,17 @@ def ld_pairs(seed: int) -> Pairs:
     return replace(p, y=y).leaves()
 
 
-def ld_logps(p: Pairs, ld_alpha: float) -> torch.Tensor:
-    """LD-DPO's sequence log-probs as TRL writes them for a padded batch: completion position
-    < public length → weight 1, later completion positions → ld_alpha."""
-    lp = token_logps(logits(p.h, p.w, p.b), p.y)
+def ld_logps(p: Pairs, ld_alpha: float, *, ref: bool = False) -> torch.Tensor:
+    """LD-DPO's sequence log-probs as TRL writes them for a padded batch, under the policy or
+    the reference head: completion position ≤ public length → weight 1, later ones → ld_alpha."""
+    lp = token_logps(logits(p.rh, p.rw, p.rb) if ref else logits(p.h, p.w, p.b), p.y)
     valid = p.y != IGN
     n = valid.sum(-1)
     public = torch.minimum(*halves(n)).repeat(2)
-    position = valid.long().cumsum(-1) - 1
-    front = (position < public[:, None]) & valid
-    rear = ~front & valid
-    return (lp * front).sum(-1) + ld_alpha * (lp * rear).sum(-1)
+    position = valid.long().cumsum(-1)
+    shared = (position <= public[:, None]) & valid
+    tail = (position > public[:, None]) & valid
+    return (lp * shared).sum(-1) + ld_alpha * (lp * tail).sum(-1)
 
 
 @pytest.mark.parametrize("average", [False, True])
@@ -392,10 +392,10 @@ def test_ld_dpo_matches_trl_definition(ld_alpha, average):
                                 compute_nll_loss=True, alpha=0.5, average_log_prob=average)
     loss, aux = call(module, p)
 
-    _, ref, sums, counts = expected_logps(p, average=average)
-    logps = ld_logps(p, ld_alpha)
-    if average:
-        logps = logps / counts.clamp(min=1)
+    _, _, sums, counts = expected_logps(p, average=average)
+    norm = counts.clamp(min=1) if average else 1
+    logps = ld_logps(p, ld_alpha) / norm
+    ref = ld_logps(p, ld_alpha, ref=True).detach() / norm
     n = torch.ones_like(counts) if average else counts
     want, metrics = objectives.dpo_loss(
         *halves(logps), *halves(ref), beta=0.3, loss_type="ipo",
@@ -406,6 +406,9 @@ def test_ld_dpo_matches_trl_definition(ld_alpha, average):
     assert_same(loss, p.grads_of(loss), want, p.grads_of(want))
     metrics.update(nll_loss=nll)
     assert_metrics(aux, metrics)
+    precomputed, _ = module(p.w, p.h, p.y, p.b, ref_chosen_logps=halves(ref)[0],
+                            ref_rejected_logps=halves(ref)[1])
+    torch.testing.assert_close(precomputed, loss)
     if ld_alpha == 1.0:
         plain, _ = call(FusedLinearDPOLoss(beta=0.3, loss_type="ipo", compute_nll_loss=True,
                                            alpha=0.5, average_log_prob=average), p)
@@ -659,7 +662,9 @@ def test_hpo_matches_objectives(chosen_only, average, ld_alpha):
     loss, aux = call(module, p, aux_rewards=rewards, aux_baseline=baseline)
     logps, ref, _, counts = expected_logps(p, average=average)
     if ld_alpha is not None:
-        logps = ld_logps(p, ld_alpha) / (counts.clamp(min=1) if average else 1)
+        norm = counts.clamp(min=1) if average else 1
+        logps = ld_logps(p, ld_alpha) / norm
+        ref = ld_logps(p, ld_alpha, ref=True).detach() / norm
     want, metrics = objectives.hpo_loss(*halves(logps), *halves(ref), logps[:n], rewards,
                                         alpha=0.5, aux_baseline=baseline, tau=0.7, w_max=3.0,
                                         beta=0.2)

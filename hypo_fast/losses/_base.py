@@ -150,6 +150,16 @@ class PairStats:
         return t[:b], t[b:]
 
 
+class SeqLogps(NamedTuple):
+    """Per-sequence statistics ``[num_seqs]`` of one head's labels: ``sums`` = Σ_t log π,
+    ``counts`` = valid tokens, ``weighted`` = Σ_t w_t log π with the head's token weights (the
+    same tensor as ``sums`` when it has none)."""
+
+    sums: Tensor
+    counts: Tensor
+    weighted: Tensor
+
+
 def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
     return t if t is None or dtype is None else t.to(dtype)
 
@@ -396,21 +406,24 @@ class FusedLinearPairLoss(nn.Module):
         """The sequence log-prob the loss uses: S, or S / max(n, 1) with ``average_log_prob``."""
         return sums / counts.clamp(min=1.0) if self.average_log_prob else sums
 
-    def _reference_sums(self, head: Head) -> tuple[Tensor, Tensor]:
-        """``(seq_sum, seq_count)`` of the head's labels under its frozen reference head."""
+    def _reference_sums(self, head: Head) -> SeqLogps:
+        """The :class:`SeqLogps` of the head's labels under its frozen reference head (weighted
+        with the head's token weights, as the policy's)."""
         with torch.no_grad(), head.op_names(ref=True):
             ref = ops.linear_logprob(
                 head.ref_hidden, head.ref_weight, head.target, head.ref_bias,
                 ignore_index=self.ignore_index, seq_ids=head.seq_ids, num_seqs=head.num_seqs,
-                backend=self.backend,
+                token_weights=head.weights, backend=self.backend,
             )
-        return ref.seq_sum, ref.seq_count
+        weighted = ref.seq_sum if head.weights is None else ref.seq_weighted_sum
+        return SeqLogps(ref.seq_sum, ref.seq_count, weighted)
 
     def _reference_logps(self, x: PairBatch) -> Tensor | None:
         """``[2B]`` reference log-probs: precomputed, or the reference head under no_grad."""
         if x.ref_logps is not None or x.ref_hidden is None:
             return x.ref_logps
-        return self._per_seq(*self._reference_sums(x))
+        ref = self._reference_sums(x)
+        return self._per_seq(ref.weighted, ref.counts)
 
     def _statistics(self, x: PairBatch) -> PairStats:
         """Per-sequence policy log-probs (one fused call over the 2B sequences) and reference."""
@@ -466,16 +479,6 @@ class FusedLinearPairLoss(nn.Module):
             nll_loss=nll.detach() if nll is not None else loss.new_zeros(()).detach(),
         )
         return loss, PreferenceOutput.from_metrics(metrics, self._extra_aux)
-
-
-class SeqLogps(NamedTuple):
-    """Per-sequence statistics ``[num_seqs]`` of one head's labels: ``sums`` = Σ_t log π,
-    ``counts`` = valid tokens, ``weighted`` = Σ_t w_t log π with the head's token weights (the
-    same tensor as ``sums`` when it has none)."""
-
-    sums: Tensor
-    counts: Tensor
-    weighted: Tensor
 
 
 def joint_logprob(heads: list[Head], *, ignore_index: int, backend: str | None

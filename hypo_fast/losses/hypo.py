@@ -144,7 +144,7 @@ class HyPOLoss(FusedLinearDPOLoss):
         s, [online_stats] = self._policy_stats(x, online)
         ref = online.ref_logps
         if ref is None:
-            ref = self._reference_sums(online)[0]
+            ref = self._reference_sums(online).sums
         s.extra["online"] = hypo_kl_term(online_stats.sums, ref, estimator=self.estimator,
                                          group_ids=group_ids)
         return s

@@ -37,12 +37,14 @@ class FusedLinearDPOLoss(FusedLinearPairLoss):
     the keyword-only ones are additions.
 
     ``ld_alpha`` = α (LD-DPO, TRL's ``DPOConfig.ld_alpha``; None = off) discounts the verbose
-    part of the policy's log-probs: with l_p = min(n(y_w), n(y_l)) the pair's public length,
+    part of the log-probs: with l_p = min(n(y_w), n(y_l)) the pair's public length,
 
         S(y) = Σ_{first l_p valid tokens of y} log π + α · Σ_{later valid tokens} log π
 
-    (then divided by n(y) with ``average_log_prob``). As in TRL, the reference's log-probs and
-    the NLL term are not reweighted. α = 1 is DPO; the paper uses α in [0, 1].
+    (then divided by n(y) with ``average_log_prob``), under the policy and the reference head
+    alike, as TRL does since it moved the weighting into its loss (before, TRL weighted the
+    policy only). Precomputed reference log-probs must be weighted so already; the NLL term is
+    not reweighted. α = 1 is DPO; the paper uses α in [0, 1].
 
     ``forward`` also takes ``ref_chosen_logps``/``ref_rejected_logps`` ``[B]`` (precomputed
     reference log-probs in the same convention as the policy's: sums, or means with
