@@ -134,7 +134,8 @@ def check_case(name, n, d, v, dtype, *, bias=False, softcap=None, temperature=1.
     y[torch.rand(n, generator=g, device=DEV) < 0.3] = -100
     seq = torch.arange(n, device=DEV) // max(1, n // 7)
     params = [h, w] + ([b] if bias else [])
-    kw = dict(temperature=temperature, softcap=softcap, seq_ids=seq, return_entropy=entropy)
+    kw = dict(temperature=temperature, softcap=softcap, seq_ids=seq, return_entropy=entropy,
+              return_collision=entropy)
     ours = ops.linear_logprob(h, w, y, b, backend="triton", **kw)
     ref = reference.linear_logprob(h, w, y, b, **kw)
     coef = torch.randn(4, n, generator=g, device=DEV)
@@ -151,6 +152,7 @@ def check_case(name, n, d, v, dtype, *, bias=False, softcap=None, temperature=1.
         "logp": rel(ours.logp, ref.logp), "lse": rel(ours.lse, ref.lse),
         "seq_sum": rel(ours.seq_sum, ref.seq_sum),
         "entropy_err": rel(ours.entropy, ref.entropy) if entropy else None,
+        "collision_err": rel(ours.log_collision, ref.log_collision) if entropy else None,
         "dH": rel(g_ours[0], g_ref[0]), "dW": rel(g_ours[1], g_ref[1]),
         "db": rel(g_ours[2], g_ref[2]) if bias else None,
         "finite": bool(torch.isfinite(ours.logp).all() and all(torch.isfinite(x).all()
@@ -762,9 +764,11 @@ def markdown() -> str:
                      f"{m['tflops']:.0f} TFLOP/s")
     e = lambda x: "-" if x is None else f"{x:.1e}"  # noqa: E731
     lines += table(
-        ["case", "N", "d", "V", "dtype", "logp", "lse (kl)", "entropy", "dH", "dW", "db"],
+        ["case", "N", "d", "V", "dtype", "logp", "lse (kl)", "entropy", "log Σp²", "dH", "dW",
+         "db"],
         ([c["case"], c["N"], c["d"], c["V"], c["dtype"], e(c["logp"]), e(c["lse"]),
-          e(c["entropy_err"]), e(c["dH"]), e(c["dW"]), e(c["db"])] for c in RESULTS["checks"]))
+          e(c["entropy_err"]), e(c.get("collision_err")), e(c["dH"]), e(c["dW"]), e(c["db"])]
+         for c in RESULTS["checks"]))
     rows = []
     for t in RESULTS["timings"]:
         shape = [t["head"], f"{t['N']} ({t['N_valid']})", t["dtype"]]

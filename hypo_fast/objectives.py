@@ -196,6 +196,7 @@ def dpo_loss(
     f_alpha_divergence_coef: float = 0.5,
     discopop_tau: float = 0.05,
     clip_ref_margin: bool = False,
+    pair_weights: Tensor | None = None,
 ) -> tuple[Tensor, Metrics]:
     r"""DPO and its TRL variants on summed sequence log-probs ``[B]`` (Rafailov et al. 2023; TRL
     ``DPOTrainer._compute_loss``).
@@ -234,6 +235,10 @@ def dpo_loss(
     individual scores (nca_pair, bco_pair, sppo_hard) or log-ratios (apo_zero, apo_down) keep
     s_w, s_l = ρ.
 
+    ``pair_weights`` ``[B]`` (e.g. WPO's, :func:`wpo_pair_weights`) multiply the per-pair losses
+    before the mean, as TRL's ``use_weighting``; they are reported as the metric
+    ``pair_weights``.
+
     Metrics: rewards β·ρ (TRL), margins, accuracy, chosen/rejected logps. Returns the mean loss.
     """
     beta = check_positive("beta", beta)
@@ -249,12 +254,13 @@ def dpo_loss(
     if (ref_chosen_logps is None) != (ref_rejected_logps is None):
         missing = "ref_chosen_logps" if ref_chosen_logps is None else "ref_rejected_logps"
         raise ValueError(f"{missing} is None but the other reference log-probs are given")
-    pw, pl, rw, rl, nw, nl = _check_batch(
+    pw, pl, rw, rl, pair_w, nw, nl = _check_batch(
         {
             "policy_chosen_logps": policy_chosen_logps,
             "policy_rejected_logps": policy_rejected_logps,
             "ref_chosen_logps": ref_chosen_logps,
             "ref_rejected_logps": ref_rejected_logps,
+            "pair_weights": pair_weights,
         },
         {"chosen_counts": chosen_counts, "rejected_counts": rejected_counts},
     )
@@ -302,8 +308,48 @@ def dpo_loss(
         weighted_exp = torch.exp((F.logsigmoid(z / tau) - z).clamp(max=_EXP_CLAMP))
         losses = torch.sigmoid(-z / tau) * -F.logsigmoid(z) + weighted_exp
 
-    metrics = _pair_metrics(beta * rho_w, beta * rho_l, policy_chosen_logps, policy_rejected_logps)
+    extra = {} if pair_w is None else {"pair_weights": pair_w}
+    metrics = _pair_metrics(beta * rho_w, beta * rho_l, policy_chosen_logps, policy_rejected_logps,
+                            **extra)
+    if pair_w is not None:
+        losses = losses * pair_w
     return losses.mean(), metrics
+
+
+@one_sync
+@torch.no_grad()
+def wpo_pair_weights(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    chosen_log_collision: Tensor,
+    rejected_log_collision: Tensor,
+    chosen_counts: Tensor | None,
+    rejected_counts: Tensor | None,
+) -> Tensor:
+    r"""WPO's pair weights (Zhou et al. 2024, eq. 2; TRL's ``use_weighting``), ``[B]``, without
+    gradient::
+
+        w = exp(m(y_w) + m(y_l)),  m(y) = (1/n) Σ_t (log π(y_t) − log Σ_v π(v)²)
+
+    from the summed log-probs S = Σ_t log π(y_t), the summed per-token log collision
+    probabilities C = Σ_t log Σ_v π(v)² (:func:`hypo_fast.ops.linear_logprob`'s
+    ``log_collision``) and the token counts n (clamped ≥ 1) of each response: m is large where
+    the policy puts more mass on the response's tokens than on a typical draw of its own. As
+    log π(y_t) − log Σ_v π(v)² ≤ log V, w ≤ V² stays finite. TRL does not clamp w (v0.27 clamped
+    it ≤ 1).
+    """
+    sw, sl, cw, cl, nw, nl = _check_batch(
+        {
+            "chosen_logps": chosen_logps,
+            "rejected_logps": rejected_logps,
+            "chosen_log_collision": chosen_log_collision,
+            "rejected_log_collision": rejected_log_collision,
+        },
+        {"chosen_counts": chosen_counts, "rejected_counts": rejected_counts},
+    )
+    _require("chosen_counts", nw, "(WPO averages over tokens)")
+    _require("rejected_counts", nl, "(WPO averages over tokens)")
+    return torch.exp((sw - cw) / nw + (sl - cl) / nl)
 
 
 @one_sync

@@ -141,12 +141,13 @@ def _linear_logprob_op(
     temperature: float,
     softcap: float,
     want_entropy: bool,
+    want_collision: bool,
     filter_eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(logp, lse, entropy, tile_lse, norm)``; entropy empty unless wanted, ``tile_lse``
-    (per-row log-sum-exp of every vocabulary tile, for the filtered backward) empty unless
-    ``filter_eps > 0``, ``norm [2, labels.numel()]`` the log-sum-exp in two parts (the kernels'
-    ``Forward.norm``, saved for backward)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logp, lse, entropy, log_collision, tile_lse, norm)``; entropy and log_collision
+    empty unless wanted, ``tile_lse`` (per-row log-sum-exp of every vocabulary tile, for the
+    filtered backward) empty unless ``filter_eps > 0``, ``norm [2, labels.numel()]`` the
+    log-sum-exp in two parts (the kernels' ``Forward.norm``, saved for backward)."""
     from .kernels.linear_logprob import logprob_forward
 
     rows = _valid_rows(labels, ignore_index)
@@ -158,14 +159,18 @@ def _linear_logprob_op(
             h, rows_view(weight), _contiguous(bias), flat.index_select(0, rows), h_rows,
             all_rows=all_rows(h, h_rows, rows), temperature=temperature,
             softcap=softcap or None,
-            want_entropy=want_entropy, tile_lse=tile_lse if tile_lse.numel() else None,
+            want_entropy=want_entropy, want_collision=want_collision,
+            tile_lse=tile_lse if tile_lse.numel() else None,
         )
 
-    entropy = (_scatter_rows(fwd.entropy, rows, labels.shape) if want_entropy
-               else labels.new_empty(0, dtype=torch.float32))
+    def per_token(values: torch.Tensor | None) -> torch.Tensor:
+        if values is None:
+            return labels.new_empty(0, dtype=torch.float32)
+        return _scatter_rows(values, rows, labels.shape)
+
     norm = torch.zeros((2, labels.numel()), dtype=torch.float32, device=labels.device)
-    return (_scatter_rows(fwd.logp, rows, labels.shape), _scatter_rows(fwd.lse, rows, labels.shape),
-            entropy, tile_lse, norm.index_copy_(1, rows, fwd.norm))
+    return (per_token(fwd.logp), per_token(fwd.lse), per_token(fwd.entropy),
+            per_token(fwd.log_collision), tile_lse, norm.index_copy_(1, rows, fwd.norm))
 
 
 def _tile_stats_buffer(family: str, planes: tuple[int, ...], hidden, weight, tokens,
@@ -184,10 +189,11 @@ def _tile_stats_buffer(family: str, planes: tuple[int, ...], hidden, weight, tok
 
 @_linear_logprob_op.register_fake
 def _(hidden, weight, labels, bias, ignore_index, temperature, softcap, want_entropy,
-      filter_eps):
+      want_collision, filter_eps):
     out = labels.new_empty(labels.shape, dtype=torch.float32)
     entropy = torch.empty_like(out) if want_entropy else out.new_empty(0)
-    return (out, torch.empty_like(out), entropy,
+    collision = torch.empty_like(out) if want_collision else out.new_empty(0)
+    return (out, torch.empty_like(out), entropy, collision,
             _tile_stats_buffer("linear_logprob", (), hidden, weight, labels, filter_eps),
             out.new_empty(2, labels.numel()))
 
@@ -239,17 +245,17 @@ def _(hidden, weight, labels, bias, norm, entropy, tile_lse, g_logp, g_lse, g_en
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, labels, bias, ignore_index, temperature, softcap, _, filter_eps = inputs
-    _, _, entropy, tile_lse, norm = output
+    hidden, weight, labels, bias, ignore_index, temperature, softcap, _, _, filter_eps = inputs
+    _, _, entropy, log_collision, tile_lse, norm = output
     ctx.save_for_backward(hidden, weight, labels, bias, norm, entropy, tile_lse)
     ctx.options = (ignore_index, temperature, softcap, filter_eps)
-    ctx.mark_non_differentiable(tile_lse, norm)
+    ctx.mark_non_differentiable(log_collision, tile_lse, norm)
     # Unused outputs then get None, not zeros: no tile_lse-sized zeros (32 MiB at 16384 tokens
     # of a 128k vocabulary) while the backward runs, and no g_lse/g_entropy terms in the kernel.
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, g_logp, g_lse, g_entropy, _, __):
+def _backward(ctx, g_logp, g_lse, g_entropy, *_):
     hidden, weight, labels, bias, norm, entropy, tile_lse = ctx.saved_tensors
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
              bias is not None and ctx.needs_input_grad[3]]
@@ -258,7 +264,7 @@ def _backward(ctx, g_logp, g_lse, g_entropy, _, __):
         *ctx.options, needs,
     )
     return (dh if needs[0] else None, dw if needs[1] else None, None,
-            db if needs[2] else None, None, None, None, None, None)
+            db if needs[2] else None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd(
@@ -280,6 +286,7 @@ def linear_logprob(
     num_seqs: int | None = None,
     token_weights: torch.Tensor | None = None,
     return_entropy: bool = False,
+    return_collision: bool = False,
     filter_eps: float | str | None = "auto",
     deterministic: bool = False,
     backend: str | None = None,
@@ -290,9 +297,11 @@ def linear_logprob(
     Shapes: hidden ``[..., d]``, weight ``[V, d]``, bias ``[V]``; labels, seq_ids and
     token_weights shaped ``hidden.shape[:-1]``. Returns a :class:`LogProbOutput` with fp32
     (from the reference and cpu backends fp64 for fp64 inputs) ``logp = z[y] - lse``,
-    ``lse = logsumexp(z)``, optional ``entropy`` (0 where ``labels == ignore_index``), and with
-    ``seq_ids`` the per-sequence ``seq_sum = Σ logp``, ``seq_weighted_sum = Σ w·logp`` and
-    ``seq_count`` over ``num_seqs`` sequences (default ``max(seq_ids) + 1``). Every output is
+    ``lse = logsumexp(z)``, optional ``entropy`` and ``log_collision = log Σ_v p_v²`` (WPO's
+    normaliser; one multiply-add per logit more in the forward), 0 where ``labels ==
+    ignore_index``, and with ``seq_ids`` the per-sequence ``seq_sum = Σ logp``,
+    ``seq_weighted_sum = Σ w·logp`` and ``seq_count`` over ``num_seqs`` sequences (default
+    ``max(seq_ids) + 1``). Every output but ``log_collision`` (which has no gradient) is
     differentiable w.r.t. hidden, weight, bias and token_weights.
 
     Gradient filtering (triton backend): with ``filter_eps`` a number ε > 0, or ``"auto"``
@@ -311,7 +320,7 @@ def linear_logprob(
         return reference.linear_logprob(
             hidden, weight, labels, bias, ignore_index=ignore_index, temperature=temperature,
             softcap=softcap, seq_ids=seq_ids, num_seqs=num_seqs, token_weights=token_weights,
-            return_entropy=return_entropy,
+            return_entropy=return_entropy, return_collision=return_collision,
         )
     num_seqs = validate_head(
         hidden, weight, labels, bias, ignore_index=ignore_index, temperature=temperature,
@@ -320,11 +329,13 @@ def linear_logprob(
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
     hidden, weight, bias = _fp32_if_fp64(hidden, weight, bias)
-    logp, lse, entropy, _, _ = _linear_logprob_op(
+    logp, lse, entropy, log_collision, _, _ = _linear_logprob_op(
         hidden, weight, _saveable(labels), bias, ignore_index, float(temperature),
-        float(softcap or 0.0), return_entropy, _filter_eps(filter_eps, hidden, weight, bias),
+        float(softcap or 0.0), return_entropy, return_collision,
+        _filter_eps(filter_eps, hidden, weight, bias),
     )
-    out = LogProbOutput(logp=logp, lse=lse, entropy=entropy if return_entropy else None)
+    out = LogProbOutput(logp=logp, lse=lse, entropy=entropy if return_entropy else None,
+                        log_collision=log_collision if return_collision else None)
     if seq_ids is not None:
         out.seq_sum, out.seq_weighted_sum, out.seq_count = reference.sequence_sums(
             logp, labels != ignore_index, seq_ids, num_seqs, token_weights

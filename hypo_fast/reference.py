@@ -33,15 +33,18 @@ KL_DIRECTIONS = ("reverse", "forward")
 class LogProbOutput:
     """Per-token and per-sequence statistics of one head.
 
-    ``logp``, ``lse`` (and ``entropy``) are per token, shaped like the labels, 0 on ignored rows.
-    When ``seq_ids`` was given: ``seq_sum[s] = Σ_{i in s} logp_i``, ``seq_weighted_sum[s] =
-    Σ_{i in s} w_i·logp_i`` (only with ``token_weights``) and ``seq_count[s]`` = number of valid
-    tokens of sequence s (float, not clamped).
+    ``logp``, ``lse`` (and ``entropy``, ``log_collision``) are per token, shaped like the
+    labels, 0 on ignored rows. ``log_collision = log Σ_v p_v²`` (the log-probability that two
+    draws agree; WPO's normaliser) carries no gradient. When ``seq_ids`` was given: ``seq_sum[s]
+    = Σ_{i in s} logp_i``, ``seq_weighted_sum[s] = Σ_{i in s} w_i·logp_i`` (only with
+    ``token_weights``) and ``seq_count[s]`` = number of valid tokens of sequence s (float, not
+    clamped).
     """
 
     logp: torch.Tensor
     lse: torch.Tensor
     entropy: torch.Tensor | None = None
+    log_collision: torch.Tensor | None = None
     seq_sum: torch.Tensor | None = None
     seq_weighted_sum: torch.Tensor | None = None
     seq_count: torch.Tensor | None = None
@@ -115,6 +118,12 @@ def logprob_from_logits(z: torch.Tensor, labels: torch.Tensor, ignore_index: int
     return torch.where(valid, target - lse, zero), torch.where(valid, lse, zero)
 
 
+@torch.no_grad()
+def log_collision_from_logits(z: torch.Tensor) -> torch.Tensor:
+    """``log Σ_v p_v² = logsumexp(2z) − 2·logsumexp(z)`` per row, without gradient."""
+    return torch.logsumexp(2.0 * z, dim=-1) - 2.0 * torch.logsumexp(z, dim=-1)
+
+
 def entropy_from_logits(z: torch.Tensor) -> torch.Tensor:
     """``H = -Σ_v p_v log p_v = lse - Σ_v p_v z_v`` per row."""
     logp = torch.log_softmax(z, dim=-1)
@@ -169,12 +178,15 @@ def linear_logprob(
     num_seqs: int | None = None,
     token_weights: torch.Tensor | None = None,
     return_entropy: bool = False,
+    return_collision: bool = False,
 ) -> LogProbOutput:
-    """Per-token log-prob of the label, logsumexp and (optionally) entropy of one head.
+    """Per-token log-prob of the label, logsumexp and (optionally) entropy and log collision
+    probability of one head.
 
-    ``logp_i = z_i[y_i] - lse_i``, ``lse_i = log Σ_v exp(z_iv)``, ``entropy_i = -Σ_v p_iv log p_iv``
-    for rows with ``y_i != ignore_index`` (0 otherwise), plus per-sequence sums by ``seq_ids``
-    (``num_seqs`` defaults to ``max(seq_ids) + 1``).
+    ``logp_i = z_i[y_i] - lse_i``, ``lse_i = log Σ_v exp(z_iv)``, ``entropy_i = -Σ_v p_iv log
+    p_iv``, ``log_collision_i = log Σ_v p_iv²`` (no gradient) for rows with ``y_i !=
+    ignore_index`` (0 otherwise), plus per-sequence sums by ``seq_ids`` (``num_seqs`` defaults
+    to ``max(seq_ids) + 1``).
     """
     num_seqs = validate_head(
         hidden, weight, labels, bias, ignore_index=ignore_index, temperature=temperature,
@@ -186,6 +198,8 @@ def linear_logprob(
     out = LogProbOutput(logp=logp, lse=lse)
     if return_entropy:
         out.entropy = torch.where(valid, entropy_from_logits(z), 0.0)
+    if return_collision:
+        out.log_collision = torch.where(valid, log_collision_from_logits(z), 0.0)
     if seq_ids is not None:
         out.seq_sum, out.seq_weighted_sum, out.seq_count = sequence_sums(
             logp, valid, seq_ids, num_seqs, token_weights

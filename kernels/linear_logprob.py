@@ -1,15 +1,18 @@
-"""Fused lm_head + log-softmax: per-token log-prob of the label, logsumexp and entropy.
+"""Fused lm_head + log-softmax: per-token log-prob of the label, logsumexp, entropy and
+log collision probability.
 
 Op 1 of DESIGN.md §3 without the N x V logits. Rows are the *valid* tokens only: the launcher
 receives ``rows`` (int64 indices into ``hidden``) so ignored tokens cost no FLOPs.
 
 Forward (:func:`logprob_forward`): a split-vocabulary kernel. Program (row block, split) streams
 its contiguous range of vocabulary tiles, computes ``x = H_rows @ W_tile.T (+ b)`` in fp32,
-``z = softcap(x) / T`` and keeps an online ``(m, s = Σ e^{z-m}, a = Σ e^{z-m}·(z-m), z[y])`` per
-row (``a`` is shifted by ``(m_old - m_new)·s_old`` when the max moves); a few torch ops merge the
-splits: ``lse = M + log S``, ``S = Σ_k s_k e^{m_k-M}``, and the entropy in the relative form
-``log S - Σ_k e^{m_k-M}(a_k + (m_k - M)·s_k) / S``, which does not cancel on peaked rows (unlike
-``lse - E_p[z]``). Programs are swizzled in groups of
+``z = softcap(x) / T`` and keeps an online ``(m, s = Σ e^{z-m}, a = Σ e^{z-m}·(z-m), q = Σ
+e^{2(z-m)}, z[y])`` per row (``a`` is shifted by ``(m_old - m_new)·s_old`` when the max moves); a
+few torch ops merge the splits: ``lse = M + log S``, ``S = Σ_k s_k e^{m_k-M}``, the entropy in
+the relative form ``log S - Σ_k e^{m_k-M}(a_k + (m_k - M)·s_k) / S``, which does not cancel on
+peaked rows (unlike ``lse - E_p[z]``), and ``log Σ_v p_v² = log Σ_k q_k e^{2(m_k-M)} - 2 log S``
+(each term ≥ 0 and the largest logit's is 1: no underflow to log 0). Programs are swizzled in
+groups of
 ``GROUP_M`` row blocks x all splits so that the H blocks and W tiles in flight stay in L2.
 
 Backward (:func:`logprob_backward`): per vocabulary chunk, a kernel recomputes the logits tile by
@@ -68,10 +71,10 @@ from ._tiles import (
 
 @triton.jit
 def _forward_kernel(
-    H, W, B, Y, ROWS, M_OUT, S_OUT, A_OUT, T_OUT, TLSE,
+    H, W, B, Y, ROWS, M_OUT, S_OUT, A_OUT, Q_OUT, T_OUT, TLSE,
     N, V, D, stride_h, stride_w, stride_tlse, n_splits, tiles_per_split, inv_temp, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WANT_ENTROPY: tl.constexpr,
-    WANT_TILE_LSE: tl.constexpr,
+    WANT_COLLISION: tl.constexpr, WANT_TILE_LSE: tl.constexpr,
     CAST_F32: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, FLATTEN: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -83,6 +86,7 @@ def _forward_kernel(
     m_i = tl.full((BM,), float("-inf"), tl.float32)
     s_i = tl.zeros((BM,), tl.float32)
     a_i = tl.zeros((BM,), tl.float32)
+    q_i = tl.zeros((BM,), tl.float32)
     t_i = tl.zeros((BM,), tl.float32)
     first_tile = split * tiles_per_split
     tlse_ptrs = TLSE + first_tile.to(tl.int64) * stride_tlse + offs_m  # advanced tile by tile
@@ -106,6 +110,8 @@ def _forward_kernel(
         if WANT_ENTROPY:
             shift = tl.where(s_i > 0, (m_i - m_new) * s_i, 0.0)
             a_i = (a_i + shift) * scale + tl.sum(p * z_c, axis=1)
+        if WANT_COLLISION:
+            q_i = q_i * (scale * scale) + tl.sum(p * p, axis=1)
         tile_sum = tl.sum(p, axis=1)
         s_i = s_i * scale + tile_sum
         m_i = m_new
@@ -118,6 +124,8 @@ def _forward_kernel(
     tl.store(T_OUT + out, t_i, mask=row_mask)
     if WANT_ENTROPY:
         tl.store(A_OUT + out, a_i, mask=row_mask)
+    if WANT_COLLISION:
+        tl.store(Q_OUT + out, q_i, mask=row_mask)
 
 
 @triton.jit
@@ -176,14 +184,16 @@ def tile_width(dtype: torch.dtype) -> int:
 
 
 class Forward(NamedTuple):
-    """Per valid row, fp32 ``[n]``: ``logp``, ``lse``, ``entropy`` (None unless wanted), and
+    """Per valid row, fp32 ``[n]``: ``logp``, ``lse``, ``entropy`` (None unless wanted),
     ``norm [2, n]``, the log-sum-exp in two parts ``(M, log S)`` (``lse = M + log S``, M the row's
-    largest logit) that the backward takes."""
+    largest logit) that the backward takes, and ``log_collision = log Σ_v p_v²`` (None unless
+    wanted)."""
 
     logp: torch.Tensor
     lse: torch.Tensor
     entropy: torch.Tensor | None
     norm: torch.Tensor
+    log_collision: torch.Tensor | None = None
 
 
 def logprob_forward(
@@ -196,12 +206,13 @@ def logprob_forward(
     temperature: float = 1.0,
     softcap: float | None = None,
     want_entropy: bool = False,
+    want_collision: bool = False,
     tile_lse: torch.Tensor | None = None,
     config: dict | None = None,
     all_rows: bool = False,
 ) -> Forward:
-    """Per valid row ``logp``, ``lse``, ``entropy`` and the backward's ``norm`` (a
-    :class:`Forward`). ``config``: the
+    """Per valid row ``logp``, ``lse``, ``entropy``, the backward's ``norm`` and
+    ``log_collision`` (a :class:`Forward`). ``config``: the
     blocks (default :func:`block_config`), and ``FLATTEN`` to let Triton fuse the tile and K
     loops (with descriptor loads only: with pointer loads it is slower and spills).
 
@@ -215,7 +226,8 @@ def logprob_forward(
     n, (V, D) = rows.numel(), weight.shape
     if n == 0:  # reachable under torch.compile, which skips the validation
         empty = torch.zeros(0, dtype=torch.float32, device=hidden.device)
-        return Forward(empty, empty, empty if want_entropy else None, empty.view(2, 0))
+        return Forward(empty, empty, empty if want_entropy else None, empty.view(2, 0),
+                       empty if want_collision else None)
     cfg = config or block_config("forward", hidden.dtype)
     if tile_lse is not None and (
             cfg["BN"] != tile_width(hidden.dtype) or tile_lse.stride(1) != 1
@@ -225,17 +237,18 @@ def logprob_forward(
     h_arg, w_arg, tma = head_operands(hidden, weight, rows, cfg, all_rows)
     n_row_blocks, n_tiles = triton.cdiv(n, cfg["BM"]), triton.cdiv(V, cfg["BN"])
     splits, tiles_per_split = split_vocab(n_row_blocks, n_tiles, hidden.device)
-    part = torch.empty((4 if want_entropy else 3, splits, n), dtype=torch.float32,
+    part = torch.empty((3 + want_entropy + want_collision, splits, n), dtype=torch.float32,
                        device=hidden.device)
-    m, s, t = part[0], part[1], part[2]
-    a = part[3] if want_entropy else t
+    m, s, t, *more = part
+    a = more.pop(0) if want_entropy else t
+    q = more.pop(0) if want_collision else t
     launch(
         _forward_kernel, (n_row_blocks * splits,),
-        h_arg, w_arg, bias if bias is not None else hidden, labels, rows, m, s, a, t,
+        h_arg, w_arg, bias if bias is not None else hidden, labels, rows, m, s, a, q, t,
         tile_lse if tile_lse is not None else m,
         n, V, D, hidden.stride(0), weight.stride(0),
         tile_lse.stride(0) if tile_lse is not None else 0, splits, tiles_per_split,
-        HAS_BIAS=bias is not None, WANT_ENTROPY=want_entropy,
+        HAS_BIAS=bias is not None, WANT_ENTROPY=want_entropy, WANT_COLLISION=want_collision,
         WANT_TILE_LSE=tile_lse is not None,
         **head_constants(hidden.dtype, temperature, softcap),
         **{**cfg, "TMA": tma, "FLATTEN": bool(cfg.get("FLATTEN")) and tma},
@@ -245,7 +258,8 @@ def logprob_forward(
     logp = (t.sum(dim=0) - norm[0]) - norm[1]
     entropy = (norm[1] - ((a + (m - m_max) * s) * w).sum(dim=0) / s_tot
                if want_entropy else None)
-    return Forward(logp, norm[0] + norm[1], entropy, norm)
+    collision = (torch.log((q * w * w).sum(dim=0)) - 2.0 * norm[1]) if want_collision else None
+    return Forward(logp, norm[0] + norm[1], entropy, norm, collision)
 
 
 def filter_tiles(

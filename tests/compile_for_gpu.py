@@ -99,11 +99,12 @@ def main(dtype: str, tma: bool) -> int:
     softcapped, _ = blocks(LP.backward_config(torch_dtype, 30.0))
     dots = {"CAST_F32": False, "PRECISION": "ieee"}
     heads = {"HAS_BIAS": True, "HAS_SOFTCAP": True, **dots}
-    compile_one(f"linear_logprob forward {tag}", LP._forward_kernel,
-                {**operands(fwd), "B": ptr, "Y": i64, "ROWS": i64, "M_OUT": f32, "S_OUT": f32,
-                 "A_OUT": f32, "T_OUT": f32, "TLSE": f32, "inv_temp": "fp32", "softcap": "fp32"},
-                {**heads, **fwd, "WANT_ENTROPY": True, "WANT_TILE_LSE": True},
-                **launch)
+    lp_fwd_args = {**operands(fwd), "B": ptr, "Y": i64, "ROWS": i64, "M_OUT": f32,
+                   "S_OUT": f32, "A_OUT": f32, "Q_OUT": f32, "T_OUT": f32, "TLSE": f32,
+                   "inv_temp": "fp32", "softcap": "fp32"}
+    compile_one(f"linear_logprob forward {tag}", LP._forward_kernel, lp_fwd_args,
+                {**heads, **fwd, "WANT_ENTROPY": True, "WANT_COLLISION": True,
+                 "WANT_TILE_LSE": True}, **launch)
     grad_args = {"B": ptr, "Y": i64, "ROWS": i64, "NORM": f32, "ENT": f32, "G_LOGP": f32,
                  "G_LSE": f32, "G_ENT": f32, "DX": ptr, "DB_PART": f32, "PAIRS": "*i32",
                  "inv_temp": "fp32", "softcap": "fp32"}
@@ -153,11 +154,9 @@ def main(dtype: str, tma: bool) -> int:
     # path, have a budget. fp32 runs true-fp32 FMA dots, far from the matmul rate anyway.
     plain = {"HAS_BIAS": False, "HAS_SOFTCAP": False, **dots}
     budget = {"max_spill": 256 if dtype != "fp32" else None}
-    compile_one(f"linear_logprob forward {tag} as benchmarked", LP._forward_kernel,
-                {**operands(fwd), "B": ptr, "Y": i64, "ROWS": i64, "M_OUT": f32, "S_OUT": f32,
-                 "A_OUT": f32, "T_OUT": f32, "TLSE": f32, "inv_temp": "fp32", "softcap": "fp32"},
-                {**plain, **fwd, "WANT_ENTROPY": False, "WANT_TILE_LSE": True},
-                **budget, **launch)
+    compile_one(f"linear_logprob forward {tag} as benchmarked", LP._forward_kernel, lp_fwd_args,
+                {**plain, **fwd, "WANT_ENTROPY": False, "WANT_COLLISION": False,
+                 "WANT_TILE_LSE": True}, **budget, **launch)
     for sparse in (False, True):  # dense, and filtered (the forward's tile width)
         grad = {**bwd, "BN": LP.tile_width(torch_dtype)} if sparse else bwd
         compile_one(f"linear_logprob grad sparse={sparse} {tag} as benchmarked",

@@ -62,8 +62,8 @@ def run_filtered(hidden, weight, bias, labels, coefs, *, eps, temperature, softc
     width = K.tile_width(hidden.dtype)
     tile_lse = torch.empty(triton.cdiv(weight.shape[0], width), hidden.shape[0])
     opts = dict(temperature=temperature, softcap=softcap)
-    _, lse, ent, norm = K.logprob_forward(hidden, weight, bias, lab, rows, want_entropy=entropy,
-                                          tile_lse=tile_lse, **opts)
+    _, lse, ent, norm, _ = K.logprob_forward(hidden, weight, bias, lab, rows, want_entropy=entropy,
+                                             tile_lse=tile_lse, **opts)
     g_logp, g_lse = coefs[0].float(), coefs[1].float()
     g_ent = coefs[2].float() if entropy else None
     grads = K.logprob_backward(hidden, weight, bias, lab, rows, norm, ent, g_logp, g_lse, g_ent,

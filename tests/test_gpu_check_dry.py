@@ -40,6 +40,9 @@ def test_every_section_of_the_gpu_check_runs_dry(tmp_path):
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     # the dry shapes leave tokens to score (every token of a 256-token run was once a prompt)
     assert all(row["N_valid"] > 0 for row in results["timings"] + results["filtered"])
+    collision = [row["collision_err"] for row in results["checks"]
+                 if row.get("collision_err") is not None]
+    assert collision and all(err < 1e-2 for err in collision), collision
 
 
 def test_only_runs_the_named_sections_and_the_matmul_rate(tmp_path):

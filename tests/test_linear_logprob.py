@@ -220,9 +220,9 @@ class Judge:
                 if name == "seq_weighted_sum":
                     terms = terms * self.inputs["token_weights"].detach().abs()
                 scale = R.segment_sum(terms, self.kwargs["seq_ids"], want.numel()).norm().item()
-            elif name == "entropy":
-                # log S − A/S of O(1) terms: near-deterministic rows (H ≈ 0) are judged against
-                # one nat per row, not against their own tiny norm
+            elif name in ("entropy", "log_collision"):
+                # log S − A/S of O(1) terms (log Q − 2 log S): near-deterministic rows (≈ 0) are
+                # judged against one nat per row, not against their own tiny norm
                 scale = max(want.norm().item(), want.numel() ** 0.5)
             self.check(name, got, want, VALUE_TOL, lambda r, n=name: getattr(r[0], n), scale)
 
@@ -345,7 +345,7 @@ def build_case(c):
     )
     kwargs = dict(
         ignore_index=c["ignore_index"], temperature=c["temperature"], softcap=c["softcap"],
-        return_entropy=c["entropy"],
+        return_entropy=c["entropy"], return_collision=c["entropy"],
     )
     if c["seqs"] != "none":
         kwargs.update(seq_ids=seq_ids.to(c["label_dtype"]).to(DEVICE),
@@ -358,7 +358,7 @@ def call(fn, inputs, kwargs, **extra):
               token_weights=inputs["token_weights"], **kwargs, **extra)
 
 
-OUTPUTS = ("logp", "lse", "entropy", "seq_sum", "seq_weighted_sum")
+OUTPUTS = ("logp", "lse", "entropy", "log_collision", "seq_sum", "seq_weighted_sum")
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,11 +402,15 @@ def test_triton_matches_reference_values_and_grads(c):
     if out.seq_count is not None:
         assert torch.equal(out.seq_count, ref.seq_count)
     # ignored rows give exactly 0; valid rows are finite and logp ≤ 0
-    for name in ("logp", "lse", "entropy"):
+    for name in ("logp", "lse", "entropy", "log_collision"):
         value = getattr(out, name)
         if value is not None:
             assert bool((value[ignored] == 0).all()), f"{name} not 0 on ignored rows"
     assert bool((out.logp[~ignored] <= 1e-4).all())
+    if out.log_collision is not None:  # 1/V ≤ Σ p² ≤ 1
+        valid = out.log_collision[~ignored]
+        assert bool(((valid <= 1e-5) & (valid >= -math.log(c["V"]) - 1e-4)).all())
+        assert not out.log_collision.requires_grad
     assert bool((g_out["hidden"][ignored] == 0).all()), "dH is not 0 on ignored rows"
 
 
@@ -624,12 +628,15 @@ def test_forward_launcher_block_variants(blocks, flatten):
     if blocks is not None:
         cfg.update(BM=blocks[0], BN=blocks[1], BK=blocks[2])
     opts = dict(temperature=0.9, softcap=12.0)
-    logp, lse, ent, _ = K.logprob_forward(hidden, weight, bias, labels[rows], rows,
-                                          want_entropy=True, config=cfg, **opts)
-    ref = R.linear_logprob(hidden[rows], weight, labels[rows], bias, return_entropy=True, **opts)
+    logp, lse, ent, _, coll = K.logprob_forward(hidden, weight, bias, labels[rows], rows,
+                                                want_entropy=True, want_collision=True,
+                                                config=cfg, **opts)
+    ref = R.linear_logprob(hidden[rows], weight, labels[rows], bias, return_entropy=True,
+                           return_collision=True, **opts)
     assert_rel("logp", logp, ref.logp, VALUE_TOL)
     assert_rel("lse", lse, ref.lse, VALUE_TOL)
     assert_rel("entropy", ent, ref.entropy, VALUE_TOL)
+    assert_rel("log_collision", coll, ref.log_collision, VALUE_TOL)
 
 
 @needs_triton
@@ -852,23 +859,24 @@ def test_torch_compile_requires_num_seqs_with_seq_ids():
 
 @needs_triton
 @pytest.mark.parametrize(
-    ("use_bias", "softcap", "want_entropy", "dtype", "eps"),
-    [(True, 0.0, True, F32, 0.0), (False, 5.0, False, F32, 1e-3), (True, 3.0, True, BF16, 0.0)],
+    ("use_bias", "softcap", "want_entropy", "want_collision", "dtype", "eps"),
+    [(True, 0.0, True, False, F32, 0.0), (False, 5.0, False, True, F32, 1e-3),
+     (True, 3.0, True, True, BF16, 0.0)],
 )
-def test_opcheck_forward_op(use_bias, softcap, want_entropy, dtype, eps):
+def test_opcheck_forward_op(use_bias, softcap, want_entropy, want_collision, dtype, eps):
     hidden, weight, bias, labels = small_inputs(dtype=dtype, requires_grad=True)
-    args = (hidden, weight, labels, bias if use_bias else None, -100, 1.0, softcap, want_entropy,
-            eps)
+    wants = (want_entropy, want_collision)
+    args = (hidden, weight, labels, bias if use_bias else None, -100, 1.0, softcap, *wants, eps)
     torch.library.opcheck(torch.ops.hypo_fast.linear_logprob.default, args)
     # 3-D hidden with int32 labels
     args3 = (hidden.detach()[:8].reshape(2, 4, 16).requires_grad_(), weight,
-             labels[:8].reshape(2, 4).to(torch.int32), None, -100, 0.5, softcap, want_entropy, eps)
+             labels[:8].reshape(2, 4).to(torch.int32), None, -100, 0.5, softcap, *wants, eps)
     torch.library.opcheck(torch.ops.hypo_fast.linear_logprob.default, args3)
 
 
 def backward_op_args(hidden, weight, labels, bias, needs, eps=0.0):
-    _, _, ent, tile_lse, norm = torch.ops.hypo_fast.linear_logprob(
-        hidden, weight, labels, bias, -100, 1.0, 2.0, True, eps)
+    _, _, ent, _, tile_lse, norm = torch.ops.hypo_fast.linear_logprob(
+        hidden, weight, labels, bias, -100, 1.0, 2.0, True, False, eps)
     g = torch.randn(labels.shape, generator=gen(3)).to(norm.device)
     return (hidden, weight, labels, bias, norm, ent, tile_lse, g, -g, 0.5 * g, -100, 1.0, 2.0, eps,
             needs)

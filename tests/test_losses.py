@@ -461,6 +461,33 @@ def test_ld_token_weights_rank_each_sequences_valid_tokens(data):
                        want.reshape(1, -1))
 
 
+@pytest.mark.parametrize("options", [{}, {"loss_type": "ipo", "average_log_prob": True},
+                                     {"ld_alpha": 0.5, "loss_type": "hinge"}])
+def test_wpo_weighting_matches_trl_definition(options):
+    """TRL's use_weighting: each pair's loss times exp(m_w + m_l), m the token mean of
+    log π(y_t) − (logsumexp(2z) − 2 logsumexp(z)), no gradient through the weights."""
+    p = ld_pairs(seed=24)
+    module = FusedLinearDPOLoss(beta=0.2, use_weighting=True, compute_nll_loss=True, **options)
+    loss, aux = call(module, p)
+
+    z = logits(p.h, p.w, p.b)
+    valid = p.y != IGN
+    with torch.no_grad():
+        log_denom = torch.logsumexp(2 * z, -1) - 2 * torch.logsumexp(z, -1)
+        mean = ((token_logps(z, p.y) - log_denom) * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+        weights = torch.exp(mean)
+        pair_weights = weights[:3] * weights[3:]
+    per_pair = []
+    for b in range(3):  # the unweighted module's loss, pair by pair
+        pair = replace(p, **{k: getattr(p, k)[[b, b + 3]] for k in ("h", "y", "rh")})
+        per_pair.append(call(FusedLinearDPOLoss(beta=0.2, **options), pair)[0])
+    _, _, sums, counts = expected_logps(p)
+    want = (torch.stack(per_pair) * pair_weights).mean() + expected_nll(sums, counts)
+    assert_same(loss, p.grads_of(loss), want, p.grads_of(want))
+    torch.testing.assert_close(aux.metrics["pair_weights"], pair_weights)
+    assert not torch.allclose(pair_weights, torch.ones(3, dtype=F64))
+
+
 # ---------------------------------------------------------------------------------------------
 # packed layout
 
@@ -779,8 +806,8 @@ def test_tied_embeddings_accumulate_both_paths():
 
 
 @needs_triton
-@pytest.mark.parametrize("kind", ["dpo", "dpo_ld", "orpo_nll_target", "sparsepo",
-                                  "hypo_exact", "hypo_rloo", "hypo_rloo_ld"])
+@pytest.mark.parametrize("kind", ["dpo", "dpo_ld", "dpo_wpo", "orpo_nll_target", "sparsepo",
+                                  "hypo_exact", "hypo_rloo", "hypo_rloo_ld", "hypo_rloo_wpo"])
 def test_triton_backend_matches_reference(kind):
     p = make_pairs(B=2, T=5, d=16, V=40, dtype=F32, seed=81).leaves()
     oh, oy, orh, _ = online_batch(M=2, T=5, d=16, V=40, seed=82)
@@ -789,11 +816,12 @@ def test_triton_backend_matches_reference(kind):
     nll_target = torch.randint(0, 40, p.y.shape, generator=torch.Generator().manual_seed(3))
     nll_target[:, :2] = IGN
     ld = 0.4 if kind.endswith("_ld") else None  # the pairs differ in length: the weights show
+    wpo = kind.endswith("_wpo")
     results = []
     for backend in ("reference", "triton"):
         if kind.startswith("dpo"):
             loss, aux = call(FusedLinearDPOLoss(compute_nll_loss=True, ld_alpha=ld,
-                                                backend=backend), p)
+                                                use_weighting=wpo, backend=backend), p)
             extra = []
         elif kind == "orpo_nll_target":  # one call: the pairs' labels and the NLL's, gathered
             loss, aux = FusedLinearORPOLoss(backend=backend)(p.w, p.h, p.y, p.b, nll_target)
@@ -803,7 +831,8 @@ def test_triton_backend_matches_reference(kind):
             extra = [mask]
         else:
             estimator = kind.split("_")[1]
-            loss, aux = call(HyPOLoss(estimator=estimator, ld_alpha=ld, backend=backend), p,
+            loss, aux = call(HyPOLoss(estimator=estimator, ld_alpha=ld, use_weighting=wpo,
+                                      backend=backend), p,
                              online_input=oh, online_target=oy, online_ref_input=orh.float(),
                              group_ids=torch.tensor([0, 0]) if estimator == "rloo" else None)
             extra = [oh]
@@ -822,7 +851,8 @@ def test_triton_backend_matches_reference(kind):
 
 def test_functional_forms_are_reexported():
     for name in ("dpo_loss", "simpo_loss", "cpo_loss", "orpo_loss", "sparsepo_loss",
-                 "sparsepo_sequence_sums", "hypo_kl_term", "hpo_aux_term", "hpo_loss"):
+                 "sparsepo_sequence_sums", "hypo_kl_term", "hpo_aux_term", "hpo_loss",
+                 "wpo_pair_weights"):
         assert getattr(losses, name) is getattr(objectives, name)
 
 

@@ -13,7 +13,8 @@ from hypo_fast import losses
 
 F32 = torch.float32
 KINDS = ["dpo_nll", "dpo_precomputed_ref", "simpo", "cpo", "orpo_nll_target", "sparsepo",
-         "hypo_exact", "hypo_rloo", "hpo", "dpo_packed", "hypo_rloo_ld", "dpo_packed_ld"]
+         "hypo_exact", "hypo_rloo", "hpo", "dpo_packed", "hypo_rloo_ld", "dpo_packed_ld",
+         "dpo_nll_wpo"]
 
 
 def scenario(kind: str, backend: str):
@@ -22,10 +23,12 @@ def scenario(kind: str, backend: str):
     p = make_pairs(B=2, T=5, d=16, V=40, dtype=F32, seed=81).leaves()
     g = torch.Generator().manual_seed(2)
     ld = 0.4 if kind.endswith("_ld") else None  # LD-DPO: the pairs differ in length
-    kind = kind.removesuffix("_ld")
+    wpo = kind.endswith("_wpo")
+    kind = kind.removesuffix("_ld").removesuffix("_wpo")
     leaves = [p.w, p.h, p.b]
     if kind == "dpo_nll":
-        module = losses.FusedLinearDPOLoss(compute_nll_loss=True, backend=backend)
+        module = losses.FusedLinearDPOLoss(compute_nll_loss=True, use_weighting=wpo,
+                                           backend=backend)
         return lambda: call(module, p), leaves
     if kind == "dpo_precomputed_ref":
         ref = torch.randn(2, 2, generator=g) - 5.0
@@ -90,7 +93,7 @@ def test_inductor_compiles_a_padded_dpo_step():
 
 
 @needs_triton
-@pytest.mark.parametrize("kind", ["dpo_nll", "hypo_exact"])
+@pytest.mark.parametrize("kind", ["dpo_nll", "hypo_exact", "dpo_nll_wpo"])
 def test_every_loss_compiles_to_one_graph_triton(kind):
     assert_compiled_matches_eager(kind, "triton", "aot_eager")
 

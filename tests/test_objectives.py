@@ -23,6 +23,7 @@ from hypo_fast.objectives import (
     simpo_loss,
     sparsepo_loss,
     sparsepo_sequence_sums,
+    wpo_pair_weights,
 )
 
 F64 = torch.float64
@@ -76,7 +77,7 @@ def _tensors(cols, counts):
     return [torch.tensor(c, dtype=F64) for c in cols], [torch.tensor(n) for n in counts]
 
 
-def _hand_dpo(loss_type, cols, counts, beta, eps, tau=0.05, score=lambda r: r):
+def _hand_dpo(loss_type, cols, counts, beta, eps, tau=0.05, score=lambda r: r, weights=None):
     losses = []
     for pw, pl, rw, rl, nw, nl in zip(*cols, *counts, strict=True):
         s_w, s_l = score(pw - rw), score(pl - rl)
@@ -85,6 +86,8 @@ def _hand_dpo(loss_type, cols, counts, beta, eps, tau=0.05, score=lambda r: r):
             dn=s_w / max(nw, 1) - s_l / max(nl, 1), b=beta, e=eps, tau=tau,
         )
         losses.append(EXPECTED_DPO[loss_type](c))
+    if weights is not None:
+        losses = [w * loss for w, loss in zip(weights, losses, strict=True)]
     return sum(losses) / len(losses)
 
 
@@ -101,6 +104,37 @@ def test_dpo_loss_types_match_hand_formulas(loss_type, batch, beta):
     expected = _hand_dpo(loss_type, *batch, beta, eps)
     assert loss.dtype == F64
     assert loss.item() == pytest.approx(expected, rel=1e-9, abs=1e-9)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "bco_pair"])
+@settings(max_examples=20, deadline=None)
+@given(batch=pair_batches(), data=st.data())
+def test_pair_weights_scale_each_pairs_loss(loss_type, batch, data):
+    b = len(batch[0][0])
+    weights = data.draw(st.lists(st.floats(0.0, 5.0), min_size=b, max_size=b))
+    (pw, pl, rw, rl), (nw, nl) = _tensors(*batch)
+    w = torch.tensor(weights, dtype=F64)
+    loss, metrics = dpo_loss(pw, pl, rw, rl, beta=0.3, loss_type=loss_type, chosen_counts=nw,
+                             rejected_counts=nl, pair_weights=w)
+    expected = _hand_dpo(loss_type, *batch, 0.3, 0.0, weights=weights)
+    assert loss.item() == pytest.approx(expected, rel=1e-9, abs=1e-9)
+    assert torch.equal(metrics["pair_weights"], w)
+
+
+@settings(max_examples=30, deadline=None)
+@given(batch=pair_batches(), collisions=st.lists(st.floats(-60.0, 0.0), min_size=8, max_size=8))
+def test_wpo_pair_weights_match_hand_formula(batch, collisions):
+    (sw, sl, _, _), (nw, nl) = _tensors(*batch)
+    b = sw.numel()
+    cw, cl = torch.tensor(collisions[:b], dtype=F64), torch.tensor(collisions[4:4 + b],
+                                                                    dtype=F64)
+    sw.requires_grad_(True)
+    got = wpo_pair_weights(sw, sl, cw, cl, nw, nl)
+    for i in range(b):
+        m_w = (sw[i].item() - cw[i].item()) / max(int(nw[i]), 1)
+        m_l = (sl[i].item() - cl[i].item()) / max(int(nl[i]), 1)
+        assert got[i].item() == pytest.approx(math.exp(m_w + m_l), rel=1e-12)
+    assert not got.requires_grad
 
 
 @pytest.mark.parametrize(
@@ -520,6 +554,14 @@ _B = torch.tensor([-1.0, -2.0])
         (lambda: dpo_loss(_B, _B, discopop_tau=0.0), ValueError, "discopop_tau"),
         (lambda: dpo_loss(_B, _B, clip_ref_margin=True, f_divergence_type="js_divergence"),
          ValueError, "clip_ref_margin"),
+        (lambda: dpo_loss(_B, _B, pair_weights=torch.ones(3)), ValueError, "pair_weights"),
+        (lambda: dpo_loss(_B, _B, pair_weights=_B * math.nan), ValueError,
+         "pair_weights contains NaN"),
+        (lambda: wpo_pair_weights(_B, _B, _B, _B, torch.tensor([1, 1]), None), ValueError,
+         "rejected_counts"),
+        (lambda: wpo_pair_weights(_B, _B, _B * math.inf, _B, torch.tensor([1, 1]),
+                                  torch.tensor([1, 1])), ValueError,
+         "chosen_log_collision contains NaN"),
         (lambda: simpo_loss(_B, _B, torch.tensor([1, 1]), None), ValueError, "rejected_counts"),
         (lambda: simpo_loss(_B, _B, torch.tensor([1, 1]), torch.tensor([1, 1]),
                             label_smoothing=0.7), ValueError, "label_smoothing"),

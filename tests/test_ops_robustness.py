@@ -57,8 +57,8 @@ def test_backward_op_returns_row_major_gradients_for_column_major_inputs():
     hidden_t = hidden.detach().reshape(18, 16).T.contiguous().T
     weight_t = weight.detach().T.contiguous().T
     labels = labels.reshape(18)
-    _, _, ent, tile_lse, norm = torch.ops.hypo_fast.linear_logprob(
-        hidden_t, weight_t, labels, None, -100, 1.0, 0.0, True, 0.0)
+    _, _, ent, _, tile_lse, norm = torch.ops.hypo_fast.linear_logprob(
+        hidden_t, weight_t, labels, None, -100, 1.0, 0.0, True, False, 0.0)
     g = torch.randn(18)
     args = (hidden_t, weight_t, labels, None, norm, ent, tile_lse, g, -g, g, -100, 1.0, 0.0, 0.0,
             [True, True, False])
@@ -70,9 +70,10 @@ def test_backward_op_returns_row_major_gradients_for_column_major_inputs():
 def test_forward_launcher_with_no_valid_row_returns_empties():
     hidden, weight, _ = small(torch.float32)
     rows = torch.zeros(0, dtype=torch.long)
-    logp, lse, ent, norm = K.logprob_forward(hidden.detach().reshape(18, 16), weight.detach(),
-                                             None, rows, rows, want_entropy=True)
-    assert logp.shape == lse.shape == ent.shape == (0,) and norm.shape == (2, 0)
+    logp, lse, ent, norm, coll = K.logprob_forward(
+        hidden.detach().reshape(18, 16), weight.detach(), None, rows, rows, want_entropy=True,
+        want_collision=True)
+    assert logp.shape == lse.shape == ent.shape == coll.shape == (0,) and norm.shape == (2, 0)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -21,15 +21,15 @@ tokens, so none are computed.
 Functional forms on precomputed sequence log-probs are those of :mod:`hypo_fast.objectives`,
 re-exported here: :func:`dpo_loss`, :func:`simpo_loss`, :func:`cpo_loss`, :func:`orpo_loss`,
 :func:`sparsepo_loss`, :func:`sparsepo_sequence_sums`, :func:`hypo_kl_term`,
-:func:`hpo_aux_term`, :func:`hpo_loss`.
+:func:`hpo_aux_term`, :func:`hpo_loss`, :func:`wpo_pair_weights`.
 
 Differences from Liger-Kernel 0.8.5 (``chunked_loss``), where the concept exists in both:
 
 1. Additions: ``ref_chosen_logps``/``ref_rejected_logps`` (precomputed reference log-probs) and
    the packed layout (keyword-only ``forward`` arguments); DPO ``loss_type`` ``"ipo"`` (Liger
    raises NotImplementedError) and ``"sigmoid_norm"``, ``f_divergence_type``,
-   ``f_alpha_divergence_coef``, ``clip_ref_margin``, ``ld_alpha`` (LD-DPO, as TRL's);
-   ``backend=``; SparsePO, HyPO, HPO.
+   ``f_alpha_divergence_coef``, ``clip_ref_margin``, ``ld_alpha`` (LD-DPO) and
+   ``use_weighting`` (WPO), as TRL's; ``backend=``; SparsePO, HyPO, HPO.
 2. DPO ``loss_type="sigmoid"`` with ``label_smoothing`` ε > 0 is cDPO,
    −(1−ε) log σ(z) − ε log σ(−z); Liger silently ignores ε for sigmoid. ``"exo_pair"`` with
    ε = 0 uses ε = 1e-3 (Liger raises).
@@ -81,6 +81,7 @@ from ..objectives import (
     simpo_loss,
     sparsepo_loss,
     sparsepo_sequence_sums,
+    wpo_pair_weights,
 )
 from ._base import LIGER_AUX_FIELDS, FusedLinearPairLoss, PreferenceOutput, sequence_layout
 from .hpo import HPOLoss
@@ -117,4 +118,5 @@ __all__ = [
     "simpo_loss",
     "sparsepo_loss",
     "sparsepo_sequence_sums",
+    "wpo_pair_weights",
 ]

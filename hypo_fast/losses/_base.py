@@ -35,6 +35,7 @@ from .._checks import (
     values_checked,
 )
 from .._layout import row_map, row_source
+from ..reference import LogProbOutput, segment_sum
 
 Tensor = torch.Tensor
 Metrics = dict[str, Tensor]
@@ -153,11 +154,13 @@ class PairStats:
 class SeqLogps(NamedTuple):
     """Per-sequence statistics ``[num_seqs]`` of one head's labels: ``sums`` = Σ_t log π,
     ``counts`` = valid tokens, ``weighted`` = Σ_t w_t log π with the head's token weights (the
-    same tensor as ``sums`` when it has none)."""
+    same tensor as ``sums`` when it has none), ``log_collision`` = Σ_t log Σ_v π(v)² (no
+    gradient; None unless asked for)."""
 
     sums: Tensor
     counts: Tensor
     weighted: Tensor
+    log_collision: Tensor | None = None
 
 
 def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
@@ -441,12 +444,20 @@ class FusedLinearPairLoss(nn.Module):
             labels = torch.where(x.seq_ids < x.num_pairs, x.nll_target, self.ignore_index)
             heads.append(Head(x.hidden, x.weight, x.bias, labels, x.seq_ids, x.num_pairs,
                               names={**x.names, "labels": "nll_target (chosen sequences)"}))
-        pairs, *rest = joint_logprob(heads, ignore_index=self.ignore_index, backend=self.backend)
+        pairs, *rest = joint_logprob(heads, ignore_index=self.ignore_index, backend=self.backend,
+                                     collision=self._wants_collision())
         s = PairStats(pairs.sums, pairs.counts, self._per_seq(pairs.weighted, pairs.counts),
                       self._reference_logps(x))
+        if pairs.log_collision is not None:
+            s.extra["log_collision"] = pairs.log_collision
         if nll:
             s.extra["nll"] = rest.pop()
         return s, rest
+
+    def _wants_collision(self) -> bool:
+        """Whether :meth:`_policy_stats` also sums the pairs' per-token log Σ_v π(v)² (into
+        ``extra["log_collision"]``)."""
+        return False
 
     def _nll(self, x: PairBatch, s: PairStats) -> Tensor:
         """Token-mean NLL of the chosen completions over the batch: −Σ_{chosen} S / Σ_{chosen} n
@@ -481,10 +492,11 @@ class FusedLinearPairLoss(nn.Module):
         return loss, PreferenceOutput.from_metrics(metrics, self._extra_aux)
 
 
-def joint_logprob(heads: list[Head], *, ignore_index: int, backend: str | None
-                  ) -> list[SeqLogps]:
+def joint_logprob(heads: list[Head], *, ignore_index: int, backend: str | None,
+                  collision: bool = False) -> list[SeqLogps]:
     """The :class:`SeqLogps` of each head's labels, all under the first head's weight and bias,
-    from ONE :func:`hypo_fast.ops.linear_logprob` call.
+    from ONE :func:`hypo_fast.ops.linear_logprob` call (with their ``log_collision`` when
+    ``collision``).
 
     Two calls with the same weight would each return a ``[V, d]`` dW, both alive while autograd
     adds them (V·d more at the head's backward: 1 GB for a bf16 Llama-3-8B head). Several heads'
@@ -497,9 +509,10 @@ def joint_logprob(heads: list[Head], *, ignore_index: int, backend: str | None
             out = ops.linear_logprob(first.hidden, first.weight, first.target, first.bias,
                                      ignore_index=ignore_index, seq_ids=first.seq_ids,
                                      num_seqs=first.num_seqs, token_weights=first.weights,
-                                     backend=backend)
+                                     return_collision=collision, backend=backend)
         weighted = out.seq_sum if first.weights is None else out.seq_weighted_sum
-        return [SeqLogps(out.seq_sum, out.seq_count, weighted)]
+        return [SeqLogps(out.seq_sum, out.seq_count, weighted,
+                         _collision_sums(out, first.seq_ids, first.num_seqs))]
     # the op checks the gathered rows only, the logits means read all (and check_finite is off
     # within a loss's run: values_checked); each head's labels, for errors that name them
     raise_flagged([(f"{name} contains NaN or inf", not_finite(h)) for name, h in
@@ -522,10 +535,20 @@ def joint_logprob(heads: list[Head], *, ignore_index: int, backend: str | None
         out = ops.linear_logprob(
             torch.cat(hidden), first.weight, torch.cat(labels), first.bias,
             ignore_index=ignore_index, seq_ids=torch.cat(seq_ids), num_seqs=sum(sizes),
-            token_weights=torch.cat(weights) if weighted else None, backend=backend,
+            token_weights=torch.cat(weights) if weighted else None, return_collision=collision,
+            backend=backend,
         )
-    parts = (out.seq_sum, out.seq_count, out.seq_weighted_sum if weighted else out.seq_sum)
+    parts = [out.seq_sum, out.seq_count, out.seq_weighted_sum if weighted else out.seq_sum]
+    if collision:
+        parts.append(_collision_sums(out, torch.cat(seq_ids), sum(sizes)))
     return [SeqLogps(*stats) for stats in zip(*(t.split(sizes) for t in parts), strict=True)]
+
+
+def _collision_sums(out: LogProbOutput, seq_ids: Tensor, num_seqs: int) -> Tensor | None:
+    """Per-sequence Σ_t log Σ_v π(v)² of an op's output (None without ``log_collision``)."""
+    if out.log_collision is None:
+        return None
+    return segment_sum(out.log_collision, seq_ids, num_seqs)
 
 
 def valid_tokens(head: Head, ignore_index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .._checks import check_in_range
-from ..objectives import cpo_loss, dpo_loss, orpo_loss, simpo_loss
+from ..objectives import cpo_loss, dpo_loss, orpo_loss, simpo_loss, wpo_pair_weights
 from ._base import FusedLinearPairLoss, Metrics, PairBatch, PairStats, PreferenceOutput, Tensor
 
 
@@ -46,6 +46,11 @@ class FusedLinearDPOLoss(FusedLinearPairLoss):
     policy only). Precomputed reference log-probs must be weighted so already; the NLL term is
     not reweighted. α = 1 is DPO; the paper uses α in [0, 1].
 
+    ``use_weighting=True`` (WPO, TRL's ``DPOConfig.use_weighting``) multiplies each pair's loss
+    by :func:`hypo_fast.objectives.wpo_pair_weights` of the policy's log-probs (plain sums,
+    whatever ``ld_alpha`` and ``average_log_prob``), no gradient through the weights; the fused
+    forward adds the per-token log Σ_v π(v)² for them. Metric ``pair_weights``.
+
     ``forward`` also takes ``ref_chosen_logps``/``ref_rejected_logps`` ``[B]`` (precomputed
     reference log-probs in the same convention as the policy's: sums, or means with
     ``average_log_prob``) instead of ``ref_input``/``ref_weight``/``ref_bias``, and ``seq_ids``
@@ -70,6 +75,7 @@ class FusedLinearDPOLoss(FusedLinearPairLoss):
         f_alpha_divergence_coef: float = 0.5,
         clip_ref_margin: bool = False,
         ld_alpha: float | None = None,
+        use_weighting: bool = False,
         backend: str | None = None,
     ) -> None:
         super().__init__(
@@ -79,6 +85,7 @@ class FusedLinearDPOLoss(FusedLinearPairLoss):
         )
         self.ld_alpha = None if ld_alpha is None else check_in_range("ld_alpha", ld_alpha, 0.0,
                                                                      math.inf)
+        self.use_weighting = bool(use_weighting)
         self.loss_type = loss_type
         self.label_smoothing = label_smoothing
         self.discopop_tau = discopop_tau
@@ -104,7 +111,13 @@ class FusedLinearDPOLoss(FusedLinearPairLoss):
         counts = torch.ones_like(s.counts) if self.average_log_prob else s.counts
         nw, nl = s.halves(counts)
         kwargs = dict(chosen_counts=nw, rejected_counts=nl, **self._dpo_options())
+        if self.use_weighting:
+            kwargs["pair_weights"] = wpo_pair_weights(
+                *s.halves(s.sums), *s.halves(s.extra["log_collision"]), *s.halves(s.counts))
         return [*s.halves(s.logps), *s.halves(s.ref_logps)], kwargs
+
+    def _wants_collision(self) -> bool:
+        return self.use_weighting
 
     def _objective(self, s: PairStats, nll: Tensor | None) -> tuple[Tensor, Metrics]:
         args, kwargs = self._dpo_args(s)
