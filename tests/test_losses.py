@@ -1041,14 +1041,15 @@ def test_objectives_add_no_host_sync_inside_a_loss(monkeypatch):
     checks, which would wait for the queued kernels (a host synchronisation) to read them."""
     from hypo_fast import _checks
 
-    loss = FusedLinearDPOLoss()  # its constructor tries its options on CPU numbers
+    # its constructor tries its options on CPU numbers
+    loss = FusedLinearDPOLoss(use_weighting=True, ld_alpha=0.5)
     seen = []
     real = _checks.raise_flagged
     monkeypatch.setattr(_checks, "raise_flagged", lambda flags: (seen.extend(flags), real(flags)))
     p = make_pairs(seed=7).leaves()
     ref = torch.zeros(2, dtype=F64)
     loss(p.w, p.h, p.y, p.b, ref_chosen_logps=ref, ref_rejected_logps=ref)
-    assert not [m for m, _ in seen if "policy_chosen_logps" in m]
+    assert not [m for m, _ in seen if "policy_chosen_logps" in m or "log_collision" in m]
     objectives.dpo_loss(ref, ref)
     assert [m for m, _ in seen if "policy_chosen_logps" in m]
 
