@@ -519,6 +519,8 @@ def losses_check():
         "dpo": (lambda be: L.FusedLinearDPOLoss(compute_nll_loss=True, backend=be), {}, False),
         "dpo-ipo-autocast": (lambda be: L.FusedLinearDPOLoss(loss_type="ipo", backend=be), {},
                              True),
+        "dpo-ld-wpo": (lambda be: L.FusedLinearDPOLoss(ld_alpha=0.5, use_weighting=True,
+                                                       backend=be), {}, False),
         "simpo-autocast": (lambda be: L.FusedLinearSimPOLoss(backend=be), None, True),
         "orpo": (lambda be: L.FusedLinearORPOLoss(backend=be), None, False),
         "cpo-autocast": (lambda be: L.FusedLinearCPOLoss(label_smoothing=0.1, backend=be), None,
