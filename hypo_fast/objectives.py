@@ -21,6 +21,7 @@ Conventions shared by every function here:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -69,6 +70,7 @@ _SMOOTHING_RANGES = {
     "exo_pair": (0.0, 0.5, False),  # needs ε > 0: ε = 0 means the recommended 1e-3 (TRL v0.27)
 }
 _EXO_DEFAULT_EPS = 1e-3
+_LENGTH_NORMALISED = ("ipo", "sigmoid_norm")  # margins of per-token log-probs
 _EXP_CLAMP = 80.0  # largest exponent fed to exp() in fp32 (TRL's alpha-divergence clamp)
 
 
@@ -153,16 +155,48 @@ def _pair_metrics(
     return metrics
 
 
-def _check_label_smoothing(loss_type: str, eps: float) -> float:
-    if loss_type not in _SMOOTHING_RANGES:
+def _check_label_smoothing(loss_types: tuple[str, ...], eps: float) -> float:
+    """ε, checked against the range of each of ``loss_types`` that uses it; ε ≠ 0 needs one."""
+    users = [t for t in loss_types if t in _SMOOTHING_RANGES]
+    if not users:
         if eps != 0:
             raise ValueError(
-                f"label_smoothing must be 0 for loss_type={loss_type!r} (it is used by "
+                f"label_smoothing must be 0 for loss_type={_named(loss_types)} (it is used by "
                 f"{tuple(_SMOOTHING_RANGES)} only), got {eps}"
             )
         return 0.0
-    lo, hi, hi_open = _SMOOTHING_RANGES[loss_type]
-    return check_in_range("label_smoothing", eps, lo, hi, hi_open=hi_open)
+    for t in users:
+        lo, hi, hi_open = _SMOOTHING_RANGES[t]
+        eps = check_in_range("label_smoothing", eps, lo, hi, hi_open=hi_open)
+    return eps
+
+
+def _named(loss_types: tuple[str, ...]) -> str:
+    """``loss_types`` as the caller wrote them: one name, or the list."""
+    return repr(loss_types[0]) if len(loss_types) == 1 else repr(list(loss_types))
+
+
+def _check_loss_types(loss_type: str | Sequence[str], loss_weights: Sequence[float] | None
+                      ) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """``(types, weights)`` of a DPO ``loss_type`` (a name or a non-empty list of names, TRL's
+    multi-loss form) and its ``loss_weights`` (default all 1; finite, ≥ 0, one per type)."""
+    types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    if not types:
+        raise ValueError("loss_type must name at least one loss type")
+    for t in types:
+        if t == "sft":
+            raise ValueError("loss_type 'sft' is the NLL term here: pass the NLL (losses: "
+                             "compute_nll_loss=True with alpha = its weight)")
+        check_choice("loss_type", t, DPO_LOSS_TYPES)
+    if len(set(types)) != len(types):
+        raise ValueError(f"loss_type lists a type twice: {list(types)}")
+    if loss_weights is None:
+        return types, (1.0,) * len(types)
+    weights = tuple(loss_weights)
+    if len(weights) != len(types):
+        raise ValueError(f"loss_weights must have one weight per loss_type: got {len(weights)} "
+                         f"for {len(types)}")
+    return types, tuple(check_in_range("loss_weights", w, 0.0, math.inf) for w in weights)
 
 
 def _f_scores(rho: Tensor, f_divergence_type: str, alpha: float) -> Tensor:
@@ -188,10 +222,11 @@ def dpo_loss(
     ref_rejected_logps: Tensor | None = None,
     *,
     beta: float = 0.1,
-    loss_type: str = "sigmoid",
+    loss_type: str | Sequence[str] = "sigmoid",
     label_smoothing: float = 0.0,
     chosen_counts: Tensor | None = None,
     rejected_counts: Tensor | None = None,
+    loss_weights: Sequence[float] | None = None,
     f_divergence_type: str = "reverse_kl",
     f_alpha_divergence_coef: float = 0.5,
     discopop_tau: float = 0.05,
@@ -223,10 +258,16 @@ def dpo_loss(
     sigmoid_norm  −log σ(β δ̄)
     ============  ====================================================================  ==========
 
-    For exo_pair, ε = 0 is read as the recommended 1e-3 (as TRL v0.27 did); other loss types
-    require ε = 0. ipo and sigmoid_norm need ``chosen_counts`` and ``rejected_counts`` (completion
-    token counts, clamped ≥ 1). discopop evaluates m·e^{−z} as exp(log σ(z/τ) − z), which cannot
-    overflow for τ ≤ 1 (the exponent is clamped ≤ 80 otherwise).
+    ``loss_type`` may also be a list (TRL's multi-loss form, e.g. MPO's ``["sigmoid",
+    "bco_pair"]`` — TRL's ``"sft"`` entry is the losses' NLL term): the per-pair loss is then
+    Σ_k w_k·loss_k with ``loss_weights`` w (default all 1), and the metrics add each type's mean
+    ``loss_<type>``.
+
+    For exo_pair, ε = 0 is read as the recommended 1e-3 (as TRL v0.27 did); ε ≠ 0 needs a type
+    that uses it, within the range of each such type of the list. ipo and sigmoid_norm need
+    ``chosen_counts`` and ``rejected_counts`` (completion token counts, clamped ≥ 1). discopop
+    evaluates m·e^{−z} as exp(log σ(z/τ) − z), which cannot overflow for τ ≤ 1 (the exponent is
+    clamped ≤ 80 otherwise).
 
     ``clip_ref_margin=True`` (reverse_kl only) replaces the pairwise margin by
     δ = Δθ − max(0, Δref), Δθ = S_w − S_l, Δref = S^ref_w − S^ref_l (each divided by its count
@@ -242,11 +283,9 @@ def dpo_loss(
     Metrics: rewards β·ρ (TRL), margins, accuracy, chosen/rejected logps. Returns the mean loss.
     """
     beta = check_positive("beta", beta)
-    check_choice("loss_type", loss_type, DPO_LOSS_TYPES)
+    types, weights = _check_loss_types(loss_type, loss_weights)
     check_choice("f_divergence_type", f_divergence_type, F_DIVERGENCE_TYPES)
-    eps = _check_label_smoothing(loss_type, label_smoothing)
-    if loss_type == "exo_pair" and eps == 0.0:
-        eps = _EXO_DEFAULT_EPS
+    eps = _check_label_smoothing(types, label_smoothing)
     alpha = check_in_range("f_alpha_divergence_coef", f_alpha_divergence_coef, -math.inf, math.inf)
     tau = check_positive("discopop_tau", discopop_tau)
     if clip_ref_margin and f_divergence_type != "reverse_kl":
@@ -264,56 +303,68 @@ def dpo_loss(
         },
         {"chosen_counts": chosen_counts, "rejected_counts": rejected_counts},
     )
+    for t in types:
+        if t in _LENGTH_NORMALISED:
+            why = f"for loss_type={t!r} (length-normalised margin)"
+            _require("chosen_counts", nw, why)
+            _require("rejected_counts", nl, why)
     if rw is None:
         rw = rl = torch.zeros_like(pw)
     rho_w, rho_l = pw - rw, pl - rl
     s_w = _f_scores(rho_w, f_divergence_type, alpha)
     s_l = _f_scores(rho_l, f_divergence_type, alpha)
 
-    if loss_type in ("ipo", "sigmoid_norm"):
-        why = f"for loss_type={loss_type!r} (length-normalised margin)"
-        _require("chosen_counts", nw, why)
-        _require("rejected_counts", nl, why)
-        inv_w, inv_l = 1.0 / nw, 1.0 / nl
-    else:
-        inv_w = inv_l = 1.0
-    if clip_ref_margin:
-        delta = (pw * inv_w - pl * inv_l) - torch.relu(rw * inv_w - rl * inv_l)
-    else:
-        delta = s_w * inv_w - s_l * inv_l
-    z, z_w, z_l = beta * delta, beta * s_w, beta * s_l
+    def margin(t: str) -> Tensor:
+        """δ of loss type t: of the scores, or of the clipped log-probs; per token for ipo and
+        sigmoid_norm."""
+        inv_w, inv_l = (1.0 / nw, 1.0 / nl) if t in _LENGTH_NORMALISED else (1.0, 1.0)
+        if clip_ref_margin:
+            return (pw * inv_w - pl * inv_l) - torch.relu(rw * inv_w - rl * inv_l)
+        return s_w * inv_w - s_l * inv_l
 
-    if loss_type in ("sigmoid", "sigmoid_norm"):
-        losses = _smoothed_sigmoid_loss(z, eps)
-    elif loss_type == "robust":
-        losses = (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - z)
-    elif loss_type == "ipo":
-        losses = (delta - 1 / (2 * beta)) ** 2
-    elif loss_type == "exo_pair":
-        lq_w, lq_l = F.logsigmoid(z), F.logsigmoid(-z)
-        losses = lq_w.exp() * (lq_w - math.log1p(-eps)) + lq_l.exp() * (lq_l - math.log(eps))
-    elif loss_type == "nca_pair":
-        losses = -F.logsigmoid(z_w) - 0.5 * F.logsigmoid(-z_w) - 0.5 * F.logsigmoid(-z_l)
-    elif loss_type == "bco_pair":
-        losses = -F.logsigmoid(z_w) - F.logsigmoid(-z_l)
-    elif loss_type == "sppo_hard":
-        losses = (s_w - 0.5 / beta) ** 2 + (s_l + 0.5 / beta) ** 2
-    elif loss_type == "apo_zero":
-        losses = 1 - torch.sigmoid(beta * rho_w) + torch.sigmoid(beta * rho_l)
-    elif loss_type == "apo_down":
-        losses = torch.sigmoid(beta * rho_w) + 1 - torch.sigmoid(z)
-    else:  # discopop
-        weighted_exp = torch.exp((F.logsigmoid(z / tau) - z).clamp(max=_EXP_CLAMP))
-        losses = torch.sigmoid(-z / tau) * -F.logsigmoid(z) + weighted_exp
-
+    per_type = {t: _pair_losses(t, margin(t), s_w, s_l, rho_w, rho_l, beta=beta,
+                                eps=eps if t in _SMOOTHING_RANGES else 0.0, tau=tau)
+                for t in types}
+    losses = sum(w * per_type[t] for t, w in zip(types, weights, strict=True))
     extra = {} if pair_w is None else {"pair_weights": pair_w}
+    if len(types) > 1:
+        extra.update({f"loss_{t}": v.mean() for t, v in per_type.items()})
     metrics = _pair_metrics(beta * rho_w, beta * rho_l, policy_chosen_logps, policy_rejected_logps,
                             **extra)
     if pair_w is not None:
         losses = losses * pair_w
     return losses.mean(), metrics
+
+
+def _pair_losses(loss_type: str, delta: Tensor, s_w: Tensor, s_l: Tensor, rho_w: Tensor,
+                 rho_l: Tensor, *, beta: float, eps: float, tau: float) -> Tensor:
+    """Per-pair losses ``[B]`` of one DPO loss type (the table of :func:`dpo_loss`)."""
+    z, z_w, z_l = beta * delta, beta * s_w, beta * s_l
+    if loss_type in ("sigmoid", "sigmoid_norm"):
+        return _smoothed_sigmoid_loss(z, eps)
+    if loss_type == "robust":
+        return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
+    if loss_type == "hinge":
+        return torch.relu(1 - z)
+    if loss_type == "ipo":
+        return (delta - 1 / (2 * beta)) ** 2
+    if loss_type == "exo_pair":
+        eps = eps or _EXO_DEFAULT_EPS
+        lq_w, lq_l = F.logsigmoid(z), F.logsigmoid(-z)
+        return lq_w.exp() * (lq_w - math.log1p(-eps)) + lq_l.exp() * (lq_l - math.log(eps))
+    if loss_type == "nca_pair":
+        return -F.logsigmoid(z_w) - 0.5 * F.logsigmoid(-z_w) - 0.5 * F.logsigmoid(-z_l)
+    if loss_type == "bco_pair":
+        return -F.logsigmoid(z_w) - F.logsigmoid(-z_l)
+    if loss_type == "sppo_hard":
+        return (s_w - 0.5 / beta) ** 2 + (s_l + 0.5 / beta) ** 2
+    if loss_type == "apo_zero":
+        return 1 - torch.sigmoid(beta * rho_w) + torch.sigmoid(beta * rho_l)
+    if loss_type == "apo_down":
+        return torch.sigmoid(beta * rho_w) + 1 - torch.sigmoid(z)
+    # discopop
+    weighted_exp = torch.exp((F.logsigmoid(z / tau) - z).clamp(max=_EXP_CLAMP))
+    return torch.sigmoid(-z / tau) * -F.logsigmoid(z) + weighted_exp
 
 
 @one_sync

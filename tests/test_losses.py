@@ -461,6 +461,21 @@ def test_ld_token_weights_rank_each_sequences_valid_tokens(data):
                        want.reshape(1, -1))
 
 
+def test_mpo_loss_list_is_the_weighted_sum_of_its_types():
+    """TRL's MPO: 0.8·sigmoid + 0.2·bco_pair + 1.0·sft, with the sft term as the NLL."""
+    p = make_pairs(seed=25).leaves()
+    module = FusedLinearDPOLoss(beta=0.2, loss_type=["sigmoid", "bco_pair"],
+                                loss_weights=[0.8, 0.2], compute_nll_loss=True, alpha=1.0)
+    loss, aux = call(module, p)
+    sigmoid, _ = call(FusedLinearDPOLoss(beta=0.2), p)
+    bco, _ = call(FusedLinearDPOLoss(beta=0.2, loss_type="bco_pair"), p)
+    _, _, sums, counts = expected_logps(p)
+    want = 0.8 * sigmoid + 0.2 * bco + expected_nll(sums, counts)
+    assert_same(loss, p.grads_of(loss), want, p.grads_of(want))
+    torch.testing.assert_close(aux.metrics["loss_bco_pair"], bco.detach())
+    assert "loss_type=['sigmoid', 'bco_pair']" in repr(module)
+
+
 @pytest.mark.parametrize("options", [{}, {"loss_type": "ipo", "average_log_prob": True},
                                      {"ld_alpha": 0.5, "loss_type": "hinge"}])
 def test_wpo_weighting_matches_trl_definition(options):
@@ -891,6 +906,11 @@ def test_preference_output_rebuilds_from_an_iterable():
         (lambda: FusedLinearDPOLoss(beta=0.0), ValueError, "beta"),
         (lambda: FusedLinearDPOLoss(alpha=-1.0), ValueError, "alpha"),
         (lambda: FusedLinearDPOLoss(ld_alpha=-0.5), ValueError, "^ld_alpha"),
+        (lambda: FusedLinearDPOLoss(ld_alpha=1.5), ValueError, "^ld_alpha"),
+        (lambda: FusedLinearDPOLoss(loss_type=["sigmoid", "sft"]), ValueError,
+         "compute_nll_loss"),
+        (lambda: FusedLinearDPOLoss(loss_type=["sigmoid", "hinge"], loss_weights=[1.0]),
+         ValueError, "loss_weights"),
         (lambda: HyPOLoss(ld_alpha=float("nan")), ValueError, "^ld_alpha"),
         (lambda: FusedLinearDPOLoss(backend="cuda"), ValueError, "backend"),
         (lambda: FusedLinearSimPOLoss(label_smoothing=0.7), ValueError, "label_smoothing"),

@@ -121,6 +121,33 @@ def test_pair_weights_scale_each_pairs_loss(loss_type, batch, data):
     assert torch.equal(metrics["pair_weights"], w)
 
 
+@settings(max_examples=25, deadline=None)
+@given(batch=pair_batches(), data=st.data())
+def test_loss_type_lists_weigh_each_types_loss(batch, data):
+    """TRL's multi-loss form: Σ_k w_k · loss_k per pair, each type with its own margin (the
+    length-normalised ones included) and ε where it uses one."""
+    types = data.draw(st.lists(st.sampled_from(DPO_LOSS_TYPES), min_size=1, max_size=3,
+                               unique=True))
+    weights = data.draw(st.lists(st.floats(0.0, 3.0), min_size=len(types),
+                                 max_size=len(types)))
+    eps = 0.1 if set(types) & set(SMOOTHED) else 0.0
+    clip = data.draw(st.booleans())
+    (pw, pl, rw, rl), (nw, nl) = _tensors(*batch)
+    common = dict(beta=0.4, label_smoothing=eps, chosen_counts=nw, rejected_counts=nl,
+                  clip_ref_margin=clip)
+    loss, metrics = dpo_loss(pw, pl, rw, rl, loss_type=types, loss_weights=weights, **common)
+    singles = {t: dpo_loss(pw, pl, rw, rl, loss_type=t,
+                           **{**common, "label_smoothing": eps if t in SMOOTHED else 0.0})[0]
+               for t in types}
+    want = sum(w * singles[t] for t, w in zip(types, weights, strict=True))
+    assert loss.item() == pytest.approx(float(want), rel=1e-9, abs=1e-9)
+    if len(types) > 1:
+        for t in types:
+            assert metrics[f"loss_{t}"].item() == pytest.approx(singles[t].item(), rel=1e-12)
+    else:
+        assert not [k for k in metrics if k.startswith("loss_")]
+
+
 @settings(max_examples=30, deadline=None)
 @given(batch=pair_batches(), collisions=st.lists(st.floats(-60.0, 0.0), min_size=8, max_size=8))
 def test_wpo_pair_weights_match_hand_formula(batch, collisions):
@@ -555,6 +582,19 @@ _B = torch.tensor([-1.0, -2.0])
         (lambda: dpo_loss(_B, _B, clip_ref_margin=True, f_divergence_type="js_divergence"),
          ValueError, "clip_ref_margin"),
         (lambda: dpo_loss(_B, _B, pair_weights=torch.ones(3)), ValueError, "pair_weights"),
+        (lambda: dpo_loss(_B, _B, loss_type=[]), ValueError, "loss_type"),
+        (lambda: dpo_loss(_B, _B, loss_type=["sigmoid", "sft"]), ValueError, "compute_nll_loss"),
+        (lambda: dpo_loss(_B, _B, loss_type=["sigmoid", "kto"]), ValueError, "loss_type"),
+        (lambda: dpo_loss(_B, _B, loss_type=["hinge", "hinge"]), ValueError, "twice"),
+        (lambda: dpo_loss(_B, _B, loss_type=["sigmoid", "hinge"], loss_weights=[1.0]),
+         ValueError, "loss_weights"),
+        (lambda: dpo_loss(_B, _B, loss_type=["sigmoid", "hinge"], loss_weights=[1.0, -0.5]),
+         ValueError, "loss_weights"),
+        (lambda: dpo_loss(_B, _B, loss_type=["hinge", "bco_pair"], label_smoothing=0.1),
+         ValueError, "label_smoothing"),
+        (lambda: dpo_loss(_B, _B, loss_type=["sigmoid", "robust"], label_smoothing=0.5),
+         ValueError, "label_smoothing"),
+        (lambda: dpo_loss(_B, _B, loss_type=["sigmoid", "ipo"]), ValueError, "chosen_counts"),
         (lambda: dpo_loss(_B, _B, pair_weights=_B * math.nan), ValueError,
          "pair_weights contains NaN"),
         (lambda: wpo_pair_weights(_B, _B, _B, _B, torch.tensor([1, 1]), None), ValueError,

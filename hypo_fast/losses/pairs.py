@@ -8,7 +8,7 @@ from one :func:`hypo_fast.ops.linear_logprob` call over the 2B sequences.
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -25,16 +25,19 @@ def _ones() -> Tensor:
 
 
 class FusedLinearDPOLoss(FusedLinearPairLoss):
-    r"""DPO and its TRL variants (``loss_type``: every type of :data:`objectives.DPO_LOSS_TYPES`)
-    on hidden states, with label smoothing, f-divergence scores and the clipped reference margin
-    of :func:`hypo_fast.objectives.dpo_loss`::
+    r"""DPO and its TRL variants (``loss_type``: every type of :data:`objectives.DPO_LOSS_TYPES`,
+    or a list of them combined with ``loss_weights`` as TRL's multi-loss form) on hidden states,
+    with label smoothing, f-divergence scores and the clipped reference margin of
+    :func:`hypo_fast.objectives.dpo_loss`::
 
         loss = dpo_loss(S_w, S_l, S^ref_w, S^ref_l, ...) + alpha · NLL(y_w)
 
     (the NLL term only with ``compute_nll_loss``). S = Σ_t log π(y_t | ·) over the non-ignored
     tokens of a sequence, or its mean with ``average_log_prob``. Constructor arguments and
     defaults, positional order, call and return tuple are Liger's ``LigerFusedLinearDPOLoss``;
-    the keyword-only ones are additions.
+    the keyword-only ones are additions. TRL's MPO, ``loss_type=["sigmoid", "bco_pair", "sft"]``
+    with ``loss_weights=[0.8, 0.2, 1.0]``, is ``loss_type=["sigmoid", "bco_pair"]``,
+    ``loss_weights=[0.8, 0.2]``, ``compute_nll_loss=True``, ``alpha=1.0`` here.
 
     ``ld_alpha`` = α (LD-DPO, TRL's ``DPOConfig.ld_alpha``; None = off) discounts the verbose
     part of the log-probs: with l_p = min(n(y_w), n(y_l)) the pair's public length,
@@ -44,7 +47,7 @@ class FusedLinearDPOLoss(FusedLinearPairLoss):
     (then divided by n(y) with ``average_log_prob``), under the policy and the reference head
     alike, as TRL does since it moved the weighting into its loss (before, TRL weighted the
     policy only). Precomputed reference log-probs must be weighted so already; the NLL term is
-    not reweighted. α = 1 is DPO; the paper uses α in [0, 1].
+    not reweighted. α in [0, 1] (as TRL); α = 1 is DPO.
 
     ``use_weighting=True`` (WPO, TRL's ``DPOConfig.use_weighting``) multiplies each pair's loss
     by :func:`hypo_fast.objectives.wpo_pair_weights` of the policy's log-probs (plain sums,
@@ -67,10 +70,11 @@ class FusedLinearDPOLoss(FusedLinearPairLoss):
         use_ref_model: bool = True,
         average_log_prob: bool = False,
         chunk_size: int = 1,
-        loss_type: str = "sigmoid",
+        loss_type: str | Sequence[str] = "sigmoid",
         label_smoothing: float = 0.0,
         discopop_tau: float = 0.05,
         *,
+        loss_weights: Sequence[float] | None = None,
         f_divergence_type: str = "reverse_kl",
         f_alpha_divergence_coef: float = 0.5,
         clip_ref_margin: bool = False,
@@ -84,9 +88,10 @@ class FusedLinearDPOLoss(FusedLinearPairLoss):
             chunk_size=chunk_size, backend=backend,
         )
         self.ld_alpha = None if ld_alpha is None else check_in_range("ld_alpha", ld_alpha, 0.0,
-                                                                     math.inf)
+                                                                     1.0)
         self.use_weighting = bool(use_weighting)
-        self.loss_type = loss_type
+        self.loss_type = loss_type if isinstance(loss_type, str) else list(loss_type)
+        self.loss_weights = None if loss_weights is None else list(loss_weights)
         self.label_smoothing = label_smoothing
         self.discopop_tau = discopop_tau
         self.f_divergence_type = f_divergence_type
@@ -98,8 +103,9 @@ class FusedLinearDPOLoss(FusedLinearPairLoss):
 
     def _dpo_options(self) -> dict[str, Any]:
         return dict(
-            beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
-            discopop_tau=self.discopop_tau, f_divergence_type=self.f_divergence_type,
+            beta=self.beta, loss_type=self.loss_type, loss_weights=self.loss_weights,
+            label_smoothing=self.label_smoothing, discopop_tau=self.discopop_tau,
+            f_divergence_type=self.f_divergence_type,
             f_alpha_divergence_coef=self.f_alpha_divergence_coef,
             clip_ref_margin=self.clip_ref_margin,
         )
