@@ -432,8 +432,9 @@ def profile_forward(n, d, v):
 
 @guarded("overhead")
 def overhead(n, d, v):
-    """Where each public call's time goes beyond its kernels (forwards without grad, and the
-    log-prob op's forward+backward): the wall time of one call between two device
+    """Where each public call's time goes beyond its kernels (forwards without grad, the
+    log-prob forward with WPO's log Σp² too, and the log-prob op's forward+backward): the wall
+    time of one call between two device
     synchronisations, the host's time until the call returns (it waits inside for the
     validation's and the row compaction's synchronisations), the device's busy time (the
     profiler's kernel times), and the host functions that take longest (cProfile)."""
@@ -452,6 +453,8 @@ def overhead(n, d, v):
     go = torch.randn(n, device=DEV)
     calls = {  # name: (call, with grad)
         "linear_logprob": (lambda: ops.linear_logprob(h, w, y, backend="triton").logp, False),
+        "linear_logprob + log_collision (WPO)": (lambda: ops.linear_logprob(
+            h, w, y, backend="triton", return_collision=True).log_collision, False),
         "linear_kl": (lambda: ops.linear_kl(h[:m], w, hr, wr, backend="triton").kl, False),
         "linear_logprob fwd+bwd": (lambda: torch.autograd.grad(
             ops.linear_logprob(hg, wg, y, backend="triton").logp, (hg, wg), go), True),
