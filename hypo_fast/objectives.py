@@ -59,6 +59,8 @@ DPO_LOSS_TYPES = (
     "apo_down",
     "discopop",
     "sigmoid_norm",
+    "aot",
+    "aot_unpaired",
 )
 F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 KL_ESTIMATORS = ("reinforce", "rloo", "exact")
@@ -68,7 +70,10 @@ _SMOOTHING_RANGES = {
     "sigmoid": (0.0, 0.5, False),  # cDPO: ε is a label-flip rate; ε > 0.5 would flip preferences
     "robust": (0.0, 0.5, True),  # divides by 1 − 2ε
     "exo_pair": (0.0, 0.5, False),  # needs ε > 0: ε = 0 means the recommended 1e-3 (TRL v0.27)
+    "aot": (0.0, 0.5, False),
+    "aot_unpaired": (0.0, 0.5, False),
 }
+_SORTED = ("aot", "aot_unpaired")  # margins between the batch's sorted statistics
 _EXO_DEFAULT_EPS = 1e-3
 _LENGTH_NORMALISED = ("ipo", "sigmoid_norm")  # margins of per-token log-probs
 _EXP_CLAMP = 80.0  # largest exponent fed to exp() in fp32 (TRL's alpha-divergence clamp)
@@ -256,7 +261,13 @@ def dpo_loss(
     apo_down      σ(βρ_w) + 1 − σ(z)
     discopop      (1 − m)(−log σ(z)) + m·e^{−z},  m = σ(z/τ)   (LRML, τ = discopop_tau)
     sigmoid_norm  −log σ(β δ̄)
+    aot           −(1−ε) log σ(βd) − ε log σ(−βd),  d = sort(S_w − S_l) − sort(Δref)      [0, 0.5]
+                  (AOT, Melnyk et al.; Δref = S^ref_w − S^ref_l, sorted over the batch)
+    aot_unpaired  as aot,  d = sort(ρ_w) − sort(ρ_l)                                       [0, 0.5]
     ============  ====================================================================  ==========
+
+    aot and aot_unpaired (as TRL) take the log-probs and log-ratios as they are (no f-divergence
+    score, no clipped margin) and couple the pairs of a batch: pair_weights cannot apply to them.
 
     ``loss_type`` may also be a list (TRL's multi-loss form, e.g. MPO's ``["sigmoid",
     "bco_pair"]`` — TRL's ``"sft"`` entry is the losses' NLL term): the per-pair loss is then
@@ -303,6 +314,11 @@ def dpo_loss(
         },
         {"chosen_counts": chosen_counts, "rejected_counts": rejected_counts},
     )
+    if clip_ref_margin and set(types) & set(_SORTED):
+        raise ValueError("clip_ref_margin=True does not apply to the aot loss types")
+    if pair_w is not None and set(types) & set(_SORTED):
+        raise ValueError("pair_weights cannot weigh the aot loss types: they sort the batch, so "
+                         "a loss no longer belongs to one pair")
     for t in types:
         if t in _LENGTH_NORMALISED:
             why = f"for loss_type={t!r} (length-normalised margin)"
@@ -316,7 +332,11 @@ def dpo_loss(
 
     def margin(t: str) -> Tensor:
         """δ of loss type t: of the scores, or of the clipped log-probs; per token for ipo and
-        sigmoid_norm."""
+        sigmoid_norm; of the sorted margins or log-ratios for aot and aot_unpaired."""
+        if t == "aot":
+            return torch.sort(pw - pl).values - torch.sort(rw - rl).values
+        if t == "aot_unpaired":
+            return torch.sort(rho_w).values - torch.sort(rho_l).values
         inv_w, inv_l = (1.0 / nw, 1.0 / nl) if t in _LENGTH_NORMALISED else (1.0, 1.0)
         if clip_ref_margin:
             return (pw * inv_w - pl * inv_l) - torch.relu(rw * inv_w - rl * inv_l)
@@ -340,7 +360,7 @@ def _pair_losses(loss_type: str, delta: Tensor, s_w: Tensor, s_l: Tensor, rho_w:
                  rho_l: Tensor, *, beta: float, eps: float, tau: float) -> Tensor:
     """Per-pair losses ``[B]`` of one DPO loss type (the table of :func:`dpo_loss`)."""
     z, z_w, z_l = beta * delta, beta * s_w, beta * s_l
-    if loss_type in ("sigmoid", "sigmoid_norm"):
+    if loss_type in ("sigmoid", "sigmoid_norm", "aot", "aot_unpaired"):
         return _smoothed_sigmoid_loss(z, eps)
     if loss_type == "robust":
         return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)

@@ -907,6 +907,8 @@ def test_preference_output_rebuilds_from_an_iterable():
         (lambda: FusedLinearDPOLoss(alpha=-1.0), ValueError, "alpha"),
         (lambda: FusedLinearDPOLoss(ld_alpha=-0.5), ValueError, "^ld_alpha"),
         (lambda: FusedLinearDPOLoss(ld_alpha=1.5), ValueError, "^ld_alpha"),
+        (lambda: FusedLinearDPOLoss(loss_type="aot", use_weighting=True), ValueError,
+         "pair_weights"),
         (lambda: FusedLinearDPOLoss(loss_type=["sigmoid", "sft"]), ValueError,
          "compute_nll_loss"),
         (lambda: FusedLinearDPOLoss(loss_type=["sigmoid", "hinge"], loss_weights=[1.0]),

@@ -59,8 +59,15 @@ EXPECTED_DPO = {
     + sig(c.b * c.d / c.tau) * math.exp(-c.b * c.d),
     "sigmoid_norm": lambda c: -log_sig(c.b * c.dn),
 }
-SMOOTHED = {"sigmoid": 0.2, "robust": 0.3, "exo_pair": 0.1}
-assert set(EXPECTED_DPO) == set(DPO_LOSS_TYPES)
+SMOOTHED = {"sigmoid": 0.2, "robust": 0.3, "exo_pair": 0.1, "aot": 0.15, "aot_unpaired": 0.25}
+# AOT (TRL main) matches the batch's sorted statistics: d pairs the b-th smallest of each
+SORTED_MARGINS = {
+    "aot": lambda pw, pl, rw, rl: (sorted(a - b for a, b in zip(pw, pl, strict=True)),
+                                   sorted(a - b for a, b in zip(rw, rl, strict=True))),
+    "aot_unpaired": lambda pw, pl, rw, rl: (sorted(a - b for a, b in zip(pw, rw, strict=True)),
+                                            sorted(a - b for a, b in zip(pl, rl, strict=True))),
+}
+assert set(EXPECTED_DPO) | set(SORTED_MARGINS) == set(DPO_LOSS_TYPES)
 
 logp = st.floats(-20.0, 0.0, allow_nan=False)
 
@@ -78,6 +85,11 @@ def _tensors(cols, counts):
 
 
 def _hand_dpo(loss_type, cols, counts, beta, eps, tau=0.05, score=lambda r: r, weights=None):
+    if loss_type in SORTED_MARGINS:
+        policy, ref = SORTED_MARGINS[loss_type](*cols)
+        losses = [-(1 - eps) * log_sig(beta * (a - b)) - eps * log_sig(-beta * (a - b))
+                  for a, b in zip(policy, ref, strict=True)]
+        return sum(losses) / len(losses)
     losses = []
     for pw, pl, rw, rl, nw, nl in zip(*cols, *counts, strict=True):
         s_w, s_l = score(pw - rw), score(pl - rl)
@@ -131,7 +143,7 @@ def test_loss_type_lists_weigh_each_types_loss(batch, data):
     weights = data.draw(st.lists(st.floats(0.0, 3.0), min_size=len(types),
                                  max_size=len(types)))
     eps = 0.1 if set(types) & set(SMOOTHED) else 0.0
-    clip = data.draw(st.booleans())
+    clip = data.draw(st.booleans()) and not set(types) & set(SORTED_MARGINS)
     (pw, pl, rw, rl), (nw, nl) = _tensors(*batch)
     common = dict(beta=0.4, label_smoothing=eps, chosen_counts=nw, rejected_counts=nl,
                   clip_ref_margin=clip)
@@ -595,6 +607,10 @@ _B = torch.tensor([-1.0, -2.0])
         (lambda: dpo_loss(_B, _B, loss_type=["sigmoid", "robust"], label_smoothing=0.5),
          ValueError, "label_smoothing"),
         (lambda: dpo_loss(_B, _B, loss_type=["sigmoid", "ipo"]), ValueError, "chosen_counts"),
+        (lambda: dpo_loss(_B, _B, _B, _B, loss_type="aot", pair_weights=_B.abs()), ValueError,
+         "pair_weights"),
+        (lambda: dpo_loss(_B, _B, _B, _B, loss_type=["sigmoid", "aot_unpaired"],
+                          clip_ref_margin=True), ValueError, "clip_ref_margin"),
         (lambda: dpo_loss(_B, _B, pair_weights=_B * math.nan), ValueError,
          "pair_weights contains NaN"),
         (lambda: wpo_pair_weights(_B, _B, _B, _B, torch.tensor([1, 1]), None), ValueError,

@@ -27,7 +27,8 @@ Differences from Liger-Kernel 0.8.5 (``chunked_loss``), where the concept exists
 
 1. Additions: ``ref_chosen_logps``/``ref_rejected_logps`` (precomputed reference log-probs) and
    the packed layout (keyword-only ``forward`` arguments); DPO ``loss_type`` ``"ipo"`` (Liger
-   raises NotImplementedError) and ``"sigmoid_norm"``, ``f_divergence_type``,
+   raises NotImplementedError), ``"sigmoid_norm"``, ``"aot"`` and ``"aot_unpaired"``,
+   ``f_divergence_type``,
    ``f_alpha_divergence_coef``, ``clip_ref_margin``, ``ld_alpha`` (LD-DPO),
    ``use_weighting`` (WPO) and a list ``loss_type`` with ``loss_weights`` (TRL's multi-loss
    form, e.g. MPO), as TRL's; ``backend=``; SparsePO, HyPO, HPO.

@@ -99,7 +99,7 @@ class FusedLinearDPOLoss(FusedLinearPairLoss):
         self.clip_ref_margin = clip_ref_margin
         one = _ones()
         dpo_loss(-one, -one, -one, -one, chosen_counts=one, rejected_counts=one,
-                 **self._dpo_options())
+                 pair_weights=one if self.use_weighting else None, **self._dpo_options())
 
     def _dpo_options(self) -> dict[str, Any]:
         return dict(
