@@ -19,7 +19,13 @@ HEADS = {
 def naive_logprob(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                   ignore_index: int = -100) -> torch.Tensor:
     """Per-token ``log softmax(H @ W.T)[y]`` (fp32, 0 where ignored), TRL's way."""
-    logits = torch.nn.functional.linear(hidden, weight).float()
+    return logprob_of_logits(torch.nn.functional.linear(hidden, weight).float(), labels,
+                             ignore_index)
+
+
+def logprob_of_logits(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+                      ) -> torch.Tensor:
+    """Per-token ``log softmax(logits)[y]`` (0 where ignored)."""
     valid = labels != ignore_index
     logp = torch.log_softmax(logits, dim=-1)
     picked = logp.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)

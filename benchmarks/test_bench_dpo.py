@@ -4,6 +4,8 @@ One DPO step (policy forward + backward, reference under no_grad) and the per-to
 on the same inputs in one process, for every path installed here:
 
 - ``naive``: TRL's way (logits by ``F.linear`` in the input dtype, fp32 log-softmax, gather);
+  ``naive_wpo`` adds TRL's WPO pair weights (a second logsumexp, of 2z), ``hypo_fast_wpo``
+  is the module with ``use_weighting=True``;
 - ``hypo_fast``: :class:`hypo_fast.losses.FusedLinearDPOLoss` / :func:`hypo_fast.ops.linear_logprob`
   on their default backend (triton on CUDA; on the CPU the reference, until the C++ backend),
   with the default gradient filter; ``hypo_fast_exact``: the log-probs with ``filter_eps=None``;
@@ -22,7 +24,7 @@ import importlib.util
 
 import pytest
 import torch
-from baselines import naive_logprob, realistic_inputs
+from baselines import logprob_of_logits, naive_logprob, realistic_inputs
 
 from hypo_fast.losses import FusedLinearDPOLoss
 from hypo_fast.objectives import dpo_loss
@@ -76,13 +78,31 @@ def naive_dpo(hidden, weight, ref_weight, labels):
     return dpo_loss(seq[:PAIRS], seq[PAIRS:], ref[:PAIRS], ref[PAIRS:])[0]
 
 
+def naive_wpo_dpo(hidden, weight, ref_weight, labels):
+    """TRL main's ``use_weighting``: each pair's sigmoid DPO loss times exp(m_w + m_l), m the token
+    mean of log π(y_t) − (logsumexp(2z) − 2·logsumexp(z)) from the same logits, no grad."""
+    logits = torch.nn.functional.linear(hidden, weight).float()
+    logp = logprob_of_logits(logits, labels)
+    with torch.no_grad():
+        valid = labels != -100
+        log_denom = torch.logsumexp(2.0 * logits, -1) - 2.0 * torch.logsumexp(logits, -1)
+        m = ((logp - log_denom) * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+        weights = torch.exp(m[:PAIRS] + m[PAIRS:])
+        ref = naive_logprob(hidden, ref_weight, labels).sum(-1)
+    seq = logp.sum(-1)
+    return dpo_loss(seq[:PAIRS], seq[PAIRS:], ref[:PAIRS], ref[PAIRS:], pair_weights=weights)[0]
+
+
 def dpo_step(path, hidden, weight, ref_weight, labels):
     h = hidden.detach().requires_grad_()
     w = weight.detach().requires_grad_()
     if path == "naive":
         loss = naive_dpo(h, w, ref_weight, labels)
-    elif path == "hypo_fast":
-        loss = FusedLinearDPOLoss()(w, h, labels, ref_input=hidden, ref_weight=ref_weight)[0]
+    elif path == "naive_wpo":
+        loss = naive_wpo_dpo(h, w, ref_weight, labels)
+    elif path.startswith("hypo_fast"):
+        module = FusedLinearDPOLoss(use_weighting=path == "hypo_fast_wpo")
+        loss = module(w, h, labels, ref_input=hidden, ref_weight=ref_weight)[0]
     else:
         from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 
@@ -98,6 +118,14 @@ DPO_PATHS = ["naive", "hypo_fast"] + (["liger"] if HAS_LIGER else [])
 @pytest.mark.parametrize("path", DPO_PATHS)
 def test_dpo_step(benchmark, batch, path):
     benchmark.group = f"DPO step {2 * PAIRS}x{SEQ} d={D} V={V} {str(DTYPE)[6:]} {DEVICE}"
+    run(benchmark, lambda: dpo_step(path, *batch))
+
+
+@pytest.mark.parametrize("path", ["naive_wpo", "hypo_fast_wpo"])
+def test_wpo_dpo_step(benchmark, batch, path):
+    """The DPO step with WPO's pair weights (TRL's ``use_weighting``): the naive path takes a
+    second logsumexp over its logits, the fused forward one more multiply-add per logit."""
+    benchmark.group = f"WPO DPO step {2 * PAIRS}x{SEQ} d={D} V={V} {str(DTYPE)[6:]} {DEVICE}"
     run(benchmark, lambda: dpo_step(path, *batch))
 
 
