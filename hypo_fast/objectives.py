@@ -272,7 +272,7 @@ def dpo_loss(
     ``loss_type`` may also be a list (TRL's multi-loss form, e.g. MPO's ``["sigmoid",
     "bco_pair"]`` — TRL's ``"sft"`` entry is the losses' NLL term): the per-pair loss is then
     Σ_k w_k·loss_k with ``loss_weights`` w (default all 1), and the metrics add each type's mean
-    ``loss_<type>``.
+    ``loss_<type>`` (before ``loss_weights`` and ``pair_weights``).
 
     For exo_pair, ε = 0 is read as the recommended 1e-3 (as TRL v0.27 did); ε ≠ 0 needs a type
     that uses it, within the range of each such type of the list. ipo and sigmoid_norm need

@@ -404,6 +404,9 @@ def test_ld_dpo_matches_trl_definition(ld_alpha, average):
     nll = expected_nll(sums, counts)  # the NLL term is not reweighted
     want = want + 0.5 * nll
     assert_same(loss, p.grads_of(loss), want, p.grads_of(want))
+    # fp64 inputs weigh with α in fp64 (not rounded to fp32: 0.35 would be 1e-8 off)
+    torch.testing.assert_close(aux.metrics["chosen_logps"], halves(logps)[0].detach(),
+                               rtol=1e-13, atol=1e-13)
     metrics.update(nll_loss=nll)
     assert_metrics(aux, metrics)
     precomputed, _ = module(p.w, p.h, p.y, p.b, ref_chosen_logps=halves(ref)[0],

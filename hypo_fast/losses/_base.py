@@ -35,7 +35,7 @@ from .._checks import (
     values_checked,
 )
 from .._layout import row_map, row_source
-from ..reference import LogProbOutput, segment_sum
+from ..reference import LogProbOutput, compute_dtype, segment_sum
 
 Tensor = torch.Tensor
 Metrics = dict[str, Tensor]
@@ -520,6 +520,7 @@ def joint_logprob(heads: list[Head], *, ignore_index: int, backend: str | None,
                   + [labels_flag(head.names["labels"], head.target, first.weight.shape[0],
                                  ignore_index) for head in heads])
     weighted = any(head.weights is not None for head in heads)
+    weights_dtype = compute_dtype(first.hidden)
     hidden, labels, seq_ids, weights, sizes = [], [], [], [], []
     for head in heads:
         rows, target, ids, tokens = valid_tokens(head, ignore_index)
@@ -528,8 +529,8 @@ def joint_logprob(heads: list[Head], *, ignore_index: int, backend: str | None,
         seq_ids.append(ids + sum(sizes))
         sizes.append(head.num_seqs)
         if weighted:
-            weights.append(torch.ones_like(target, dtype=torch.float32) if head.weights is None
-                           else head.weights.reshape(-1)[tokens].float())
+            weights.append(torch.ones_like(target, dtype=weights_dtype) if head.weights is None
+                           else head.weights.reshape(-1)[tokens].to(weights_dtype))
     names = {k: " / ".join(dict.fromkeys(h.names[k] for h in heads)) for k in first.names}
     with caller_names(**names):
         out = ops.linear_logprob(

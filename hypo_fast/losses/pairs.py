@@ -15,6 +15,7 @@ import torch
 
 from .._checks import check_in_range
 from ..objectives import cpo_loss, dpo_loss, orpo_loss, simpo_loss, wpo_pair_weights
+from ..reference import compute_dtype
 from ._base import FusedLinearPairLoss, Metrics, PairBatch, PairStats, PreferenceOutput, Tensor
 
 
@@ -52,7 +53,8 @@ class FusedLinearDPOLoss(FusedLinearPairLoss):
     ``use_weighting=True`` (WPO, TRL's ``DPOConfig.use_weighting``) multiplies each pair's loss
     by :func:`hypo_fast.objectives.wpo_pair_weights` of the policy's log-probs (plain sums,
     whatever ``ld_alpha`` and ``average_log_prob``), no gradient through the weights; the fused
-    forward adds the per-token log Σ_v π(v)² for them. Metric ``pair_weights``.
+    forward adds the per-token log Σ_v π(v)² for them. The NLL term is not weighted. Metric
+    ``pair_weights``.
 
     ``forward`` also takes ``ref_chosen_logps``/``ref_rejected_logps`` ``[B]`` (precomputed
     reference log-probs in the same convention as the policy's: sums, or means with
@@ -162,17 +164,19 @@ class FusedLinearDPOLoss(FusedLinearPairLoss):
         x = super()._prepare(*args, **kwargs)
         if self.ld_alpha is not None:
             x.weights = ld_token_weights(x.target != self.ignore_index, x.seq_ids, x.num_pairs,
-                                         self.ld_alpha)
+                                         self.ld_alpha, dtype=compute_dtype(x.hidden))
         return x
 
 
 @torch.no_grad()
-def ld_token_weights(valid: Tensor, seq_ids: Tensor, num_pairs: int, alpha: float) -> Tensor:
-    """LD-DPO's token weights, fp32 and shaped like ``valid``: 1 on the first l_p valid tokens of
-    a sequence, α on its later valid tokens, 0 on the others, where l_p = min(n(y_w), n(y_l)) is
-    the valid-token count of the shorter sequence of its pair (sequence s and s ± B). A token's
-    rank is its position among its sequence's valid tokens in storage order. ``seq_ids`` in
-    ``[0, 2·num_pairs)``, shaped like ``valid``; no host synchronisation."""
+def ld_token_weights(valid: Tensor, seq_ids: Tensor, num_pairs: int, alpha: float,
+                     dtype: torch.dtype = torch.float32) -> Tensor:
+    """LD-DPO's token weights in ``dtype``, shaped like ``valid``: 1 on the first l_p valid
+    tokens of a sequence, α on its later valid tokens, 0 on the others, where l_p =
+    min(n(y_w), n(y_l)) is the valid-token count of the shorter sequence of its pair (sequence s
+    and s ± B). A token's rank is its position among its sequence's valid tokens in storage
+    order. ``seq_ids`` in ``[0, 2·num_pairs)``, shaped like ``valid``; no host
+    synchronisation."""
     valid_flat = valid.reshape(-1)
     ids = seq_ids.reshape(-1).long()
     counts = torch.zeros(2 * num_pairs, dtype=torch.long, device=ids.device)
@@ -184,7 +188,8 @@ def ld_token_weights(valid: Tensor, seq_ids: Tensor, num_pairs: int, alpha: floa
     ranked = valid_flat[order].long().cumsum(0) - before[ids[order]]
     rank = torch.empty_like(ranked).scatter_(0, order, ranked)
     public = torch.minimum(counts[:num_pairs], counts[num_pairs:]).repeat(2)
-    weights = torch.where(rank <= public[ids], 1.0, alpha)
+    alphas = torch.full(ids.shape, alpha, dtype=dtype, device=ids.device)
+    weights = torch.where(rank <= public[ids], 1.0, alphas)
     return torch.where(valid_flat, weights, 0.0).reshape(valid.shape)
 
 
