@@ -12,8 +12,8 @@ few torch ops merge the splits: ``lse = M + log S``, ``S = Σ_k s_k e^{m_k-M}``,
 the relative form ``log S - Σ_k e^{m_k-M}(a_k + (m_k - M)·s_k) / S``, which does not cancel on
 peaked rows (unlike ``lse - E_p[z]``), and ``log Σ_v p_v² = log Σ_k q_k e^{2(m_k-M)} - 2 log S``
 (each term ≥ 0 and the largest logit's is 1: no underflow to log 0). Programs are swizzled in
-groups of
-``GROUP_M`` row blocks x all splits so that the H blocks and W tiles in flight stay in L2.
+groups of ``GROUP_M`` row blocks x all splits so that the H blocks and W tiles in flight stay
+in L2.
 
 Backward (:func:`logprob_backward`): per vocabulary chunk, a kernel recomputes the logits tile by
 tile and writes ``dX = ∂loss/∂x`` in the input dtype (fp32 math), with

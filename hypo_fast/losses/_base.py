@@ -418,8 +418,7 @@ class FusedLinearPairLoss(nn.Module):
                 ignore_index=self.ignore_index, seq_ids=head.seq_ids, num_seqs=head.num_seqs,
                 token_weights=head.weights, backend=self.backend,
             )
-        weighted = ref.seq_sum if head.weights is None else ref.seq_weighted_sum
-        return SeqLogps(ref.seq_sum, ref.seq_count, weighted)
+        return _seq_logps(ref, head.seq_ids, head.num_seqs)
 
     def _reference_logps(self, x: PairBatch) -> Tensor | None:
         """``[2B]`` reference log-probs: precomputed, or the reference head under no_grad."""
@@ -510,9 +509,7 @@ def joint_logprob(heads: list[Head], *, ignore_index: int, backend: str | None,
                                      ignore_index=ignore_index, seq_ids=first.seq_ids,
                                      num_seqs=first.num_seqs, token_weights=first.weights,
                                      return_collision=collision, backend=backend)
-        weighted = out.seq_sum if first.weights is None else out.seq_weighted_sum
-        return [SeqLogps(out.seq_sum, out.seq_count, weighted,
-                         _collision_sums(out, first.seq_ids, first.num_seqs))]
+        return [_seq_logps(out, first.seq_ids, first.num_seqs)]
     # the op checks the gathered rows only, the logits means read all (and check_finite is off
     # within a loss's run: values_checked); each head's labels, for errors that name them
     raise_flagged([(f"{name} contains NaN or inf", not_finite(h)) for name, h in
@@ -539,17 +536,18 @@ def joint_logprob(heads: list[Head], *, ignore_index: int, backend: str | None,
             token_weights=torch.cat(weights) if weighted else None, return_collision=collision,
             backend=backend,
         )
-    parts = [out.seq_sum, out.seq_count, out.seq_weighted_sum if weighted else out.seq_sum]
-    if collision:
-        parts.append(_collision_sums(out, torch.cat(seq_ids), sum(sizes)))
-    return [SeqLogps(*stats) for stats in zip(*(t.split(sizes) for t in parts), strict=True)]
+    whole = _seq_logps(out, torch.cat(seq_ids), sum(sizes))
+    parts = [[None] * len(sizes) if t is None else t.split(sizes) for t in whole]
+    return [SeqLogps(*stats) for stats in zip(*parts, strict=True)]
 
 
-def _collision_sums(out: LogProbOutput, seq_ids: Tensor, num_seqs: int) -> Tensor | None:
-    """Per-sequence Σ_t log Σ_v π(v)² of an op's output (None without ``log_collision``)."""
-    if out.log_collision is None:
-        return None
-    return segment_sum(out.log_collision, seq_ids, num_seqs)
+def _seq_logps(out: LogProbOutput, seq_ids: Tensor, num_seqs: int) -> SeqLogps:
+    """The :class:`SeqLogps` of an op's output (weighted: its ``seq_weighted_sum`` when the
+    call had token weights; log_collision: the per-token ones summed, when it returned them)."""
+    weighted = out.seq_sum if out.seq_weighted_sum is None else out.seq_weighted_sum
+    collision = (None if out.log_collision is None
+                 else segment_sum(out.log_collision, seq_ids, num_seqs))
+    return SeqLogps(out.seq_sum, out.seq_count, weighted, collision)
 
 
 def valid_tokens(head: Head, ignore_index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
