@@ -14,24 +14,12 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from hf_helpers import IGN, tiny_llama, trl_sequence_logps
 
 from hypo_fast.losses import FusedLinearDPOLoss
 
-transformers = pytest.importorskip("transformers")
-
-IGN = -100
 BETA = 0.1
 VOCAB, PAIRS, LENGTH, PROMPT = 96, 2, 12, 5
-
-
-def tiny_llama(tied: bool, dtype: torch.dtype) -> torch.nn.Module:
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        tie_word_embeddings=tied,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).to(dtype)
 
 
 def dpo_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -48,19 +36,10 @@ def dpo_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def trl_dpo_loss(policy, reference, ids, mask, labels) -> torch.Tensor:
-    """TRL's way: full logits, log-softmax in fp32 (or the model's fp64), gather the next token,
-    sum per sequence."""
-
-    def sequence_logps(model):
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        target = labels[:, 1:]
-        logp = logits.log_softmax(-1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
-        return (logp * (target != IGN)).sum(-1)
-
-    pol = sequence_logps(policy)
+    """TRL's DPO loss from the sequence log-probs of the logits."""
+    pol = trl_sequence_logps(policy, ids, mask, labels)
     with torch.no_grad():
-        ref = sequence_logps(reference)
+        ref = trl_sequence_logps(reference, ids, mask, labels)
     margin = (pol[:PAIRS] - ref[:PAIRS]) - (pol[PAIRS:] - ref[PAIRS:])
     return -F.logsigmoid(BETA * margin).mean()
 

@@ -1,0 +1,342 @@
+"""A thin preference trainer for Hugging Face causal LMs on top of :mod:`hypo_fast.losses`.
+
+- :func:`collate_pairs` turns tokenized ``(prompt, chosen, rejected)`` examples into one padded
+  batch, chosen rows first (the losses' layout).
+- :class:`PreferenceModel` is the policy, its frozen reference and a loss as one ``nn.Module``:
+  ``forward(**batch) -> (loss, metrics)`` runs the decoders to their last hidden states and hands
+  them, with the output embedding's weight, to the fused loss; no ``N x V`` logits are made.
+- :func:`sample_online` draws HyPO's online samples from the policy (``generate``).
+- :class:`PreferenceTrainer` runs the optimisation through 🤗 Accelerate, which owns devices,
+  mixed precision, gradient accumulation and the distributed engine (DDP, FSDP, DeepSpeed).
+
+Accelerate is an optional dependency (``pip install hypo-fast[train]``); only
+:class:`PreferenceTrainer` needs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from .losses import HyPOLoss
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+# Per-token inputs of a loss, shaped like ``input_ids``: shifted with the labels.
+_TOKEN_KEYS = ("token_mask", "kl_mask")
+# Per-example numbers :func:`collate_pairs` stacks into ``[B]`` tensors.
+_EXAMPLE_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+def _ids(name: str, value: Any) -> list[int]:
+    ids = value.tolist() if isinstance(value, Tensor) else list(value)
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise TypeError(f"{name} must be a sequence of token ids (ints)")
+    return ids
+
+
+def collate_pairs(
+    examples: Sequence[Mapping[str, Any]],
+    *,
+    pad_token_id: int,
+    ignore_index: int = -100,
+    max_length: int | None = None,
+) -> dict[str, Tensor]:
+    """Tokenized preference pairs -> one right-padded batch of ``2B`` sequences.
+
+    Each example holds ``prompt_ids``, ``chosen_ids`` and ``rejected_ids`` (token ids, the
+    completions with their EOS if the model should learn to stop) and optionally the scalars
+    ``ref_chosen_logps``/``ref_rejected_logps``. Row ``i < B`` is ``prompt_i + chosen_i``, row
+    ``B + i`` is ``prompt_i + rejected_i``; ``max_length`` keeps the first ``max_length`` tokens
+    of each (TRL's ``keep_start``).
+
+    Returns ``input_ids [2B, L]`` (``pad_token_id`` after the end), ``attention_mask [2B, L]``,
+    ``labels [2B, L]`` (the token ids on completion tokens, ``ignore_index`` on the prompt and the
+    padding; not shifted), ``prompt_input_ids``/``prompt_attention_mask [B, Lp]`` (the prompts,
+    left-padded for generation) and each optional scalar as a ``[B]`` float tensor.
+    """
+    if not examples:
+        raise ValueError("collate_pairs needs at least one example")
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    prompts, rows, completion_starts = [], [], []
+    for key in ("chosen_ids", "rejected_ids"):
+        for i, ex in enumerate(examples):
+            prompt = _ids(f"examples[{i}]['prompt_ids']", ex["prompt_ids"])
+            ids = prompt + _ids(f"examples[{i}][{key!r}]", ex[key])
+            rows.append(ids[:max_length])
+            completion_starts.append(len(prompt))
+            if key == "chosen_ids":
+                prompts.append(prompt)
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    labels = torch.full_like(input_ids, ignore_index)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, (ids, start) in enumerate(zip(rows, completion_starts, strict=True)):
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, : len(ids)] = 1
+        labels[i, start: len(ids)] = input_ids[i, start: len(ids)]
+    prompt_length = max(len(p) for p in prompts)
+    prompt_ids = torch.full((len(prompts), prompt_length), pad_token_id, dtype=torch.long)
+    prompt_mask = torch.zeros_like(prompt_ids)
+    for i, p in enumerate(prompts):
+        if p:
+            prompt_ids[i, -len(p):] = torch.tensor(p, dtype=torch.long)
+            prompt_mask[i, -len(p):] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+             "prompt_input_ids": prompt_ids, "prompt_attention_mask": prompt_mask}
+    for key in _EXAMPLE_KEYS:
+        present = [key in ex for ex in examples]
+        if any(present) and not all(present):
+            raise ValueError(f"{key} must be given for every example or for none")
+        if all(present):
+            batch[key] = torch.tensor([float(ex[key]) for ex in examples])
+    return batch
+
+
+@torch.no_grad()
+def sample_online(
+    policy: nn.Module,
+    prompt_input_ids: Tensor,
+    prompt_attention_mask: Tensor,
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    eos_token_id: int | None,
+    pad_token_id: int,
+    ignore_index: int = -100,
+    **generate_kwargs: Any,
+) -> dict[str, Tensor]:
+    """``num_samples`` completions per prompt, y ~ π(·|x) (``policy.generate(do_sample=True)``).
+
+    Takes left-padded prompts ``[B, Lp]`` (as :func:`collate_pairs` makes them) and returns the
+    ``M = B·num_samples`` online sequences, prompt-major: ``online_input_ids [M, Lp + G]``,
+    ``online_attention_mask`` (the prompt's, then the completion up to and including its first
+    ``eos_token_id``), ``online_labels`` (the completion's ids, ``ignore_index`` elsewhere) and
+    ``group_ids [M]`` (the prompt of each sample, for HyPO's ``rloo``).
+    """
+    if num_samples < 1 or max_new_tokens < 1:
+        raise ValueError(f"num_samples and max_new_tokens must be >= 1, got {num_samples} and "
+                         f"{max_new_tokens}")
+    sequences = policy.generate(
+        input_ids=prompt_input_ids, attention_mask=prompt_attention_mask, do_sample=True,
+        num_return_sequences=num_samples, max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id, **generate_kwargs,
+    )
+    completion = sequences[:, prompt_input_ids.shape[1]:]
+    keep = torch.ones_like(completion, dtype=torch.bool)
+    if eos_token_id is not None:
+        eos = (completion == eos_token_id).long()
+        keep = (eos.cumsum(1) - eos) == 0  # nothing after the first EOS
+    prompt_mask = prompt_attention_mask.repeat_interleave(num_samples, 0)
+    return {
+        "online_input_ids": sequences,
+        "online_attention_mask": torch.cat([prompt_mask, keep.long()], 1),
+        "online_labels": torch.cat([torch.full_like(prompt_mask, ignore_index),
+                                    completion.masked_fill(~keep, ignore_index)], 1),
+        "group_ids": torch.arange(prompt_input_ids.shape[0], device=sequences.device)
+        .repeat_interleave(num_samples),
+    }
+
+
+def _disable_dropout(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+class PreferenceModel(nn.Module):
+    """A causal LM policy, its frozen reference and a :mod:`hypo_fast.losses` module::
+
+        loss, metrics = PreferenceModel(policy, FusedLinearDPOLoss(), reference)(**batch)
+
+    ``forward`` takes a batch of :func:`collate_pairs` (``input_ids``, ``attention_mask``,
+    ``labels`` ``[2B, L]``, chosen rows first; ``prompt_*`` keys are ignored), runs
+    ``policy.get_decoder()`` to the last hidden states ``h [2B, L, d]`` and calls the loss on
+    ``h[:, :-1]`` (a view, read in place), ``labels[:, 1:]`` and the weight and bias of
+    ``policy.get_output_embeddings()``; the reference the same way under ``no_grad``, unless the
+    batch brings ``ref_chosen_logps``/``ref_rejected_logps``. HyPO's online samples come as
+    ``online_input_ids``/``online_attention_mask``/``online_labels`` (:func:`sample_online`);
+    ``token_mask``/``kl_mask`` (SparsePO) are shaped like ``input_ids`` and shifted with the
+    labels; every other key goes to the loss as it is (``aux_rewards`` for HPO, ``group_ids``).
+    Positions come from the attention mask, so left- and right-padded rows both work.
+
+    Being one module, it is what Accelerate (DDP, FSDP) wraps: the output embedding is used
+    inside its ``forward``, where FSDP has gathered it. ``disable_dropout`` sets every dropout of
+    both models to 0, as TRL does by default. Returns the loss and the loss's metrics (a dict of
+    detached tensors).
+    """
+
+    def __init__(self, policy: nn.Module, loss_fn: nn.Module, reference: nn.Module | None = None,
+                 *, disable_dropout: bool = True) -> None:
+        super().__init__()
+        for name, model in (("policy", policy), ("reference", reference)):
+            config = getattr(model, "config", None)
+            if config is None:
+                continue
+            text = config.get_text_config() if hasattr(config, "get_text_config") else config
+            for attr in ("final_logit_softcapping", "logit_scale"):
+                if getattr(text, attr, None) not in (None, 1.0):
+                    raise ValueError(f"{name} has {attr}={getattr(text, attr)}: the losses "
+                                     f"take the plain logits h·Wᵀ + b, which it changes")
+        self.policy = policy
+        self.loss_fn = loss_fn
+        self.reference = reference
+        if reference is not None:
+            reference.requires_grad_(False).eval()
+        if disable_dropout:
+            for model in (policy, reference):
+                if model is not None:
+                    _disable_dropout(model)
+
+    def train(self, mode: bool = True) -> PreferenceModel:
+        """The policy and the loss follow ``mode``; the reference stays in eval mode."""
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()
+        return self
+
+    @staticmethod
+    def _hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids).last_hidden_state[:, :-1]
+
+    @staticmethod
+    def _head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
+        head = model.get_output_embeddings()
+        return head.weight, getattr(head, "bias", None)
+
+    def _reference_hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        if self.reference is None:
+            raise ValueError("this loss needs the reference model's hidden states: pass "
+                             "reference= to PreferenceModel (or ref_chosen_logps/"
+                             "ref_rejected_logps in the batch for the offline pairs)")
+        with torch.no_grad():
+            return self._hidden(self.reference, input_ids, attention_mask)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                **batch: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(loss, metrics)`` of the loss module on the batch (see the class docstring)."""
+        batch = {k: v for k, v in batch.items() if not k.startswith("prompt_")}
+        online = {k: batch.pop(f"online_{k}", None)
+                  for k in ("input_ids", "attention_mask", "labels")}
+        for key in _TOKEN_KEYS:
+            if key in batch:
+                batch[key] = batch[key][:, 1:]
+        weight, bias = self._head(self.policy)
+        wants_ref = getattr(self.loss_fn, "use_ref_model", True)
+        has_online = online["input_ids"] is not None
+        ref: dict[str, Tensor | None] = {}
+        if (wants_ref or has_online) and self.reference is not None:
+            ref["ref_weight"], ref["ref_bias"] = self._head(self.reference)
+        if wants_ref and "ref_chosen_logps" not in batch and "ref_rejected_logps" not in batch:
+            ref["ref_input"] = self._reference_hidden(input_ids, attention_mask)
+        if has_online:
+            if not isinstance(self.loss_fn, HyPOLoss):
+                raise ValueError(f"online samples were given but {type(self.loss_fn).__name__} "
+                                 f"takes none (HyPOLoss does)")
+            batch["online_input"] = self._hidden(self.policy, online["input_ids"],
+                                                 online["attention_mask"])
+            batch["online_target"] = online["labels"][:, 1:]
+            batch["online_ref_input"] = self._reference_hidden(online["input_ids"],
+                                                               online["attention_mask"])
+        hidden = self._hidden(self.policy, input_ids, attention_mask)
+        loss, aux = self.loss_fn(weight, hidden, labels[:, 1:], bias, **ref, **batch)
+        return loss, aux.metrics
+
+
+@dataclass
+class OnlineSampling:
+    """How :class:`PreferenceTrainer` draws HyPO's online samples each step
+    (:func:`sample_online`): ``num_samples`` per prompt of ``max_new_tokens`` at most, ending at
+    ``eos_token_id``; ``generate_kwargs`` go to ``generate`` (``temperature``, ``top_p``, ...;
+    the KL estimators assume samples from π itself, i.e. the defaults)."""
+
+    num_samples: int = 2
+    max_new_tokens: int = 64
+    eos_token_id: int | None = None
+    pad_token_id: int = 0
+    generate_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class PreferenceTrainer:
+    """Optimises a :class:`PreferenceModel` through 🤗 Accelerate::
+
+        trainer = PreferenceTrainer(PreferenceModel(policy, loss_fn, reference), optimizer)
+        history = trainer.fit(loader)  # loader yields collate_pairs batches
+
+    ``accelerator`` (default ``Accelerator()``) decides the devices, the mixed precision, the
+    gradient accumulation and the distributed engine (launch with ``accelerate launch``); the
+    model and the optimizer (and ``lr_scheduler``) go through ``accelerator.prepare``.
+    ``max_grad_norm`` clips the gradient norm before each optimizer step. With ``online`` and a
+    :class:`HyPOLoss`, each step first samples the online completions of the batch's prompts
+    from the current policy. Each step returns the loss and the metrics' means over the batch
+    and the processes, as floats.
+    """
+
+    def __init__(self, model: PreferenceModel, optimizer: torch.optim.Optimizer, *,
+                 accelerator: Accelerator | None = None, lr_scheduler: Any = None,
+                 max_grad_norm: float | None = None, online: OnlineSampling | None = None
+                 ) -> None:
+        try:
+            from accelerate import Accelerator
+        except ImportError as e:  # pragma: no cover - accelerate is in the dev extra
+            raise ImportError("PreferenceTrainer needs accelerate: "
+                              "pip install 'hypo-fast[train]'") from e
+        if online is not None and not isinstance(model.loss_fn, HyPOLoss):
+            raise ValueError("online sampling is for HyPOLoss, got "
+                             f"{type(model.loss_fn).__name__}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+        self.accelerator = accelerator if accelerator is not None else Accelerator()
+        prepared = self.accelerator.prepare(
+            model, optimizer, *([lr_scheduler] if lr_scheduler is not None else []))
+        self.model, self.optimizer = prepared[0], prepared[1]
+        self.lr_scheduler = prepared[2] if lr_scheduler is not None else None
+        self.max_grad_norm = max_grad_norm
+        self.online = online
+
+    def _online_batch(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        o = self.online
+        assert o is not None
+        policy = self.accelerator.unwrap_model(self.model).policy
+        return sample_online(
+            policy, batch["prompt_input_ids"], batch["prompt_attention_mask"],
+            num_samples=o.num_samples, max_new_tokens=o.max_new_tokens,
+            eos_token_id=o.eos_token_id, pad_token_id=o.pad_token_id, **o.generate_kwargs,
+        )
+
+    def step(self, batch: Mapping[str, Tensor]) -> dict[str, float]:
+        """One forward, backward and (at the end of an accumulation) optimizer step."""
+        batch = {k: v.to(self.accelerator.device) if isinstance(v, Tensor) else v
+                 for k, v in batch.items()}
+        if self.online is not None:
+            batch.update(self._online_batch(batch))
+        self.model.train()
+        with self.accelerator.accumulate(self.model):
+            loss, metrics = self.model(**batch)
+            self.accelerator.backward(loss)
+            if self.max_grad_norm is not None and self.accelerator.sync_gradients:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+            self.optimizer.step()
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.step()
+            self.optimizer.zero_grad()
+        values = {"loss": loss.detach(), **metrics}
+        means = torch.stack([v.detach().float().mean() for v in values.values()])
+        means = self.accelerator.reduce(means, reduction="mean")
+        return dict(zip(values, means.tolist(), strict=True))
+
+    def fit(self, loader: Iterable[Mapping[str, Tensor]], *, epochs: int = 1
+            ) -> list[dict[str, float]]:
+        """:meth:`step` over ``loader`` (prepared by the accelerator when it is a
+        ``DataLoader``) ``epochs`` times; returns every step's numbers."""
+        if isinstance(loader, torch.utils.data.DataLoader):
+            loader = self.accelerator.prepare(loader)
+        return [self.step(batch) for _ in range(epochs) for batch in loader]

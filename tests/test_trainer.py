@@ -1,0 +1,355 @@
+"""The thin trainer (hypo_fast.trainer) on tiny Hugging Face Llamas: batches from token ids, the
+policy + reference + loss module against TRL's computation from the logits (values and every
+parameter's gradient), HyPO's online samples scored left-padded against each sample scored
+alone, one optimizer step through Accelerate, and two DDP processes against one.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hf_helpers import IGN, tiny_llama, trl_sequence_logps
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hypo_fast.losses import FusedLinearDPOLoss, FusedLinearSimPOLoss, HyPOLoss
+from hypo_fast.trainer import (
+    OnlineSampling,
+    PreferenceModel,
+    PreferenceTrainer,
+    collate_pairs,
+    sample_online,
+)
+
+accelerate = pytest.importorskip("accelerate")
+
+VOCAB, PAD, EOS, BETA = 96, 0, 1, 0.1
+
+
+def examples(pairs: int, seed: int = 1) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(2, VOCAB, (n,), generator=g).tolist()
+
+    return [{"prompt_ids": ids(2 + i % 3), "chosen_ids": ids(3 + i % 4),
+             "rejected_ids": ids(5 - i % 3)} for i in range(pairs)]
+
+
+def models(dtype=torch.float64, tied=False):
+    policy = tiny_llama(tied, dtype)
+    reference = copy.deepcopy(policy)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return policy, reference
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# batches
+
+token_lists = st.lists(st.integers(2, VOCAB - 1), max_size=6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.fixed_dictionaries({"prompt_ids": token_lists, "chosen_ids": token_lists,
+                                       "rejected_ids": token_lists}), min_size=1, max_size=4),
+       st.one_of(st.none(), st.integers(1, 8)))
+def test_collate_pairs_lays_out_prompt_completion_and_padding(exs, max_length):
+    b = collate_pairs(exs, pad_token_id=PAD, max_length=max_length)
+    n = len(exs)
+    assert b["input_ids"].shape[0] == 2 * n and b["prompt_input_ids"].shape[0] == n
+    for row in range(2 * n):
+        ex = exs[row % n]
+        prompt, completion = ex["prompt_ids"], ex["chosen_ids" if row < n else "rejected_ids"]
+        want = (prompt + completion)[:max_length]
+        mask = b["attention_mask"][row].bool()
+        assert b["input_ids"][row][mask].tolist() == want
+        assert not mask[len(want):].any() and (b["input_ids"][row][~mask] == PAD).all()
+        labels = b["labels"][row]
+        assert (labels[: len(prompt)] == IGN).all() and (labels[len(want):] == IGN).all()
+        assert labels[len(prompt): len(want)].tolist() == want[len(prompt):]
+    for i, ex in enumerate(exs):
+        pmask = b["prompt_attention_mask"][i].bool()
+        assert b["prompt_input_ids"][i][pmask].tolist() == ex["prompt_ids"]
+        assert pmask.tolist() == sorted(pmask.tolist())  # left padding
+
+
+def test_collate_pairs_stacks_reference_logps_and_rejects_bad_examples():
+    exs = examples(2)
+    b = collate_pairs([{**e, "ref_chosen_logps": -1.0 - i, "ref_rejected_logps": -5.0}
+                       for i, e in enumerate(exs)], pad_token_id=PAD)
+    assert b["ref_chosen_logps"].tolist() == [-1.0, -2.0]
+    with pytest.raises(ValueError, match="ref_chosen_logps must be given for every example"):
+        collate_pairs([{**exs[0], "ref_chosen_logps": -1.0}, exs[1]], pad_token_id=PAD)
+    with pytest.raises(TypeError, match=r"examples\[1\]\['chosen_ids'\]"):
+        collate_pairs([exs[0], {**exs[1], "chosen_ids": [1.5]}], pad_token_id=PAD)
+    with pytest.raises(ValueError, match="at least one example"):
+        collate_pairs([], pad_token_id=PAD)
+    with pytest.raises(ValueError, match="max_length"):
+        collate_pairs(exs, pad_token_id=PAD, max_length=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the module: policy + reference + loss
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_preference_model_dpo_equals_trl(tied):
+    policy, reference = models(tied=tied)
+    batch = collate_pairs(examples(3), pad_token_id=PAD)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    pol = trl_sequence_logps(policy, ids, mask, labels)
+    with torch.no_grad():
+        ref = trl_sequence_logps(reference, ids, mask, labels)
+    want = -F.logsigmoid(BETA * ((pol[:3] - ref[:3]) - (pol[3:] - ref[3:]))).mean()
+    params = list(policy.parameters())
+    want_grads = torch.autograd.grad(want, params)
+
+    model = PreferenceModel(policy, FusedLinearDPOLoss(beta=BETA), reference)
+    got, metrics = model(**batch)
+    got_grads = torch.autograd.grad(got, params)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(metrics["chosen_logps"], pol[:3].detach(), rtol=1e-10, atol=0)
+    for (name, _), a, b in zip(policy.named_parameters(), got_grads, want_grads, strict=True):
+        assert float(b.abs().max()) > 0, name
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+    # precomputed reference log-probs in the batch: the reference model is not needed
+    pre = PreferenceModel(policy, FusedLinearDPOLoss(beta=BETA))
+    got_pre, _ = pre(**batch, ref_chosen_logps=ref[:3], ref_rejected_logps=ref[3:])
+    torch.testing.assert_close(got_pre, want, rtol=1e-10, atol=1e-12)
+
+
+def test_preference_model_reference_free_loss_and_errors():
+    policy, reference = models()
+    batch = collate_pairs(examples(2), pad_token_id=PAD)
+    pol = trl_sequence_logps(policy, batch["input_ids"], batch["attention_mask"],
+                             batch["labels"])
+    counts = (batch["labels"][:, 1:] != IGN).sum(-1)
+    avg = pol / counts
+    want = -F.logsigmoid(2.0 * (avg[:2] - avg[2:]) - 0.5).mean()
+    got, _ = PreferenceModel(
+        policy, FusedLinearSimPOLoss(beta=2.0, gamma=0.5, compute_nll_loss=False))(**batch)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+    with pytest.raises(ValueError, match="pass reference= to PreferenceModel"):
+        PreferenceModel(policy, FusedLinearDPOLoss())(**batch)
+    online = {"online_input_ids": batch["input_ids"], "online_attention_mask":
+              batch["attention_mask"], "online_labels": batch["labels"]}
+    with pytest.raises(ValueError, match="FusedLinearDPOLoss takes none"):
+        PreferenceModel(policy, FusedLinearDPOLoss(), reference)(**batch, **online)
+    capped = tiny_llama(False, torch.float64)
+    capped.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match=r"final_logit_softcapping=30\.0"):
+        PreferenceModel(capped, FusedLinearDPOLoss())
+
+
+def test_reference_stays_frozen_in_eval_mode_and_dropout_is_off():
+    policy, reference = models()
+    policy.config.attention_dropout = 0.5
+    model = PreferenceModel(policy, FusedLinearDPOLoss(), reference).train()
+    assert model.policy.training and not model.reference.training
+    assert not any(p.requires_grad for p in reference.parameters())
+    assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+
+
+# ---------------------------------------------------------------------------------------------
+# online samples (HyPO)
+
+
+class ScriptedPolicy(torch.nn.Module):
+    """``generate`` returns the prompts followed by fixed completions."""
+
+    def __init__(self, completions: torch.Tensor) -> None:
+        super().__init__()
+        self.completions = completions
+
+    def generate(self, input_ids, attention_mask, num_return_sequences, **_):
+        prompts = input_ids.repeat_interleave(num_return_sequences, 0)
+        return torch.cat([prompts, self.completions], 1)
+
+
+def test_sample_online_keeps_each_completion_up_to_its_first_eos():
+    prompts = torch.tensor([[PAD, 5, 6], [7, 8, 9]])
+    pmask = (prompts != PAD).long()
+    completions = torch.tensor([[3, EOS, 4, EOS], [3, 4, 5, 6], [EOS, 2, 2, 2], [2, 2, 2, EOS]])
+    out = sample_online(ScriptedPolicy(completions), prompts, pmask, num_samples=2,
+                        max_new_tokens=4, eos_token_id=EOS, pad_token_id=PAD)
+    assert out["group_ids"].tolist() == [0, 0, 1, 1]
+    assert out["online_attention_mask"].tolist() == [
+        [0, 1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 1, 1, 1]]
+    assert out["online_labels"][:, 3:].tolist() == [
+        [3, EOS, IGN, IGN], [3, 4, 5, 6], [EOS, IGN, IGN, IGN], [2, 2, 2, EOS]]
+    assert (out["online_labels"][:, :3] == IGN).all()
+    no_eos = sample_online(ScriptedPolicy(completions), prompts, pmask, num_samples=2,
+                           max_new_tokens=4, eos_token_id=None, pad_token_id=PAD)
+    assert no_eos["online_labels"][:, 3:].tolist() == completions.tolist()
+    with pytest.raises(ValueError, match="num_samples"):
+        sample_online(ScriptedPolicy(completions), prompts, pmask, num_samples=0,
+                      max_new_tokens=4, eos_token_id=EOS, pad_token_id=PAD)
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "exact"])
+def test_hypo_online_samples_scored_left_padded_equal_each_scored_alone(estimator):
+    policy, reference = models()
+    batch = collate_pairs(examples(2), pad_token_id=PAD)
+    torch.manual_seed(3)
+    online = sample_online(policy, batch["prompt_input_ids"], batch["prompt_attention_mask"],
+                           num_samples=2, max_new_tokens=5, eos_token_id=EOS,
+                           pad_token_id=PAD)
+    assert (batch["prompt_attention_mask"] == 0).any()  # some prompts are left-padded
+    loss_fn = HyPOLoss(beta=BETA, kl_coef=0.5, estimator=estimator)
+    params = list(policy.parameters())
+    got, metrics = PreferenceModel(policy, loss_fn, reference)(**batch, **online)
+    got_grads = torch.autograd.grad(got, params)
+
+    def alone(model):  # each sample's valid tokens, without padding: packed
+        hs, ts, lengths = [], [], []
+        for ids, mask, labels in zip(online["online_input_ids"],
+                                     online["online_attention_mask"],
+                                     online["online_labels"], strict=True):
+            keep = mask.bool()
+            h = model.model(input_ids=ids[keep][None]).last_hidden_state[0, :-1]
+            hs.append(h)
+            ts.append(labels[keep][1:])
+            lengths.append(h.shape[0])
+        cu = torch.tensor([0, *lengths]).cumsum(0)
+        return torch.cat(hs), torch.cat(ts), cu
+
+    h, t, cu = alone(policy)
+    with torch.no_grad():
+        rh, _, _ = alone(reference)
+        ref_h = reference.model(**{k: batch[k] for k in ("input_ids", "attention_mask")})
+    pairs_h = policy.model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).last_hidden_state
+    want, want_metrics = loss_fn(
+        policy.lm_head.weight, pairs_h[:, :-1], batch["labels"][:, 1:],
+        ref_input=ref_h.last_hidden_state[:, :-1], ref_weight=reference.lm_head.weight,
+        online_input=h, online_target=t, online_cu_seqlens=cu, online_ref_input=rh,
+        group_ids=online["group_ids"])
+    want_grads = torch.autograd.grad(want, params)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(metrics["online_kl"], want_metrics.metrics["online_kl"], rtol=1e-9,
+                               atol=1e-12)
+    assert float(metrics["kl_term"].abs()) > 0
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-11)
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer (Accelerate)
+
+
+def test_trainer_step_is_one_optimizer_step_on_the_loss_gradient():
+    policy, reference = models()
+    batch = collate_pairs(examples(2), pad_token_id=PAD)
+    before = copy.deepcopy(policy)
+    loss, _ = PreferenceModel(before, FusedLinearDPOLoss(beta=BETA),
+                              copy.deepcopy(reference))(**batch)
+    grads = torch.autograd.grad(loss, list(before.parameters()))
+
+    lr = 0.5
+    trainer = PreferenceTrainer(
+        PreferenceModel(policy, FusedLinearDPOLoss(beta=BETA), reference),
+        torch.optim.SGD(policy.parameters(), lr=lr),
+        accelerator=accelerate.Accelerator(cpu=True))
+    numbers = trainer.step(batch)
+    assert numbers["loss"] == pytest.approx(float(loss.detach()), rel=1e-6)  # fp32 logging
+    assert {"chosen_rewards", "rejected_rewards", "accuracy"} <= numbers.keys()
+    for (name, p), p0, g in zip(policy.named_parameters(), before.parameters(), grads,
+                                strict=True):
+        torch.testing.assert_close(p.detach(), p0.detach() - lr * g, rtol=1e-10, atol=1e-12,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_trainer_fit_lowers_the_loss_and_validates_its_arguments():
+    policy, reference = models(dtype=torch.float32)
+    exs = examples(4)
+    loader = torch.utils.data.DataLoader(exs, batch_size=2, collate_fn=lambda e: collate_pairs(
+        e, pad_token_id=PAD))
+    model = PreferenceModel(policy, FusedLinearDPOLoss(beta=BETA), reference)
+    trainer = PreferenceTrainer(model, torch.optim.Adam(policy.parameters(), lr=1e-2),
+                                accelerator=accelerate.Accelerator(cpu=True), max_grad_norm=1.0)
+    history = trainer.fit(loader, epochs=5)
+    assert len(history) == 10
+    assert history[-1]["loss"] < history[1]["loss"] - 0.1
+    with pytest.raises(ValueError, match="online sampling is for HyPOLoss"):
+        PreferenceTrainer(model, torch.optim.SGD(policy.parameters(), lr=1.0),
+                          online=OnlineSampling())
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        PreferenceTrainer(model, torch.optim.SGD(policy.parameters(), lr=1.0), max_grad_norm=0)
+
+
+def test_trainer_hypo_step_samples_online_completions():
+    policy, reference = models()
+    batch = collate_pairs(examples(2), pad_token_id=PAD)
+    trainer = PreferenceTrainer(
+        PreferenceModel(policy, HyPOLoss(beta=BETA, kl_coef=1.0), reference),
+        torch.optim.SGD(policy.parameters(), lr=0.1),
+        accelerator=accelerate.Accelerator(cpu=True),
+        online=OnlineSampling(num_samples=3, max_new_tokens=4, eos_token_id=EOS,
+                              pad_token_id=PAD))
+    before = [p.detach().clone() for p in policy.parameters()]
+    torch.manual_seed(0)
+    numbers = trainer.step(batch)
+    assert {"kl_term", "online_kl", "dpo_loss"} <= numbers.keys()
+    assert numbers["loss"] == pytest.approx(numbers["dpo_loss"] + numbers["kl_term"], rel=1e-9)
+    assert any(not torch.equal(a, p) for a, p in zip(before, policy.parameters(), strict=True))
+
+
+def _ddp_step(rank: int, world_size: int, port: int, pairs: int, out_path: str) -> None:
+    """One SGD step of DPO in process ``rank``, on its share of the pairs; rank 0 saves the
+    policy."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), GLOO_SOCKET_IFNAME="lo")
+    accelerator = accelerate.Accelerator(cpu=True)
+    assert accelerator.num_processes == world_size and accelerator.process_index == rank
+    share = pairs // world_size
+    policy, reference = models()
+    trainer = PreferenceTrainer(
+        PreferenceModel(policy, FusedLinearDPOLoss(beta=BETA), reference),
+        torch.optim.SGD(policy.parameters(), lr=0.5), accelerator=accelerator)
+    trainer.step(collate_pairs(examples(pairs)[rank * share:(rank + 1) * share],
+                               pad_token_id=PAD))
+    if rank == 0:
+        torch.save(policy.state_dict(), out_path)
+    accelerator.end_training()
+
+
+def test_two_ddp_processes_take_the_step_of_one_on_the_whole_batch(tmp_path):
+    pairs = 4
+    with socket.socket() as s:  # a free port for the process group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # spawned, not forked: a fork of a process whose OpenMP threads ran can hang
+    torch.multiprocessing.start_processes(
+        _ddp_step, args=(2, port, pairs, str(tmp_path / "ddp.pt")), nprocs=2,
+        start_method="spawn")
+    ddp = torch.load(tmp_path / "ddp.pt")
+    policy, reference = models()
+    trainer = PreferenceTrainer(
+        PreferenceModel(policy, FusedLinearDPOLoss(beta=BETA), reference),
+        torch.optim.SGD(policy.parameters(), lr=0.5),
+        accelerator=accelerate.Accelerator(cpu=True))
+    trainer.step(collate_pairs(examples(pairs), pad_token_id=PAD))
+    start = models()[0].state_dict()
+    for name, value in policy.state_dict().items():
+        assert not torch.equal(value, start[name]) or name.endswith("inv_freq"), name
+        torch.testing.assert_close(ddp[name], value, rtol=1e-10, atol=1e-12,
+                                   msg=lambda m, name=name: f"{name}: {m}")
