@@ -5,6 +5,8 @@ realistic shape: per-sequence summed log-probs of the policy and reference heads
 :func:`hypo_fast.objectives.dpo_loss`. It prints the loss, the accuracy, the shape, the wall time
 and the peak memory of the log-prob path of the chosen backend (``--backend``: ``auto`` = triton
 for CUDA tensors, the reference on the CPU).
+
+``hypo-fast train`` preference-trains a Hugging Face causal LM (:mod:`hypo_fast.train_job`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import train_job
 from .objectives import dpo_loss
 from .ops import BACKENDS, linear_logprob, resolve_backend
 
@@ -171,7 +174,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``hypo-fast`` command line: one subcommand, ``quickstart``."""
+    """The ``hypo-fast`` command line: ``quickstart`` and ``train``."""
     parser = argparse.ArgumentParser(prog="hypo-fast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quickstart", help="one DPO forward+backward on random hidden states")
@@ -185,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
                    help="auto: triton for CUDA tensors, else the CPU path (the reference)")
+    train_job.add_arguments(sub.add_parser(
+        "train", help="preference-train a Hugging Face causal LM on a JSON-lines file",
+        description=train_job.DESCRIPTION))
     return parser
 
 
@@ -207,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as e:
                 parser.error(f"--backend {args.backend}: {e}")
         _print_quickstart(args, run_quickstart(args))
+    elif args.command == "train":
+        train_job.run(parser, args)
     return 0
 
 

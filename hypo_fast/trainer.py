@@ -15,7 +15,7 @@ Accelerate is an optional dependency (``pip install hypo-fast[train]``); only
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -185,6 +185,8 @@ class PreferenceModel(nn.Module):
                     raise ValueError(f"{name} has {attr}={getattr(text, attr)}: the losses "
                                      f"take the plain logits h·Wᵀ + b, which it changes")
         self.policy = policy
+        # what Accelerate's FSDP auto-wrap reads to find the decoder layers
+        self._no_split_modules = getattr(policy, "_no_split_modules", None)
         self.loss_fn = loss_fn
         self.reference = reference
         if reference is not None:
@@ -333,10 +335,18 @@ class PreferenceTrainer:
         means = self.accelerator.reduce(means, reduction="mean")
         return dict(zip(values, means.tolist(), strict=True))
 
-    def fit(self, loader: Iterable[Mapping[str, Tensor]], *, epochs: int = 1
+    def fit(self, loader: Iterable[Mapping[str, Tensor]], *, epochs: int = 1,
+            on_step: Callable[[int, int, dict[str, float]], None] | None = None
             ) -> list[dict[str, float]]:
         """:meth:`step` over ``loader`` (prepared by the accelerator when it is a
-        ``DataLoader``) ``epochs`` times; returns every step's numbers."""
+        ``DataLoader``) ``epochs`` times; ``on_step(step, epoch, numbers)`` after each step
+        (counted from 1). Returns every step's numbers."""
         if isinstance(loader, torch.utils.data.DataLoader):
             loader = self.accelerator.prepare(loader)
-        return [self.step(batch) for _ in range(epochs) for batch in loader]
+        history: list[dict[str, float]] = []
+        for epoch in range(epochs):
+            for batch in loader:
+                history.append(self.step(batch))
+                if on_step is not None:
+                    on_step(len(history), epoch, history[-1])
+        return history

@@ -51,3 +51,24 @@ def test_quick_start_commands_are_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     assert install.split("&&")[0].strip() in ci
     assert re.search(rf"^\s*{re.escape(tests)}\b", ci, flags=re.MULTILINE)
+
+
+def test_trainer_example_runs():
+    from accelerate.state import AcceleratorState
+    from hf_helpers import tiny_llama
+
+    trainer_example = blocks("python")[2]
+    policy = tiny_llama(False, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    pairs = [{key: torch.randint(1, 96, (n,), generator=g).tolist()
+              for key, n in (("prompt_ids", 3), ("chosen_ids", 4), ("rejected_ids", 2))}
+             for _ in range(8)]
+    scope = {"policy": policy, "reference": tiny_llama(False, torch.float32),
+             "pairs": pairs}
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        exec(compile(trainer_example, "README.md (trainer)", "exec"), scope)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert len(scope["history"]) == 2 and all(
+        torch.isfinite(torch.tensor(h["loss"])) for h in scope["history"])

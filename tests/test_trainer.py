@@ -7,16 +7,19 @@ alone, one optimizer step through Accelerate, and two DDP processes against one.
 from __future__ import annotations
 
 import copy
+import json
+import math
 import os
 import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_helpers import IGN, tiny_llama, trl_sequence_logps
+from hf_helpers import IGN, tiny_llama, transformers, trl_sequence_logps
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hypo_fast.cli import main
 from hypo_fast.losses import FusedLinearDPOLoss, FusedLinearSimPOLoss, HyPOLoss
 from hypo_fast.trainer import (
     OnlineSampling,
@@ -353,3 +356,75 @@ def test_two_ddp_processes_take_the_step_of_one_on_the_whole_batch(tmp_path):
         assert not torch.equal(value, start[name]) or name.endswith("inv_freq"), name
         torch.testing.assert_close(ddp[name], value, rtol=1e-10, atol=1e-12,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the command: hypo-fast train
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A tiny Llama and a word-level tokenizer (``w0`` ... ``w59``) saved as a model directory,
+    and a JSON-lines file of pairs in its words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(60)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        unk_token="<unk>").save_pretrained(tmp_path / "model")
+    tiny_llama(False, torch.float32, vocab=len(words)).save_pretrained(tmp_path / "model")
+    g = torch.Generator().manual_seed(0)
+
+    def text(n):
+        return " ".join(f"w{i}" for i in torch.randint(0, 60, (n,), generator=g).tolist())
+
+    rows = [{"prompt": text(3), "chosen": text(4), "rejected": text(2)} for _ in range(6)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    return tmp_path / "model", data
+
+
+def test_train_command_trains_and_saves_the_policy(model_dir, tmp_path):
+    model, data = model_dir
+    out = tmp_path / "out"
+    assert main(["train", "--model", str(model), "--data", str(data), "--output", str(out),
+                 "--lr", "1e-2", "--epochs", "4", "--batch-size", "3", "--seed", "1"]) == 0
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == list(range(1, 9))
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.1
+    trained = transformers.AutoModelForCausalLM.from_pretrained(out)
+    start = transformers.AutoModelForCausalLM.from_pretrained(model)
+    assert not torch.equal(trained.lm_head.weight, start.lm_head.weight)
+    assert transformers.AutoTokenizer.from_pretrained(out).eos_token == "</s>"
+
+
+@pytest.mark.parametrize("loss", ["hypo", "simpo"])
+def test_train_command_runs_hypo_with_online_samples_and_reference_free_losses(
+        model_dir, tmp_path, loss):
+    model, data = model_dir
+    out = tmp_path / loss
+    main(["train", "--model", str(model), "--data", str(data), "--output", str(out),
+          "--loss", loss, "--batch-size", "6", "--online-samples", "2",
+          "--max-new-tokens", "3", "--lr", "1e-3"])
+    (step,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert math.isfinite(step["loss"])
+    assert ("kl_term" in step) == (loss == "hypo")
+
+
+def test_train_command_names_what_is_wrong(model_dir, tmp_path, capsys):
+    model, data = model_dir
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "w1", "chosen": "w2", "rejected": "w3"}\n{"prompt": "w1"}\n')
+    base = ["train", "--model", str(model), "--output", str(tmp_path / "o")]
+    for argv, message in [
+        (["--data", str(bad)], "bad.jsonl:2: expected an object with the strings prompt, "
+                               "chosen, rejected"),
+        (["--data", str(tmp_path / "none.jsonl")], "none.jsonl: no such file"),
+        (["--data", str(data), "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--data", str(data), "--lr", "nan"], "--lr must be a positive number"),
+    ]:
+        with pytest.raises(SystemExit):
+            main(base + argv)
+        assert message in capsys.readouterr().err
