@@ -176,6 +176,10 @@ class PreferenceModel(nn.Module):
                  *, disable_dropout: bool = True) -> None:
         super().__init__()
         for name, model in (("policy", policy), ("reference", reference)):
+            if model is not None and not all(hasattr(model, a) for a in (
+                    "get_decoder", "get_output_embeddings")):
+                raise TypeError(f"{name} must be a Hugging Face causal LM (with get_decoder and "
+                                f"get_output_embeddings), got {type(model).__name__}")
             config = getattr(model, "config", None)
             if config is None:
                 continue
@@ -307,6 +311,10 @@ class PreferenceTrainer:
     def _online_batch(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         o = self.online
         assert o is not None
+        missing = {"prompt_input_ids", "prompt_attention_mask"} - batch.keys()
+        if missing:
+            raise ValueError(f"online sampling needs the batch's prompts: {sorted(missing)} "
+                             "missing (collate_pairs makes them)")
         policy = self.accelerator.unwrap_model(self.model).policy
         return sample_online(
             policy, batch["prompt_input_ids"], batch["prompt_attention_mask"],

@@ -156,6 +156,8 @@ def test_preference_model_reference_free_loss_and_errors():
               batch["attention_mask"], "online_labels": batch["labels"]}
     with pytest.raises(ValueError, match="FusedLinearDPOLoss takes none"):
         PreferenceModel(policy, FusedLinearDPOLoss(), reference)(**batch, **online)
+    with pytest.raises(TypeError, match="reference must be a Hugging Face causal LM"):
+        PreferenceModel(policy, FusedLinearDPOLoss(), torch.nn.Linear(2, 2))
     capped = tiny_llama(False, torch.float64)
     capped.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match=r"final_logit_softcapping=30\.0"):
@@ -309,6 +311,9 @@ def test_trainer_hypo_step_samples_online_completions():
         online=OnlineSampling(num_samples=3, max_new_tokens=4, eos_token_id=EOS,
                               pad_token_id=PAD))
     before = [p.detach().clone() for p in policy.parameters()]
+    with pytest.raises(ValueError, match=r"\['prompt_attention_mask', 'prompt_input_ids'\] "
+                                         "missing"):
+        trainer.step({k: v for k, v in batch.items() if not k.startswith("prompt_")})
     torch.manual_seed(0)
     numbers = trainer.step(batch)
     assert {"kl_term", "online_kl", "dpo_loss"} <= numbers.keys()
