@@ -126,6 +126,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for name in ("lr", "max_grad_norm"):
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
             parser.error(f"--{name.replace('_', '-')} must be a positive number")
+    if args.loss == "hypo" and args.estimator == "rloo" and args.online_samples < 2:
+        parser.error("--estimator rloo needs --online-samples >= 2 (a baseline from the others)")
     if not args.data.is_file():
         parser.error(f"--data {args.data}: no such file")
 

@@ -429,6 +429,8 @@ def test_train_command_names_what_is_wrong(model_dir, tmp_path, capsys):
         (["--data", str(tmp_path / "none.jsonl")], "none.jsonl: no such file"),
         (["--data", str(data), "--batch-size", "0"], "--batch-size must be >= 1"),
         (["--data", str(data), "--lr", "nan"], "--lr must be a positive number"),
+        (["--data", str(data), "--loss", "hypo", "--online-samples", "1"],
+         "--estimator rloo needs --online-samples >= 2"),
     ]:
         with pytest.raises(SystemExit):
             main(base + argv)
