@@ -283,6 +283,29 @@ def test_trainer_step_is_one_optimizer_step_on_the_loss_gradient():
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_gradient_accumulation_over_two_halves_takes_the_step_of_the_whole_batch():
+    exs = examples(4)
+    params = {}
+    for accumulate, batches in ((1, [exs]), (2, [exs[:2], exs[2:]])):
+        from accelerate.state import AcceleratorState
+        AcceleratorState._reset_state(reset_partial_state=True)
+        policy, reference = models()
+        trainer = PreferenceTrainer(
+            PreferenceModel(policy, FusedLinearDPOLoss(beta=BETA), reference),
+            torch.optim.SGD(policy.parameters(), lr=0.5), max_grad_norm=0.05,
+            accelerator=accelerate.Accelerator(cpu=True,
+                                               gradient_accumulation_steps=accumulate))
+        loader = torch.utils.data.DataLoader(
+            batches, batch_size=None, collate_fn=lambda e: collate_pairs(e, pad_token_id=PAD))
+        trainer.fit(loader)
+        params[accumulate] = policy.state_dict()
+    start = models()[0].state_dict()
+    for name, value in params[1].items():
+        assert not torch.equal(value, start[name]) or name.endswith("inv_freq"), name
+        torch.testing.assert_close(params[2][name], value, rtol=1e-10, atol=1e-12,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_trainer_fit_lowers_the_loss_and_validates_its_arguments():
     policy, reference = models(dtype=torch.float32)
     exs = examples(4)
@@ -403,6 +426,15 @@ def test_train_command_trains_and_saves_the_policy(model_dir, tmp_path):
     start = transformers.AutoModelForCausalLM.from_pretrained(model)
     assert not torch.equal(trained.lm_head.weight, start.lm_head.weight)
     assert transformers.AutoTokenizer.from_pretrained(out).eos_token == "</s>"
+
+
+def test_train_command_under_bf16_autocast(model_dir, tmp_path):
+    model, data = model_dir
+    out = tmp_path / "bf16"
+    main(["train", "--model", str(model), "--data", str(data), "--output", str(out),
+          "--mixed-precision", "bf16", "--batch-size", "6", "--lr", "1e-2", "--epochs", "3"])
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1]["loss"] < steps[0]["loss"]
 
 
 @pytest.mark.parametrize("loss", ["hypo", "simpo"])
