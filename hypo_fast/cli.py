@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"--backend {args.backend}: {e}")
         _print_quickstart(args, run_quickstart(args))
     elif args.command == "train":
-        train_job.run(parser, args)
+        train_job.run(args.parser, args)
     return 0
 
 

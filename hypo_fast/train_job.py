@@ -2,10 +2,9 @@
 directory -> the trained policy, through :class:`hypo_fast.trainer.PreferenceTrainer`.
 
 Each line of ``--data`` is TRL's standard preference format, ``{"prompt": str, "chosen": str,
-"rejected": str}``, tokenized as TRL does: no special tokens, the BOS (if the tokenizer has one)
-before the prompt, the EOS after each completion. The model and its tokenizer load from
-``--model`` (the reference from ``--ref-model``, default the same); the policy, its tokenizer
-and ``metrics.jsonl`` (one line per step) are written to ``--output``. On several GPUs:
+"rejected": str}``, tokenized as TRL does (:func:`tokenize_pair`). The model and its tokenizer
+load from ``--model`` (the reference from ``--ref-model``, default the same); the policy, its
+tokenizer and ``metrics.jsonl`` (one line per batch) are written to ``--output``. On several GPUs:
 ``accelerate launch [--num_processes N ...] -m hypo_fast.cli train ...``.
 """
 
@@ -15,6 +14,7 @@ import argparse
 import contextlib
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,9 @@ from .trainer import OnlineSampling, PreferenceModel, PreferenceTrainer, collate
 
 LOSSES = ("dpo", "simpo", "cpo", "orpo", "hypo")
 REFERENCE_FREE = ("simpo", "cpo", "orpo")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# HyPO's options, None on the command line unless given: given with another loss they are an error
+HYPO_DEFAULTS = {"kl_coef": 0.1, "estimator": "rloo", "online_samples": 2, "max_new_tokens": 64}
 FIELDS = ("prompt", "chosen", "rejected")
 DESCRIPTION = ("Preference-train a Hugging Face causal LM on the pairs of a JSON-lines file "
                '({"prompt", "chosen", "rejected"} per line) with a fused loss; the policy, its '
@@ -63,18 +65,43 @@ def read_pairs(path: Path) -> list[dict[str, str]]:
     return rows
 
 
-def tokenize_pair(tokenizer: Any, row: dict[str, str]) -> dict[str, list[int]]:
-    """TRL's tokenization of one pair: BOS + prompt, completion + EOS, no other special token."""
+def tokenize_pair(tokenizer: Any, row: dict[str, str]) -> dict[str, list[int]] | None:
+    """TRL's tokenization of one pair: the EOS text appended to each completion that does not
+    end with it; the prompt, and the prompt + each completion, tokenized whole with the
+    tokenizer's own special tokens; each completion's ids are those after the prompt's length.
+    ``None`` when the prompt's ids are not a prefix of both (a tokenizer that merges across the
+    boundary or adds special tokens at the end): such a pair is dropped."""
+    eos = tokenizer.eos_token
+
     def ids(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return tokenizer(text)["input_ids"]
 
     prompt = ids(row["prompt"])
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    if bos is not None and prompt[:1] != [bos]:
-        prompt = [bos, *prompt]
-    tail = [] if eos is None else [eos]
-    return {"prompt_ids": prompt, "chosen_ids": ids(row["chosen"]) + tail,
-            "rejected_ids": ids(row["rejected"]) + tail}
+    out = {"prompt_ids": prompt}
+    for key in ("chosen", "rejected"):
+        completion = row[key] if eos is None or row[key].endswith(eos) else row[key] + eos
+        whole = ids(row["prompt"] + completion)
+        if whole[: len(prompt)] != prompt:
+            return None
+        out[f"{key}_ids"] = whole[len(prompt):]
+    return out
+
+
+def tokenize_pairs(tokenizer: Any, rows: list[dict[str, str]], max_length: int
+                   ) -> tuple[list[dict[str, list[int]]], dict[str, int]]:
+    """:func:`tokenize_pair` over ``rows``, without the pairs it drops and those whose prompt
+    alone fills ``max_length`` (no completion token would be left, as TRL drops them); returns
+    the pairs and how many were dropped, by reason."""
+    pairs, dropped = [], {"prompt not a token prefix": 0, "prompt fills --max-length": 0}
+    for row in rows:
+        pair = tokenize_pair(tokenizer, row)
+        if pair is None:
+            dropped["prompt not a token prefix"] += 1
+        elif len(pair["prompt_ids"]) >= max_length:
+            dropped["prompt fills --max-length"] += 1
+        else:
+            pairs.append(pair)
+    return pairs, dropped
 
 
 def build_loss(args: argparse.Namespace) -> torch.nn.Module:
@@ -85,7 +112,9 @@ def build_loss(args: argparse.Namespace) -> torch.nn.Module:
     if args.loss == "dpo":
         return FusedLinearDPOLoss(**common)
     if args.loss == "hypo":
-        return HyPOLoss(**common, kl_coef=args.kl_coef, estimator=args.estimator)
+        return HyPOLoss(**common, kl_coef=HYPO_DEFAULTS["kl_coef"] if args.kl_coef is None
+                        else args.kl_coef,
+                        estimator=args.estimator or HYPO_DEFAULTS["estimator"])
     return {"simpo": FusedLinearSimPOLoss, "cpo": FusedLinearCPOLoss,
             "orpo": FusedLinearORPOLoss}[args.loss](**common)
 
@@ -101,31 +130,55 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss-type", choices=DPO_LOSS_TYPES, default="sigmoid",
                    help="DPO-family loss type (dpo, hypo)")
     p.add_argument("--beta", type=float, default=None, help="default: the loss's own")
-    p.add_argument("--kl-coef", type=float, default=0.1, help="HyPO's λ")
-    p.add_argument("--estimator", choices=KL_ESTIMATORS, default="rloo", help="HyPO's KL")
-    p.add_argument("--online-samples", type=int, default=2, help="HyPO: samples per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="HyPO: sample length")
+    p.add_argument("--kl-coef", type=float, default=None, help="HyPO's λ (default 0.1)")
+    p.add_argument("--estimator", choices=KL_ESTIMATORS, default=None,
+                   help="HyPO's KL estimator (default rloo)")
+    p.add_argument("--online-samples", type=int, default=None,
+                   help="HyPO: samples per prompt (default 2)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="HyPO: sample length (default 64)")
     p.add_argument("--lr", type=float, default=1e-6)
-    p.add_argument("--batch-size", type=int, default=4, help="pairs per process and step")
+    p.add_argument("--lr-scheduler", choices=("linear", "constant"), default="linear",
+                   help="linear: decay to 0 over the run, as TRL's default")
+    p.add_argument("--warmup-steps", type=int, default=0, help="optimizer steps of warmup")
+    p.add_argument("--batch-size", type=int, default=4, help="pairs per process and batch")
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="batches per optimizer step (gradient accumulation)")
     p.add_argument("--max-length", type=int, default=1024,
-                   help="tokens kept of each prompt + completion")
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
+                   help="tokens kept of each prompt + completion (pairs whose prompt fills it "
+                        "are dropped)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0: no clipping")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
-                   help="dtype the models are loaded in")
-    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+                   help="dtype of the weights (and of AdamW's state): bfloat16 halves memory "
+                        "but rounds away updates below its resolution (~0.4%% of a weight; "
+                        "lr 1e-6 updates are lost): prefer float32 with --mixed-precision bf16")
+    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
+                   help="Accelerate's autocast (and loss scaling for fp16)")
     p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(parser=p)
 
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    hypo_given = [k for k in HYPO_DEFAULTS if getattr(args, k) is not None]
+    if args.loss != "hypo" and hypo_given:
+        parser.error(f"--{hypo_given[0].replace('_', '-')} is a HyPO option, but --loss is "
+                     f"{args.loss}")
+    if args.loss in REFERENCE_FREE and args.ref_model is not None:
+        parser.error(f"--loss {args.loss} takes no reference model, but --ref-model is given")
+    for key, value in HYPO_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     for name in ("online_samples", "max_new_tokens", "batch_size", "epochs", "grad_accum",
                  "max_length"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("lr", "max_grad_norm"):
-        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
-            parser.error(f"--{name.replace('_', '-')} must be a positive number")
+    if args.warmup_steps < 0:
+        parser.error("--warmup-steps must be >= 0")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        parser.error("--lr must be a positive number")
+    if not (math.isfinite(args.max_grad_norm) and args.max_grad_norm >= 0):
+        parser.error("--max-grad-norm must be >= 0 (0: no clipping)")
     if args.loss == "hypo" and args.estimator == "rloo" and args.online_samples < 2:
         parser.error("--estimator rloo needs --online-samples >= 2 (a baseline from the others)")
     if not args.data.is_file():
@@ -136,7 +189,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
     """Train as the arguments say; returns every step's numbers (also in metrics.jsonl)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
     _check(parser, args)
     try:
@@ -146,10 +199,20 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
         parser.error(str(e))
     accelerator = Accelerator(mixed_precision=args.mixed_precision,
                               gradient_accumulation_steps=args.grad_accum)
-    set_seed(args.seed)
+    set_seed(args.seed, device_specific=True)  # each process samples its own completions
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
         tokenizer.eos_token_id or 0)
+    pairs, dropped = tokenize_pairs(tokenizer, rows, args.max_length)
+    if any(dropped.values()) and accelerator.is_main_process:
+        print(f"dropped {sum(dropped.values())} of {len(rows)} pairs: " + ", ".join(
+            f"{n} {why}" for why, n in dropped.items() if n), file=sys.stderr)
+    if not pairs:
+        parser.error(f"--data {args.data}: no pair left to train on")
+    loader = torch.utils.data.DataLoader(
+        pairs, batch_size=args.batch_size, shuffle=True,
+        collate_fn=lambda ex: collate_pairs(ex, pad_token_id=pad, max_length=args.max_length))
+
     dtype = DTYPES[args.dtype]
     policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     reference = None
@@ -159,22 +222,28 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
     model = PreferenceModel(policy, loss_fn, reference)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=args.lr)
+    # Accelerate steps a prepared scheduler once per process at each optimizer step.
+    batches = math.ceil(len(loader) / accelerator.num_processes)
+    steps = math.ceil(batches / args.grad_accum) * args.epochs
+    scheduler = get_scheduler(args.lr_scheduler, optimizer,
+                              num_warmup_steps=args.warmup_steps * accelerator.num_processes,
+                              num_training_steps=steps * accelerator.num_processes)
     online = None
     if args.loss == "hypo":
         online = OnlineSampling(num_samples=args.online_samples,
                                 max_new_tokens=args.max_new_tokens,
                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
     trainer = PreferenceTrainer(model, optimizer, accelerator=accelerator,
-                                max_grad_norm=args.max_grad_norm, online=online)
-    loader = torch.utils.data.DataLoader(
-        [tokenize_pair(tokenizer, r) for r in rows], batch_size=args.batch_size, shuffle=True,
-        collate_fn=lambda ex: collate_pairs(ex, pad_token_id=pad, max_length=args.max_length))
+                                lr_scheduler=scheduler, max_grad_norm=args.max_grad_norm or None,
+                                online=online)
     args.output.mkdir(parents=True, exist_ok=True)
     with (args.output / "metrics.jsonl").open("w") if accelerator.is_main_process else (
             contextlib.nullcontext()) as log:
-        def on_step(step: int, epoch: int, numbers: dict[str, float]) -> None:
+        def on_step(batch: int, epoch: int, numbers: dict[str, float]) -> None:
             if log is not None:
-                line = json.dumps({"step": step, "epoch": epoch, **numbers})
+                line = json.dumps({"batch": batch, "step": trainer.optimizer_steps,
+                                   "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+                                   **numbers})
                 log.write(line + "\n")
                 print(line, flush=True)
 

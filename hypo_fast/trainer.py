@@ -29,6 +29,15 @@ if TYPE_CHECKING:
 
 # Per-token inputs of a loss, shaped like ``input_ids``: shifted with the labels.
 _TOKEN_KEYS = ("token_mask", "kl_mask")
+# generate's settings for y ~ π itself: the model's generation_config and transformers'
+# defaults (top_k=50) would otherwise truncate or reshape the distribution.
+PURE_SAMPLING: dict[str, Any] = {
+    "do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "typical_p": 1.0,
+    "min_p": None, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+}
+# Logit transforms of Hugging Face configs (softcaps, scales, multipliers) the losses lack.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
+                     "logits_soft_cap", "lm_head_multiplier", "output_multiplier")
 # Per-example numbers :func:`collate_pairs` stacks into ``[B]`` tensors.
 _EXAMPLE_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 
@@ -112,7 +121,10 @@ def sample_online(
     ignore_index: int = -100,
     **generate_kwargs: Any,
 ) -> dict[str, Tensor]:
-    """``num_samples`` completions per prompt, y ~ π(·|x) (``policy.generate(do_sample=True)``).
+    """``num_samples`` completions per prompt, y ~ π(·|x): ``policy.generate`` with plain
+    ancestral sampling (:data:`PURE_SAMPLING`: temperature 1 and no top-k, top-p, typical,
+    min-p or repetition rule, whatever the model's ``generation_config`` says), which the KL
+    estimators assume; ``generate_kwargs`` override it (and add to it).
 
     Takes left-padded prompts ``[B, Lp]`` (as :func:`collate_pairs` makes them) and returns the
     ``M = B·num_samples`` online sequences, prompt-major: ``online_input_ids [M, Lp + G]``,
@@ -124,9 +136,10 @@ def sample_online(
         raise ValueError(f"num_samples and max_new_tokens must be >= 1, got {num_samples} and "
                          f"{max_new_tokens}")
     sequences = policy.generate(
-        input_ids=prompt_input_ids, attention_mask=prompt_attention_mask, do_sample=True,
+        input_ids=prompt_input_ids, attention_mask=prompt_attention_mask,
         num_return_sequences=num_samples, max_new_tokens=max_new_tokens,
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id, **generate_kwargs,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        **{**PURE_SAMPLING, **generate_kwargs},
     )
     completion = sequences[:, prompt_input_ids.shape[1]:]
     keep = torch.ones_like(completion, dtype=torch.bool)
@@ -145,9 +158,37 @@ def sample_online(
 
 
 def _disable_dropout(model: nn.Module) -> None:
+    """Every ``nn.Dropout`` and every float ``*dropout*`` attribute of a module (attention
+    modules keep their rate as a float for ``scaled_dot_product_attention``) set to 0."""
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
+        for key, value in vars(m).items():
+            if "dropout" in key and isinstance(value, float):
+                setattr(m, key, 0.0)
+
+
+def _check_causal_lm(name: str, model: nn.Module | None) -> None:
+    """A decoder-only Hugging Face causal LM whose logits are ``h·Wᵀ + b`` of its last hidden
+    states, or a clear error."""
+    if model is None:
+        return
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    causal = set()
+    for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        causal.update([names] if isinstance(names, str) else names)
+    config = getattr(base, "config", None)
+    if (not any(cls.__name__ in causal for cls in type(base).__mro__)
+            or getattr(config, "is_encoder_decoder", False)):
+        raise TypeError(f"{name} must be a decoder-only Hugging Face causal LM "
+                        f"(an AutoModelForCausalLM class), got {type(base).__name__}")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in _LOGIT_TRANSFORMS:
+        if getattr(text, attr, None) not in (None, 1, 1.0):
+            raise ValueError(f"{name} has {attr}={getattr(text, attr)}: the losses take the "
+                             f"plain logits h·Wᵀ + b, which it changes")
 
 
 class PreferenceModel(nn.Module):
@@ -168,26 +209,17 @@ class PreferenceModel(nn.Module):
 
     Being one module, it is what Accelerate (DDP, FSDP) wraps: the output embedding is used
     inside its ``forward``, where FSDP has gathered it. ``disable_dropout`` sets every dropout of
-    both models to 0, as TRL does by default. Returns the loss and the loss's metrics (a dict of
-    detached tensors).
+    both models to 0 (``nn.Dropout`` modules, as TRL does by default, and the attention's
+    rates). Models must be decoder-only causal LMs whose logits are ``h·Wᵀ + b``: a config with
+    a logit softcap, scale or multiplier (Gemma-2, Cohere, Granite, Falcon-H1, ...) is refused.
+    Returns the loss and the loss's metrics (a dict of detached tensors).
     """
 
     def __init__(self, policy: nn.Module, loss_fn: nn.Module, reference: nn.Module | None = None,
                  *, disable_dropout: bool = True) -> None:
         super().__init__()
-        for name, model in (("policy", policy), ("reference", reference)):
-            if model is not None and not all(hasattr(model, a) for a in (
-                    "get_decoder", "get_output_embeddings")):
-                raise TypeError(f"{name} must be a Hugging Face causal LM (with get_decoder and "
-                                f"get_output_embeddings), got {type(model).__name__}")
-            config = getattr(model, "config", None)
-            if config is None:
-                continue
-            text = config.get_text_config() if hasattr(config, "get_text_config") else config
-            for attr in ("final_logit_softcapping", "logit_scale"):
-                if getattr(text, attr, None) not in (None, 1.0):
-                    raise ValueError(f"{name} has {attr}={getattr(text, attr)}: the losses "
-                                     f"take the plain logits h·Wᵀ + b, which it changes")
+        _check_causal_lm("policy", policy)
+        _check_causal_lm("reference", reference)
         self.policy = policy
         # what Accelerate's FSDP auto-wrap reads to find the decoder layers
         self._no_split_modules = getattr(policy, "_no_split_modules", None)
@@ -243,6 +275,10 @@ class PreferenceModel(nn.Module):
             ref["ref_weight"], ref["ref_bias"] = self._head(self.reference)
         if wants_ref and "ref_chosen_logps" not in batch and "ref_rejected_logps" not in batch:
             ref["ref_input"] = self._reference_hidden(input_ids, attention_mask)
+        if isinstance(self.loss_fn, HyPOLoss) and not has_online:
+            raise ValueError("HyPOLoss needs online samples: online_input_ids, "
+                             "online_attention_mask and online_labels in the batch "
+                             "(sample_online, or PreferenceTrainer(online=OnlineSampling()))")
         if has_online:
             if not isinstance(self.loss_fn, HyPOLoss):
                 raise ValueError(f"online samples were given but {type(self.loss_fn).__name__} "
@@ -261,14 +297,24 @@ class PreferenceModel(nn.Module):
 class OnlineSampling:
     """How :class:`PreferenceTrainer` draws HyPO's online samples each step
     (:func:`sample_online`): ``num_samples`` per prompt of ``max_new_tokens`` at most, ending at
-    ``eos_token_id``; ``generate_kwargs`` go to ``generate`` (``temperature``, ``top_p``, ...;
-    the KL estimators assume samples from π itself, i.e. the defaults)."""
+    ``eos_token_id``; ``generate_kwargs`` go to ``generate`` over :data:`PURE_SAMPLING` (the KL
+    estimators assume samples from π itself: change ``temperature``, ``top_p``, ... knowingly)."""
 
     num_samples: int = 2
     max_new_tokens: int = 64
     eos_token_id: int | None = None
     pad_token_id: int = 0
     generate_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def _shards_parameters(accelerator: Accelerator) -> bool:
+    """Whether the engine keeps only a shard of each parameter outside the forward."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return kind == DistributedType.FSDP or (
+        kind == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3)
 
 
 class PreferenceTrainer:
@@ -301,12 +347,16 @@ class PreferenceTrainer:
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
         self.accelerator = accelerator if accelerator is not None else Accelerator()
+        if online is not None and _shards_parameters(self.accelerator):
+            raise ValueError("online sampling calls the policy's generate outside the wrapped "
+                             "forward: not under FSDP or DeepSpeed ZeRO-3 (DDP, ZeRO-1/2 work)")
         prepared = self.accelerator.prepare(
             model, optimizer, *([lr_scheduler] if lr_scheduler is not None else []))
         self.model, self.optimizer = prepared[0], prepared[1]
         self.lr_scheduler = prepared[2] if lr_scheduler is not None else None
         self.max_grad_norm = max_grad_norm
         self.online = online
+        self.optimizer_steps = 0  # optimizer steps taken (batches / accumulation)
 
     def _online_batch(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         o = self.online
@@ -315,11 +365,12 @@ class PreferenceTrainer:
         if missing:
             raise ValueError(f"online sampling needs the batch's prompts: {sorted(missing)} "
                              "missing (collate_pairs makes them)")
-        policy = self.accelerator.unwrap_model(self.model).policy
+        model = self.accelerator.unwrap_model(self.model)
         return sample_online(
-            policy, batch["prompt_input_ids"], batch["prompt_attention_mask"],
+            model.policy, batch["prompt_input_ids"], batch["prompt_attention_mask"],
             num_samples=o.num_samples, max_new_tokens=o.max_new_tokens,
-            eos_token_id=o.eos_token_id, pad_token_id=o.pad_token_id, **o.generate_kwargs,
+            eos_token_id=o.eos_token_id, pad_token_id=o.pad_token_id,
+            ignore_index=model.loss_fn.ignore_index, **o.generate_kwargs,
         )
 
     def step(self, batch: Mapping[str, Tensor]) -> dict[str, float]:
@@ -332,8 +383,10 @@ class PreferenceTrainer:
         with self.accelerator.accumulate(self.model):
             loss, metrics = self.model(**batch)
             self.accelerator.backward(loss)
-            if self.max_grad_norm is not None and self.accelerator.sync_gradients:
-                self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+            if self.accelerator.sync_gradients:
+                self.optimizer_steps += 1
+                if self.max_grad_norm is not None:
+                    self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
             self.optimizer.step()
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step()

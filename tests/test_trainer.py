@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from hypo_fast.cli import main
 from hypo_fast.losses import FusedLinearDPOLoss, FusedLinearSimPOLoss, HyPOLoss
+from hypo_fast.train_job import tokenize_pairs
 from hypo_fast.trainer import (
     OnlineSampling,
     PreferenceModel,
@@ -156,8 +157,20 @@ def test_preference_model_reference_free_loss_and_errors():
               batch["attention_mask"], "online_labels": batch["labels"]}
     with pytest.raises(ValueError, match="FusedLinearDPOLoss takes none"):
         PreferenceModel(policy, FusedLinearDPOLoss(), reference)(**batch, **online)
-    with pytest.raises(TypeError, match="reference must be a Hugging Face causal LM"):
+    with pytest.raises(ValueError, match="HyPOLoss needs online samples"):
+        PreferenceModel(policy, HyPOLoss(), reference)(**batch)
+    with pytest.raises(TypeError, match="reference must be a decoder-only Hugging Face causal"):
         PreferenceModel(policy, FusedLinearDPOLoss(), torch.nn.Linear(2, 2))
+    bert = transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64))
+    with pytest.raises(TypeError, match="got BertForMaskedLM"):
+        PreferenceModel(bert, FusedLinearDPOLoss())
+    granite = transformers.GraniteForCausalLM(transformers.GraniteConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, logits_scaling=8.0))
+    with pytest.raises(ValueError, match=r"policy has logits_scaling=8\.0"):
+        PreferenceModel(granite, FusedLinearDPOLoss())
     capped = tiny_llama(False, torch.float64)
     capped.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match=r"final_logit_softcapping=30\.0"):
@@ -165,12 +178,21 @@ def test_preference_model_reference_free_loss_and_errors():
 
 
 def test_reference_stays_frozen_in_eval_mode_and_dropout_is_off():
-    policy, reference = models()
-    policy.config.attention_dropout = 0.5
-    model = PreferenceModel(policy, FusedLinearDPOLoss(), reference).train()
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, attention_dropout=0.5)
+    policy = transformers.LlamaForCausalLM(config).double()
+    policy.model.layers[0].mlp.add_module("drop", torch.nn.Dropout(0.5))  # an nn.Dropout too
+    batch = collate_pairs(examples(2), pad_token_id=PAD)
+    model = PreferenceModel(policy, FusedLinearSimPOLoss(), copy.deepcopy(policy)).train()
     assert model.policy.training and not model.reference.training
-    assert not any(p.requires_grad for p in reference.parameters())
-    assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    assert not any(p.requires_grad for p in model.reference.parameters())
+    assert policy.model.layers[0].self_attn.attention_dropout == 0.0
+    assert policy.model.layers[0].mlp.drop.p == 0.0
+    torch.testing.assert_close(model(**batch)[0], model(**batch)[0], rtol=0, atol=0)
+    kept = PreferenceModel(transformers.LlamaForCausalLM(config).double(),
+                           FusedLinearSimPOLoss(), disable_dropout=False).train()
+    assert not torch.equal(kept(**batch)[0], kept(**batch)[0])  # the rate did act
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,6 +230,27 @@ def test_sample_online_keeps_each_completion_up_to_its_first_eos():
     with pytest.raises(ValueError, match="num_samples"):
         sample_online(ScriptedPolicy(completions), prompts, pmask, num_samples=0,
                       max_new_tokens=4, eos_token_id=EOS, pad_token_id=PAD)
+
+
+def test_sample_online_draws_from_the_policy_itself():
+    """The first sampled token's frequencies match π(·|x), whatever the generation config
+    says (here top-k 10 and temperature 0.5, which would leave most tokens out)."""
+    policy = tiny_llama(False, torch.float32)
+    with torch.no_grad():
+        policy.lm_head.weight.mul_(6.0)  # a spread-out, not uniform, distribution
+    policy.generation_config.top_k, policy.generation_config.temperature = 10, 0.5
+    prompt = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        probs = policy(input_ids=prompt).logits[0, -1].float().softmax(-1)
+    n = 4000
+    torch.manual_seed(0)
+    out = sample_online(policy, prompt, torch.ones_like(prompt), num_samples=n,
+                        max_new_tokens=1, eos_token_id=None, pad_token_id=PAD)
+    freq = torch.bincount(out["online_input_ids"][:, -1], minlength=VOCAB).float() / n
+    outside_top10 = 1 - probs.topk(10).values.sum()
+    assert outside_top10 > 0.2
+    assert abs(float(freq[probs.argsort(descending=True)[10:]].sum() - outside_top10)) < 0.04
+    assert float((freq - probs).abs().sum()) / 2 < 0.1  # total variation
 
 
 @pytest.mark.parametrize("estimator", ["rloo", "exact"])
@@ -340,7 +383,7 @@ def test_trainer_hypo_step_samples_online_completions():
     torch.manual_seed(0)
     numbers = trainer.step(batch)
     assert {"kl_term", "online_kl", "dpo_loss"} <= numbers.keys()
-    assert numbers["loss"] == pytest.approx(numbers["dpo_loss"] + numbers["kl_term"], rel=1e-9)
+    assert numbers["loss"] == pytest.approx(numbers["dpo_loss"] + numbers["kl_term"], rel=1e-6)
     assert any(not torch.equal(a, p) for a, p in zip(before, policy.parameters(), strict=True))
 
 
@@ -390,27 +433,59 @@ def test_two_ddp_processes_take_the_step_of_one_on_the_whole_batch(tmp_path):
 # the command: hypo-fast train
 
 
+WORDS = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(60)]
+
+
+def word_tokenizer():
+    """A word-level tokenizer over ``w0`` ... ``w59`` that starts every text with ``<s>``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                       special_tokens=[("<s>", 1)])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        unk_token="<unk>")
+
+
 @pytest.fixture
 def model_dir(tmp_path):
-    """A tiny Llama and a word-level tokenizer (``w0`` ... ``w59``) saved as a model directory,
-    and a JSON-lines file of pairs in its words."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(60)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        unk_token="<unk>").save_pretrained(tmp_path / "model")
-    tiny_llama(False, torch.float32, vocab=len(words)).save_pretrained(tmp_path / "model")
+    """A tiny Llama and :func:`word_tokenizer` saved as a model directory, and a JSON-lines
+    file of pairs in its words."""
+    word_tokenizer().save_pretrained(tmp_path / "model")
+    tiny_llama(False, torch.float32, vocab=len(WORDS)).save_pretrained(tmp_path / "model")
     g = torch.Generator().manual_seed(0)
 
     def text(n):
         return " ".join(f"w{i}" for i in torch.randint(0, 60, (n,), generator=g).tolist())
 
-    rows = [{"prompt": text(3), "chosen": text(4), "rejected": text(2)} for _ in range(6)]
+    rows = [{"prompt": text(3), "chosen": " " + text(4), "rejected": " " + text(2)}
+            for _ in range(6)]
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     return tmp_path / "model", data
+
+
+def test_pairs_are_tokenized_as_trl_does():
+    tok = word_tokenizer()
+
+    def ids(text):
+        return [WORDS.index(w) for w in text.split()]
+
+    rows = [
+        {"prompt": "w1 w2", "chosen": " w3", "rejected": " w4 w5"},
+        {"prompt": "w1", "chosen": " w3</s>", "rejected": " w4"},  # EOS already there
+        {"prompt": "w1 w2", "chosen": "w3", "rejected": " w4"},  # w2w3: not a prefix
+        {"prompt": "w1 w2 w3", "chosen": " w4", "rejected": " w5"},  # fills max_length 4
+    ]
+    pairs, dropped = tokenize_pairs(tok, rows, max_length=4)
+    assert pairs == [
+        {"prompt_ids": [1, *ids("w1 w2")], "chosen_ids": [*ids("w3"), 2],
+         "rejected_ids": [*ids("w4 w5"), 2]},
+        {"prompt_ids": [1, *ids("w1")], "chosen_ids": [*ids("w3"), 2],
+         "rejected_ids": [*ids("w4"), 2]},
+    ]
+    assert dropped == {"prompt not a token prefix": 1, "prompt fills --max-length": 1}
 
 
 def test_train_command_trains_and_saves_the_policy(model_dir, tmp_path):
@@ -419,7 +494,9 @@ def test_train_command_trains_and_saves_the_policy(model_dir, tmp_path):
     assert main(["train", "--model", str(model), "--data", str(data), "--output", str(out),
                  "--lr", "1e-2", "--epochs", "4", "--batch-size", "3", "--seed", "1"]) == 0
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps] == list(range(1, 9))
+    assert [s["batch"] for s in steps] == [s["step"] for s in steps] == list(range(1, 9))
+    lrs = [s["lr"] for s in steps]  # linear decay to 0 over the 8 steps
+    assert lrs == pytest.approx([1e-2 * (8 - k) / 8 for k in range(1, 9)], abs=1e-12)
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference
     assert steps[-1]["loss"] < steps[0]["loss"] - 0.1
     trained = transformers.AutoModelForCausalLM.from_pretrained(out)
@@ -442,9 +519,9 @@ def test_train_command_runs_hypo_with_online_samples_and_reference_free_losses(
         model_dir, tmp_path, loss):
     model, data = model_dir
     out = tmp_path / loss
+    hypo = ["--online-samples", "2", "--max-new-tokens", "3"] if loss == "hypo" else []
     main(["train", "--model", str(model), "--data", str(data), "--output", str(out),
-          "--loss", loss, "--batch-size", "6", "--online-samples", "2",
-          "--max-new-tokens", "3", "--lr", "1e-3"])
+          "--loss", loss, "--batch-size", "6", "--lr", "1e-3", *hypo])
     (step,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert math.isfinite(step["loss"])
     assert ("kl_term" in step) == (loss == "hypo")
@@ -463,7 +540,13 @@ def test_train_command_names_what_is_wrong(model_dir, tmp_path, capsys):
         (["--data", str(data), "--lr", "nan"], "--lr must be a positive number"),
         (["--data", str(data), "--loss", "hypo", "--online-samples", "1"],
          "--estimator rloo needs --online-samples >= 2"),
+        (["--data", str(data), "--kl-coef", "0.5"], "--kl-coef is a HyPO option, but --loss "
+                                                    "is dpo"),
+        (["--data", str(data), "--loss", "simpo", "--ref-model", str(model)],
+         "--loss simpo takes no reference model"),
+        (["--data", str(data), "--max-grad-norm", "-1"], "--max-grad-norm must be >= 0"),
     ]:
         with pytest.raises(SystemExit):
             main(base + argv)
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert message in err and "usage: hypo-fast train" in err
