@@ -139,7 +139,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="HyPO: sample length (default 64)")
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--lr-scheduler", choices=("linear", "constant"), default="linear",
-                   help="linear: decay to 0 over the run, as TRL's default")
+                   help="after --warmup-steps: linear decay to 0 over the run (TRL's default) "
+                        "or constant")
     p.add_argument("--warmup-steps", type=int, default=0, help="optimizer steps of warmup")
     p.add_argument("--batch-size", type=int, default=4, help="pairs per process and batch")
     p.add_argument("--epochs", type=int, default=1)
@@ -225,7 +226,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
     # Accelerate steps a prepared scheduler once per process at each optimizer step.
     batches = math.ceil(len(loader) / accelerator.num_processes)
     steps = math.ceil(batches / args.grad_accum) * args.epochs
-    scheduler = get_scheduler(args.lr_scheduler, optimizer,
+    name = {"constant": "constant_with_warmup"}.get(args.lr_scheduler, args.lr_scheduler)
+    scheduler = get_scheduler(name, optimizer,
                               num_warmup_steps=args.warmup_steps * accelerator.num_processes,
                               num_training_steps=steps * accelerator.num_processes)
     online = None
@@ -242,8 +244,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
         def on_step(batch: int, epoch: int, numbers: dict[str, float]) -> None:
             if log is not None:
                 line = json.dumps({"batch": batch, "step": trainer.optimizer_steps,
-                                   "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                                   **numbers})
+                                   "epoch": epoch, **numbers})
                 log.write(line + "\n")
                 print(line, flush=True)
 

@@ -29,11 +29,13 @@ if TYPE_CHECKING:
 
 # Per-token inputs of a loss, shaped like ``input_ids``: shifted with the labels.
 _TOKEN_KEYS = ("token_mask", "kl_mask")
-# generate's settings for y ~ π itself: the model's generation_config and transformers'
-# defaults (top_k=50) would otherwise truncate or reshape the distribution.
+# generate's settings for y ~ π itself, over a default GenerationConfig in place of the model's
+# (whose suppressed tokens, minimum lengths, beams, ... would reshape the distribution) and
+# over transformers' defaults (top_k=50).
 PURE_SAMPLING: dict[str, Any] = {
-    "do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "typical_p": 1.0,
-    "min_p": None, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "do_sample": True, "num_beams": 1, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+    "typical_p": 1.0, "min_p": None, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "return_dict_in_generate": False,
 }
 # Logit transforms of Hugging Face configs (softcaps, scales, multipliers) the losses lack.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
@@ -122,9 +124,10 @@ def sample_online(
     **generate_kwargs: Any,
 ) -> dict[str, Tensor]:
     """``num_samples`` completions per prompt, y ~ π(·|x): ``policy.generate`` with plain
-    ancestral sampling (:data:`PURE_SAMPLING`: temperature 1 and no top-k, top-p, typical,
-    min-p or repetition rule, whatever the model's ``generation_config`` says), which the KL
-    estimators assume; ``generate_kwargs`` override it (and add to it).
+    ancestral sampling (:data:`PURE_SAMPLING`: temperature 1, one beam, no top-k, top-p, typical,
+    min-p or repetition rule, and the model's ``generation_config`` set aside for the call, so
+    none of its token rules apply), which the KL estimators assume; ``generate_kwargs`` override
+    it (and add to it).
 
     Takes left-padded prompts ``[B, Lp]`` (as :func:`collate_pairs` makes them) and returns the
     ``M = B·num_samples`` online sequences, prompt-major: ``online_input_ids [M, Lp + G]``,
@@ -135,12 +138,21 @@ def sample_online(
     if num_samples < 1 or max_new_tokens < 1:
         raise ValueError(f"num_samples and max_new_tokens must be >= 1, got {num_samples} and "
                          f"{max_new_tokens}")
-    sequences = policy.generate(
-        input_ids=prompt_input_ids, attention_mask=prompt_attention_mask,
-        num_return_sequences=num_samples, max_new_tokens=max_new_tokens,
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-        **{**PURE_SAMPLING, **generate_kwargs},
-    )
+    from transformers import GenerationConfig
+
+    saved = getattr(policy, "generation_config", None)
+    if saved is not None:
+        policy.generation_config = GenerationConfig()
+    try:
+        sequences = policy.generate(
+            input_ids=prompt_input_ids, attention_mask=prompt_attention_mask,
+            num_return_sequences=num_samples, max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+            **{**PURE_SAMPLING, **generate_kwargs},
+        )
+    finally:
+        if saved is not None:
+            policy.generation_config = saved
     completion = sequences[:, prompt_input_ids.shape[1]:]
     keep = torch.ones_like(completion, dtype=torch.bool)
     if eos_token_id is not None:
@@ -184,11 +196,46 @@ def _check_causal_lm(name: str, model: nn.Module | None) -> None:
             or getattr(config, "is_encoder_decoder", False)):
         raise TypeError(f"{name} must be a decoder-only Hugging Face causal LM "
                         f"(an AutoModelForCausalLM class), got {type(base).__name__}")
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    try:
+        text = config.get_text_config(decoder=True)
+    except (AttributeError, TypeError, ValueError):  # an older or composite config
+        text = config
     for attr in _LOGIT_TRANSFORMS:
         if getattr(text, attr, None) not in (None, 1, 1.0):
             raise ValueError(f"{name} has {attr}={getattr(text, attr)}: the losses take the "
                              f"plain logits h·Wᵀ + b, which it changes")
+    _probe_logits(name, model)
+
+
+@torch.no_grad()
+def _probe_logits(name: str, model: nn.Module) -> None:
+    """One forward of four tokens, twice: the model's logits must be ``h·Wᵀ + b`` of its
+    decoder's last hidden states (no transform the configs do not name), and causal (changing
+    the last token changes no earlier logit). Skipped for parameters on the meta device."""
+    param = next(model.parameters(), None)
+    if param is None or param.device.type == "meta":
+        return
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0]
+    ids = torch.arange(4, device=param.device)[None] % vocab
+    other = ids.clone()
+    other[0, -1] = (ids[0, -1] + 1) % vocab
+    training = model.training
+    model.eval()
+    try:
+        logits = model(input_ids=ids).logits.float()
+        hidden = model.get_decoder()(input_ids=ids).last_hidden_state
+        changed = model(input_ids=other).logits.float()
+    finally:
+        model.train(training)
+    plain = torch.nn.functional.linear(hidden, head.weight, head.bias).float()
+    tol = 1e-3 * (1.0 + float(plain.abs().max()))
+    if float((logits - plain).abs().max()) > tol:
+        raise ValueError(f"{name}'s logits are not h·Wᵀ + b of its decoder's last hidden states "
+                         f"(max difference {float((logits - plain).abs().max()):.3g}): the "
+                         "losses take the plain logits")
+    if float((logits[:, :-1] - changed[:, :-1]).abs().max()) > tol:
+        raise ValueError(f"{name} is not causal: a later token changed earlier logits")
 
 
 class PreferenceModel(nn.Module):
@@ -209,9 +256,12 @@ class PreferenceModel(nn.Module):
 
     Being one module, it is what Accelerate (DDP, FSDP) wraps: the output embedding is used
     inside its ``forward``, where FSDP has gathered it. ``disable_dropout`` sets every dropout of
-    both models to 0 (``nn.Dropout`` modules, as TRL does by default, and the attention's
-    rates). Models must be decoder-only causal LMs whose logits are ``h·Wᵀ + b``: a config with
-    a logit softcap, scale or multiplier (Gemma-2, Cohere, Granite, Falcon-H1, ...) is refused.
+    both models to 0 (``nn.Dropout`` modules, as TRL does by default, and the float rates
+    attention modules keep; models that read a rate from their config inside ``forward``,
+    such as Falcon or GPT-Neo, keep that one). Models must be decoder-only causal LMs whose
+    logits are ``h·Wᵀ + b``: a config with a logit softcap, scale or multiplier (Gemma-2,
+    Cohere, Granite, Falcon-H1, ...) is refused, and a forward of four tokens checks the rest
+    (the logits against the head on the decoder's output, and causality).
     Returns the loss and the loss's metrics (a dict of detached tensors).
     """
 
@@ -373,25 +423,34 @@ class PreferenceTrainer:
             ignore_index=model.loss_fn.ignore_index, **o.generate_kwargs,
         )
 
-    def step(self, batch: Mapping[str, Tensor]) -> dict[str, float]:
-        """One forward, backward and (at the end of an accumulation) optimizer step."""
+    def step(self, batch: Mapping[str, Tensor], *, window: int | None = None
+             ) -> dict[str, float]:
+        """One forward, backward and (at the end of an accumulation) optimizer step. Accelerate
+        divides each batch's loss by the accumulation steps; ``window``, the number of batches
+        this step's accumulation actually holds (fewer at the end of an epoch), rescales it, so
+        that every optimizer step follows the mean loss of its batches. The numbers returned
+        include the ``lr`` the step used."""
         batch = {k: v.to(self.accelerator.device) if isinstance(v, Tensor) else v
                  for k, v in batch.items()}
         if self.online is not None:
             batch.update(self._online_batch(batch))
         self.model.train()
+        accumulation = self.accelerator.gradient_accumulation_steps
+        scale = accumulation / window if window else 1.0
+        lr = torch.tensor(float(self.optimizer.param_groups[0]["lr"]),
+                          device=self.accelerator.device)
         with self.accelerator.accumulate(self.model):
             loss, metrics = self.model(**batch)
-            self.accelerator.backward(loss)
-            if self.accelerator.sync_gradients:
-                self.optimizer_steps += 1
-                if self.max_grad_norm is not None:
-                    self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+            self.accelerator.backward(loss * scale if scale != 1.0 else loss)
+            if self.max_grad_norm is not None and self.accelerator.sync_gradients:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
             self.optimizer.step()
+            if self.accelerator.sync_gradients and not self.optimizer.step_was_skipped:
+                self.optimizer_steps += 1
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step()
             self.optimizer.zero_grad()
-        values = {"loss": loss.detach(), **metrics}
+        values = {"loss": loss.detach(), **metrics, "lr": lr}
         means = torch.stack([v.detach().float().mean() for v in values.values()])
         means = self.accelerator.reduce(means, reduction="mean")
         return dict(zip(values, means.tolist(), strict=True))
@@ -400,14 +459,19 @@ class PreferenceTrainer:
             on_step: Callable[[int, int, dict[str, float]], None] | None = None
             ) -> list[dict[str, float]]:
         """:meth:`step` over ``loader`` (prepared by the accelerator when it is a
-        ``DataLoader``) ``epochs`` times; ``on_step(step, epoch, numbers)`` after each step
-        (counted from 1). Returns every step's numbers."""
+        ``DataLoader``) ``epochs`` times; ``on_step(batch, epoch, numbers)`` after each batch
+        (counted from 1). A loader with a length gets its last, shorter accumulation window of
+        each epoch rescaled (:meth:`step`'s ``window``). Returns every batch's numbers."""
         if isinstance(loader, torch.utils.data.DataLoader):
             loader = self.accelerator.prepare(loader)
+        accumulation = self.accelerator.gradient_accumulation_steps
+        length = len(loader) if hasattr(loader, "__len__") else None
+        tail = length % accumulation if length is not None else 0
         history: list[dict[str, float]] = []
         for epoch in range(epochs):
-            for batch in loader:
-                history.append(self.step(batch))
+            for i, batch in enumerate(loader):
+                window = tail if tail and i >= length - tail else None
+                history.append(self.step(batch, window=window))
                 if on_step is not None:
                     on_step(len(history), epoch, history[-1])
         return history

@@ -171,6 +171,20 @@ def test_preference_model_reference_free_loss_and_errors():
         num_attention_heads=4, logits_scaling=8.0))
     with pytest.raises(ValueError, match=r"policy has logits_scaling=8\.0"):
         PreferenceModel(granite, FusedLinearDPOLoss())
+    class Scaled(transformers.LlamaForCausalLM):  # a transform no config names
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2
+            return out
+
+    scaled = Scaled(tiny_llama(False, torch.float64).config).double()
+    with pytest.raises(ValueError, match="policy's logits are not h·Wᵀ"):
+        PreferenceModel(scaled, FusedLinearDPOLoss())
+    bidirectional = transformers.BertLMHeadModel(transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, is_decoder=False))
+    with pytest.raises(ValueError, match="policy"):
+        PreferenceModel(bidirectional, FusedLinearDPOLoss())
     capped = tiny_llama(False, torch.float64)
     capped.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match=r"final_logit_softcapping=30\.0"):
@@ -234,14 +248,18 @@ def test_sample_online_keeps_each_completion_up_to_its_first_eos():
 
 def test_sample_online_draws_from_the_policy_itself():
     """The first sampled token's frequencies match π(·|x), whatever the generation config
-    says (here top-k 10 and temperature 0.5, which would leave most tokens out)."""
+    says (here top-k 10, temperature 0.5, 4 beams, the 3 likeliest tokens suppressed, ...);
+    the model keeps its config."""
     policy = tiny_llama(False, torch.float32)
     with torch.no_grad():
         policy.lm_head.weight.mul_(6.0)  # a spread-out, not uniform, distribution
-    policy.generation_config.top_k, policy.generation_config.temperature = 10, 0.5
     prompt = torch.tensor([[5, 6, 7]])
     with torch.no_grad():
         probs = policy(input_ids=prompt).logits[0, -1].float().softmax(-1)
+    config = policy.generation_config
+    config.top_k, config.temperature, config.num_beams = 10, 0.5, 4
+    config.suppress_tokens = probs.argsort(descending=True)[:3].tolist()
+    config.min_new_tokens, config.return_dict_in_generate = 2, True
     n = 4000
     torch.manual_seed(0)
     out = sample_online(policy, prompt, torch.ones_like(prompt), num_samples=n,
@@ -251,6 +269,7 @@ def test_sample_online_draws_from_the_policy_itself():
     assert outside_top10 > 0.2
     assert abs(float(freq[probs.argsort(descending=True)[10:]].sum() - outside_top10)) < 0.04
     assert float((freq - probs).abs().sum()) / 2 < 0.1  # total variation
+    assert policy.generation_config is config and config.top_k == 10
 
 
 @pytest.mark.parametrize("estimator", ["rloo", "exact"])
@@ -345,6 +364,28 @@ def test_gradient_accumulation_over_two_halves_takes_the_step_of_the_whole_batch
     start = models()[0].state_dict()
     for name, value in params[1].items():
         assert not torch.equal(value, start[name]) or name.endswith("inv_freq"), name
+        torch.testing.assert_close(params[2][name], value, rtol=1e-10, atol=1e-12,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_a_short_last_accumulation_window_takes_a_full_step():
+    """One batch with two accumulation steps: the step of that batch alone (Accelerate would
+    halve it)."""
+    batch = collate_pairs(examples(2), pad_token_id=PAD)
+    params = {}
+    for accumulate in (1, 2):
+        from accelerate.state import AcceleratorState
+        AcceleratorState._reset_state(reset_partial_state=True)
+        policy, reference = models()
+        trainer = PreferenceTrainer(
+            PreferenceModel(policy, FusedLinearDPOLoss(beta=BETA), reference),
+            torch.optim.SGD(policy.parameters(), lr=0.5),
+            accelerator=accelerate.Accelerator(cpu=True,
+                                               gradient_accumulation_steps=accumulate))
+        trainer.fit(torch.utils.data.DataLoader([batch], batch_size=None))
+        assert trainer.optimizer_steps == 1
+        params[accumulate] = policy.state_dict()
+    for name, value in params[1].items():
         torch.testing.assert_close(params[2][name], value, rtol=1e-10, atol=1e-12,
                                    msg=lambda m, name=name: f"{name}: {m}")
 
@@ -495,8 +536,8 @@ def test_train_command_trains_and_saves_the_policy(model_dir, tmp_path):
                  "--lr", "1e-2", "--epochs", "4", "--batch-size", "3", "--seed", "1"]) == 0
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [s["batch"] for s in steps] == [s["step"] for s in steps] == list(range(1, 9))
-    lrs = [s["lr"] for s in steps]  # linear decay to 0 over the 8 steps
-    assert lrs == pytest.approx([1e-2 * (8 - k) / 8 for k in range(1, 9)], abs=1e-12)
+    lrs = [s["lr"] for s in steps]  # what each step used: linear decay to 0 over 8 steps
+    assert lrs == pytest.approx([1e-2 * (8 - k) / 8 for k in range(8)], rel=1e-6)
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference
     assert steps[-1]["loss"] < steps[0]["loss"] - 0.1
     trained = transformers.AutoModelForCausalLM.from_pretrained(out)
