@@ -441,7 +441,7 @@ class PreferenceTrainer:
                           device=self.accelerator.device)
         with self.accelerator.accumulate(self.model):
             loss, metrics = self.model(**batch)
-            self.accelerator.backward(loss * scale if scale != 1.0 else loss)
+            self.accelerator.backward(loss * scale)
             if self.max_grad_norm is not None and self.accelerator.sync_gradients:
                 self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
             self.optimizer.step()
