@@ -444,6 +444,7 @@ def _ddp_step(rank: int, world_size: int, port: int, pairs: int, out_path: str) 
                                pad_token_id=PAD))
     if rank == 0:
         torch.save(policy.state_dict(), out_path)
+    accelerator.wait_for_everyone()  # neither tears gloo down while the other still talks
     accelerator.end_training()
 
 
