@@ -57,41 +57,53 @@ def collate_pairs(
     pad_token_id: int,
     ignore_index: int = -100,
     max_length: int | None = None,
+    packed: bool = False,
 ) -> dict[str, Tensor]:
-    """Tokenized preference pairs -> one right-padded batch of ``2B`` sequences.
+    """Tokenized preference pairs -> one batch of ``2B`` sequences, right-padded or packed.
 
     Each example holds ``prompt_ids``, ``chosen_ids`` and ``rejected_ids`` (token ids, the
     completions with their EOS if the model should learn to stop) and optionally the scalars
-    ``ref_chosen_logps``/``ref_rejected_logps``. Row ``i < B`` is ``prompt_i + chosen_i``, row
-    ``B + i`` is ``prompt_i + rejected_i``; ``max_length`` keeps the first ``max_length`` tokens
-    of each (TRL's ``keep_start``).
+    ``ref_chosen_logps``/``ref_rejected_logps``. Sequence ``i < B`` is ``prompt_i + chosen_i``,
+    sequence ``B + i`` is ``prompt_i + rejected_i``; ``max_length`` keeps the first
+    ``max_length`` tokens of each (TRL's ``keep_start``).
 
-    Returns ``input_ids [2B, L]`` (``pad_token_id`` after the end), ``attention_mask [2B, L]``,
-    ``labels [2B, L]`` (the token ids on completion tokens, ``ignore_index`` on the prompt and the
-    padding; not shifted), ``prompt_input_ids``/``prompt_attention_mask [B, Lp]`` (the prompts,
-    left-padded for generation) and each optional scalar as a ``[B]`` float tensor.
+    Returns ``input_ids [2B, L]`` (``pad_token_id`` after the end), ``attention_mask [2B, L]``
+    and ``labels [2B, L]`` (the token ids on completion tokens, ``ignore_index`` on the prompt
+    and the padding; not shifted); with ``packed``, the sequences one after the other with no
+    padding instead: ``input_ids``, ``position_ids`` (from 0 in each sequence) and ``labels``,
+    all ``[1, N]``, which Hugging Face models attend to sequence by sequence. Also
+    ``prompt_input_ids``/``prompt_attention_mask [B, Lp]`` (the prompts, left-padded for
+    generation) and each optional scalar as a ``[B]`` float tensor.
     """
     if not examples:
         raise ValueError("collate_pairs needs at least one example")
     if max_length is not None and max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
-    prompts, rows, completion_starts = [], [], []
+    prompts, rows, row_labels = [], [], []
     for key in ("chosen_ids", "rejected_ids"):
         for i, ex in enumerate(examples):
             prompt = _ids(f"examples[{i}]['prompt_ids']", ex["prompt_ids"])
-            ids = prompt + _ids(f"examples[{i}][{key!r}]", ex[key])
-            rows.append(ids[:max_length])
-            completion_starts.append(len(prompt))
+            ids = (prompt + _ids(f"examples[{i}][{key!r}]", ex[key]))[:max_length]
+            rows.append(ids)
+            row_labels.append([ignore_index] * min(len(prompt), len(ids)) + ids[len(prompt):])
             if key == "chosen_ids":
                 prompts.append(prompt)
-    length = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
-    labels = torch.full_like(input_ids, ignore_index)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, (ids, start) in enumerate(zip(rows, completion_starts, strict=True)):
-        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[i, : len(ids)] = 1
-        labels[i, start: len(ids)] = input_ids[i, start: len(ids)]
+    if packed:
+        if not all(rows):
+            raise ValueError("a packed batch needs a token in every sequence: an example has "
+                             "an empty prompt and an empty completion")
+        batch = {"input_ids": torch.tensor([t for r in rows for t in r])[None],
+                 "position_ids": torch.cat([torch.arange(len(r)) for r in rows])[None],
+                 "labels": torch.tensor([t for r in row_labels for t in r])[None]}
+    else:
+        length = max(len(r) for r in rows)
+        batch = {"input_ids": torch.full((len(rows), length), pad_token_id, dtype=torch.long),
+                 "attention_mask": torch.zeros(len(rows), length, dtype=torch.long),
+                 "labels": torch.full((len(rows), length), ignore_index, dtype=torch.long)}
+        for i, (ids, labels) in enumerate(zip(rows, row_labels, strict=True)):
+            batch["input_ids"][i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            batch["attention_mask"][i, : len(ids)] = 1
+            batch["labels"][i, : len(ids)] = torch.tensor(labels, dtype=torch.long)
     prompt_length = max(len(p) for p in prompts)
     prompt_ids = torch.full((len(prompts), prompt_length), pad_token_id, dtype=torch.long)
     prompt_mask = torch.zeros_like(prompt_ids)
@@ -99,8 +111,7 @@ def collate_pairs(
         if p:
             prompt_ids[i, -len(p):] = torch.tensor(p, dtype=torch.long)
             prompt_mask[i, -len(p):] = 1
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-             "prompt_input_ids": prompt_ids, "prompt_attention_mask": prompt_mask}
+    batch.update(prompt_input_ids=prompt_ids, prompt_attention_mask=prompt_mask)
     for key in _EXAMPLE_KEYS:
         present = [key in ex for ex in examples]
         if any(present) and not all(present):
@@ -252,7 +263,10 @@ class PreferenceModel(nn.Module):
     ``online_input_ids``/``online_attention_mask``/``online_labels`` (:func:`sample_online`);
     ``token_mask``/``kl_mask`` (SparsePO) are shaped like ``input_ids`` and shifted with the
     labels; every other key goes to the loss as it is (``aux_rewards`` for HPO, ``group_ids``).
-    Positions come from the attention mask, so left- and right-padded rows both work.
+    Positions come from the attention mask, so left- and right-padded rows both work; a packed
+    batch (``collate_pairs(packed=True)``: ``position_ids`` instead of the mask) costs no
+    padding, its labels are cut at each sequence's end and its sequences passed to the loss as
+    ``cu_seqlens``.
 
     Being one module, it is what Accelerate (DDP, FSDP) wraps: the output embedding is used
     inside its ``forward``, where FSDP has gathered it. ``disable_dropout`` sets every dropout of
@@ -290,28 +304,44 @@ class PreferenceModel(nn.Module):
         return self
 
     @staticmethod
-    def _hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    def _hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
+                position_ids: Tensor | None = None) -> Tensor:
+        """The decoder's last hidden states but the last, ``[R, L - 1, d]``. Padded rows get
+        their positions from the mask; a packed row brings them (and, with no mask and no
+        cache, transformers attends within each sequence)."""
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                   position_ids=position_ids).last_hidden_state[:, :-1]
+                                   position_ids=position_ids,
+                                   use_cache=False).last_hidden_state[:, :-1]
 
     @staticmethod
     def _head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
         head = model.get_output_embeddings()
         return head.weight, getattr(head, "bias", None)
 
-    def _reference_hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def _reference_hidden(self, input_ids: Tensor, attention_mask: Tensor | None,
+                          position_ids: Tensor | None = None) -> Tensor:
         if self.reference is None:
             raise ValueError("this loss needs the reference model's hidden states: pass "
                              "reference= to PreferenceModel (or ref_chosen_logps/"
                              "ref_rejected_logps in the batch for the offline pairs)")
         with torch.no_grad():
-            return self._hidden(self.reference, input_ids, attention_mask)
+            return self._hidden(self.reference, input_ids, attention_mask, position_ids)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                **batch: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None, **batch: Tensor
+                ) -> tuple[Tensor, dict[str, Tensor]]:
         """``(loss, metrics)`` of the loss module on the batch (see the class docstring)."""
+        if (attention_mask is None) == (position_ids is None):
+            raise ValueError("pass attention_mask (a padded batch) or position_ids (a packed "
+                             "one), as collate_pairs makes them")
         batch = {k: v for k, v in batch.items() if not k.startswith("prompt_")}
+        target = labels[:, 1:]
+        if position_ids is not None:  # packed: no label across a boundary, sequences by start
+            target = target.masked_fill(position_ids[:, 1:] == 0, self.loss_fn.ignore_index)
+            starts = (position_ids[0, :-1] == 0).nonzero()[:, 0]
+            batch["cu_seqlens"] = torch.cat([starts, starts.new_tensor([target.shape[1]])])
         online = {k: batch.pop(f"online_{k}", None)
                   for k in ("input_ids", "attention_mask", "labels")}
         for key in _TOKEN_KEYS:
@@ -324,7 +354,7 @@ class PreferenceModel(nn.Module):
         if (wants_ref or has_online) and self.reference is not None:
             ref["ref_weight"], ref["ref_bias"] = self._head(self.reference)
         if wants_ref and "ref_chosen_logps" not in batch and "ref_rejected_logps" not in batch:
-            ref["ref_input"] = self._reference_hidden(input_ids, attention_mask)
+            ref["ref_input"] = self._reference_hidden(input_ids, attention_mask, position_ids)
         if isinstance(self.loss_fn, HyPOLoss) and not has_online:
             raise ValueError("HyPOLoss needs online samples: online_input_ids, "
                              "online_attention_mask and online_labels in the batch "
@@ -338,8 +368,8 @@ class PreferenceModel(nn.Module):
             batch["online_target"] = online["labels"][:, 1:]
             batch["online_ref_input"] = self._reference_hidden(online["input_ids"],
                                                                online["attention_mask"])
-        hidden = self._hidden(self.policy, input_ids, attention_mask)
-        loss, aux = self.loss_fn(weight, hidden, labels[:, 1:], bias, **ref, **batch)
+        hidden = self._hidden(self.policy, input_ids, attention_mask, position_ids)
+        loss, aux = self.loss_fn(weight, hidden, target, bias, **ref, **batch)
         return loss, aux.metrics
 
 

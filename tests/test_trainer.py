@@ -86,6 +86,12 @@ def test_collate_pairs_lays_out_prompt_completion_and_padding(exs, max_length):
         labels = b["labels"][row]
         assert (labels[: len(prompt)] == IGN).all() and (labels[len(want):] == IGN).all()
         assert labels[len(prompt): len(want)].tolist() == want[len(prompt):]
+    if all(ex["prompt_ids"] or ex[k] for ex in exs for k in ("chosen_ids", "rejected_ids")):
+        p = collate_pairs(exs, pad_token_id=PAD, max_length=max_length, packed=True)
+        mask = b["attention_mask"].bool()
+        assert p["input_ids"][0].tolist() == b["input_ids"][mask].tolist()
+        assert p["labels"][0].tolist() == b["labels"][mask].tolist()
+        assert p["position_ids"][0].tolist() == (b["attention_mask"].cumsum(1) - 1)[mask].tolist()
     for i, ex in enumerate(exs):
         pmask = b["prompt_attention_mask"][i].bool()
         assert b["prompt_input_ids"][i][pmask].tolist() == ex["prompt_ids"]
@@ -137,6 +143,39 @@ def test_preference_model_dpo_equals_trl(tied):
     pre = PreferenceModel(policy, FusedLinearDPOLoss(beta=BETA))
     got_pre, _ = pre(**batch, ref_chosen_logps=ref[:3], ref_rejected_logps=ref[3:])
     torch.testing.assert_close(got_pre, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("loss_fn", [FusedLinearDPOLoss(beta=BETA),
+                                     FusedLinearSimPOLoss(compute_nll_loss=True)],
+                         ids=["dpo", "simpo+nll"])
+def test_a_packed_batch_gives_the_padded_batch_loss_and_gradients(attention, loss_fn):
+    policy, reference = models()
+    for m in (policy, reference):
+        m.config._attn_implementation = attention
+    exs = examples(3)
+    padded = collate_pairs(exs, pad_token_id=PAD)
+    packed = collate_pairs(exs, pad_token_id=PAD, packed=True)
+    assert packed["input_ids"].shape == (1, int(padded["attention_mask"].sum()))
+    assert "attention_mask" not in packed
+    model = PreferenceModel(policy, loss_fn, reference)
+    params = list(policy.parameters())
+    want, want_metrics = model(**padded)
+    want_grads = torch.autograd.grad(want, params)
+    got, got_metrics = model(**packed)
+    got_grads = torch.autograd.grad(got, params)
+    # eager attention takes its softmax in fp32: the packed row's other summation order in the
+    # fp64 scores flips some of its roundings (1e-7); a leak across sequences would be ~1e-2
+    tol = {"rtol": 1e-9, "atol": 1e-12} if attention == "sdpa" else {"rtol": 1e-5, "atol": 1e-7}
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(got_metrics["chosen_logps"], want_metrics["chosen_logps"], **tol)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+    with pytest.raises(ValueError, match=r"pass attention_mask .* or position_ids"):
+        model(input_ids=packed["input_ids"], labels=packed["labels"])
+    with pytest.raises(ValueError, match="a packed batch needs a token in every sequence"):
+        collate_pairs([{"prompt_ids": [], "chosen_ids": [], "rejected_ids": [3]}],
+                      pad_token_id=PAD, packed=True)
 
 
 def test_preference_model_reference_free_loss_and_errors():
