@@ -150,6 +150,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens kept of each prompt + completion (pairs whose prompt fills it "
                         "are dropped)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="0: no clipping")
+    p.add_argument("--packed", action="store_true",
+                   help="pack each batch's sequences into one row (no padding; attention kept "
+                        "within each sequence by transformers, from the positions)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="dtype of the weights (and of AdamW's state): bfloat16 halves memory "
                         "but rounds away updates below its resolution (~0.4%% of a weight; "
@@ -212,7 +215,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
         parser.error(f"--data {args.data}: no pair left to train on")
     loader = torch.utils.data.DataLoader(
         pairs, batch_size=args.batch_size, shuffle=True,
-        collate_fn=lambda ex: collate_pairs(ex, pad_token_id=pad, max_length=args.max_length))
+        collate_fn=lambda ex: collate_pairs(ex, pad_token_id=pad, max_length=args.max_length,
+                                            packed=args.packed))
 
     dtype = DTYPES[args.dtype]
     policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)

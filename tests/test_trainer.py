@@ -586,11 +586,12 @@ def test_train_command_trains_and_saves_the_policy(model_dir, tmp_path):
     assert transformers.AutoTokenizer.from_pretrained(out).eos_token == "</s>"
 
 
-def test_train_command_under_bf16_autocast(model_dir, tmp_path):
+def test_train_command_under_bf16_autocast_packed(model_dir, tmp_path):
     model, data = model_dir
     out = tmp_path / "bf16"
     main(["train", "--model", str(model), "--data", str(data), "--output", str(out),
-          "--mixed-precision", "bf16", "--batch-size", "6", "--lr", "1e-2", "--epochs", "3"])
+          "--mixed-precision", "bf16", "--batch-size", "6", "--lr", "1e-2", "--epochs", "3",
+          "--packed"])
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1]["loss"] < steps[0]["loss"]
 
