@@ -105,16 +105,15 @@ def tokenize_pairs(tokenizer: Any, rows: list[dict[str, str]], max_length: int
 
 
 def build_loss(args: argparse.Namespace) -> torch.nn.Module:
-    """The loss module ``--loss`` names, with the command's hyperparameters."""
+    """The loss module ``--loss`` names, with the command's hyperparameters (HyPO's defaults
+    filled in by the argument check)."""
     common: dict[str, Any] = {"beta": args.beta} if args.beta is not None else {}
     if args.loss in ("dpo", "hypo"):
         common["loss_type"] = args.loss_type
     if args.loss == "dpo":
         return FusedLinearDPOLoss(**common)
     if args.loss == "hypo":
-        return HyPOLoss(**common, kl_coef=HYPO_DEFAULTS["kl_coef"] if args.kl_coef is None
-                        else args.kl_coef,
-                        estimator=args.estimator or HYPO_DEFAULTS["estimator"])
+        return HyPOLoss(**common, kl_coef=args.kl_coef, estimator=args.estimator)
     return {"simpo": FusedLinearSimPOLoss, "cpo": FusedLinearCPOLoss,
             "orpo": FusedLinearORPOLoss}[args.loss](**common)
 

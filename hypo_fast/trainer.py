@@ -347,22 +347,22 @@ class PreferenceModel(nn.Module):
         for key in _TOKEN_KEYS:
             if key in batch:
                 batch[key] = batch[key][:, 1:]
+        has_online = online["input_ids"] is not None
+        if isinstance(self.loss_fn, HyPOLoss) != has_online:
+            raise ValueError(
+                "HyPOLoss needs online samples: online_input_ids, online_attention_mask and "
+                "online_labels in the batch (sample_online, or "
+                "PreferenceTrainer(online=OnlineSampling()))" if not has_online else
+                f"online samples were given but {type(self.loss_fn).__name__} takes none "
+                "(HyPOLoss does)")
         weight, bias = self._head(self.policy)
         wants_ref = getattr(self.loss_fn, "use_ref_model", True)
-        has_online = online["input_ids"] is not None
         ref: dict[str, Tensor | None] = {}
         if (wants_ref or has_online) and self.reference is not None:
             ref["ref_weight"], ref["ref_bias"] = self._head(self.reference)
         if wants_ref and "ref_chosen_logps" not in batch and "ref_rejected_logps" not in batch:
             ref["ref_input"] = self._reference_hidden(input_ids, attention_mask, position_ids)
-        if isinstance(self.loss_fn, HyPOLoss) and not has_online:
-            raise ValueError("HyPOLoss needs online samples: online_input_ids, "
-                             "online_attention_mask and online_labels in the batch "
-                             "(sample_online, or PreferenceTrainer(online=OnlineSampling()))")
         if has_online:
-            if not isinstance(self.loss_fn, HyPOLoss):
-                raise ValueError(f"online samples were given but {type(self.loss_fn).__name__} "
-                                 f"takes none (HyPOLoss does)")
             batch["online_input"] = self._hidden(self.policy, online["input_ids"],
                                                  online["attention_mask"])
             batch["online_target"] = online["labels"][:, 1:]

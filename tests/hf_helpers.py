@@ -33,3 +33,11 @@ def trl_sequence_logps(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Te
     target = labels[:, 1:]
     logp = logits.log_softmax(-1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
     return (logp * (target != IGN)).sum(-1)
+
+
+def reset_accelerate() -> None:
+    """Forget Accelerate's process-wide state, so the next ``Accelerator`` is built afresh (it
+    is a singleton: one test's settings would otherwise carry into the next)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)

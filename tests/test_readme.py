@@ -54,8 +54,7 @@ def test_quick_start_commands_are_what_ci_runs():
 
 
 def test_trainer_example_runs():
-    from accelerate.state import AcceleratorState
-    from hf_helpers import tiny_llama
+    from hf_helpers import reset_accelerate, tiny_llama
 
     trainer_example = blocks("python")[2]
     policy = tiny_llama(False, torch.float32)
@@ -65,10 +64,10 @@ def test_trainer_example_runs():
              for _ in range(8)]
     scope = {"policy": policy, "reference": tiny_llama(False, torch.float32),
              "pairs": pairs}
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
     try:
         exec(compile(trainer_example, "README.md (trainer)", "exec"), scope)
     finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+        reset_accelerate()
     assert len(scope["history"]) == 2 and all(
         torch.isfinite(torch.tensor(h["loss"])) for h in scope["history"])

@@ -15,7 +15,7 @@ import socket
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_helpers import IGN, tiny_llama, transformers, trl_sequence_logps
+from hf_helpers import IGN, reset_accelerate, tiny_llama, transformers, trl_sequence_logps
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -56,10 +56,9 @@ def models(dtype=torch.float64, tied=False):
 
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
     yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,8 +387,7 @@ def test_gradient_accumulation_over_two_halves_takes_the_step_of_the_whole_batch
     exs = examples(4)
     params = {}
     for accumulate, batches in ((1, [exs]), (2, [exs[:2], exs[2:]])):
-        from accelerate.state import AcceleratorState
-        AcceleratorState._reset_state(reset_partial_state=True)
+        reset_accelerate()
         policy, reference = models()
         trainer = PreferenceTrainer(
             PreferenceModel(policy, FusedLinearDPOLoss(beta=BETA), reference),
@@ -413,8 +411,7 @@ def test_a_short_last_accumulation_window_takes_a_full_step():
     batch = collate_pairs(examples(2), pad_token_id=PAD)
     params = {}
     for accumulate in (1, 2):
-        from accelerate.state import AcceleratorState
-        AcceleratorState._reset_state(reset_partial_state=True)
+        reset_accelerate()
         policy, reference = models()
         trainer = PreferenceTrainer(
             PreferenceModel(policy, FusedLinearDPOLoss(beta=BETA), reference),
