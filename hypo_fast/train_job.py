@@ -1,10 +1,13 @@
 """The ``hypo-fast train`` job: preference pairs in a JSON-lines file + a Hugging Face causal LM
 directory -> the trained policy, through :class:`hypo_fast.trainer.PreferenceTrainer`.
 
-Each line of ``--data`` is TRL's standard preference format, ``{"prompt": str, "chosen": str,
-"rejected": str}``, tokenized as TRL does (:func:`tokenize_pair`). The model and its tokenizer
-load from ``--model`` (the reference from ``--ref-model``, default the same); the policy, its
-tokenizer and ``metrics.jsonl`` (one line per batch) are written to ``--output``. On several GPUs:
+Each line of ``--data`` (and ``--eval-data``) is one pair in TRL's standard preference format,
+``{"prompt": str, "chosen": str, "rejected": str}``, or its conversational one (each a list of
+``{"role", "content"}`` messages, rendered by the tokenizer's chat template), tokenized as TRL
+does (:func:`tokenize_pair`). The model and its tokenizer load from ``--model`` (the reference
+from ``--ref-model``, default the same; with ``--precompute-ref-logps`` it scores the pairs
+once and is freed); the policy, its tokenizer and ``metrics.jsonl`` (one line per batch and
+per evaluation) are written to ``--output``. On several GPUs:
 ``accelerate launch [--num_processes N ...] -m hypo_fast.cli train ...``.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import sys
@@ -29,7 +33,13 @@ from .losses import (
     FusedLinearSimPOLoss,
     HyPOLoss,
 )
-from .trainer import OnlineSampling, PreferenceModel, PreferenceTrainer, collate_pairs
+from .trainer import (
+    OnlineSampling,
+    PreferenceModel,
+    PreferenceTrainer,
+    collate_pairs,
+    precompute_reference_logps,
+)
 
 LOSSES = ("dpo", "simpo", "cpo", "orpo", "hypo")
 REFERENCE_FREE = ("simpo", "cpo", "orpo")
@@ -37,15 +47,24 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # HyPO's options, None on the command line unless given: given with another loss they are an error
 HYPO_DEFAULTS = {"kl_coef": 0.1, "estimator": "rloo", "online_samples": 2, "max_new_tokens": 64}
 FIELDS = ("prompt", "chosen", "rejected")
+CHAT_EXTRAS = ("tools", "chat_template_kwargs")  # per-row options of the chat template
 DESCRIPTION = ("Preference-train a Hugging Face causal LM on the pairs of a JSON-lines file "
-               '({"prompt", "chosen", "rejected"} per line) with a fused loss; the policy, its '
-               "tokenizer and metrics.jsonl go to --output. Several GPUs: accelerate launch "
+               '({"prompt", "chosen", "rejected"} per line: strings, or lists of messages for '
+               "the chat template) with a fused loss; the policy, its tokenizer and "
+               "metrics.jsonl go to --output. Several GPUs: accelerate launch "
                "-m hypo_fast.cli train ...")
 
 
-def read_pairs(path: Path) -> list[dict[str, str]]:
-    """The ``{"prompt", "chosen", "rejected"}`` rows of a JSON-lines file (blank lines skipped);
-    a bad line raises ``ValueError`` naming the file and the line."""
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in value)
+
+
+def read_pairs(path: Path) -> list[dict[str, Any]]:
+    """The preference pairs of a JSON-lines file (blank lines skipped), in TRL's standard
+    format (``prompt``, ``chosen``, ``rejected``: strings) or its conversational one (each a
+    list of messages ``{"role": ..., "content": ...}``, with optional ``tools`` and
+    ``chat_template_kwargs``); a bad line raises ``ValueError`` naming the file and the line."""
     rows = []
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -55,43 +74,60 @@ def read_pairs(path: Path) -> list[dict[str, str]]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not all(isinstance(row.get(k), str)
-                                                    for k in FIELDS):
-                raise ValueError(f"{path}:{number}: expected an object with the strings "
-                                 f"{', '.join(FIELDS)}")
-            rows.append({k: row[k] for k in FIELDS})
+            values = [row.get(k) for k in FIELDS] if isinstance(row, dict) else [None]
+            if not (all(isinstance(v, str) for v in values)
+                    or all(_is_messages(v) for v in values)):
+                raise ValueError(f"{path}:{number}: expected an object whose {', '.join(FIELDS)} "
+                                 'are all strings or all lists of {"role", "content"} messages')
+            if not isinstance(row.get("chat_template_kwargs", {}), dict):
+                raise ValueError(f"{path}:{number}: chat_template_kwargs must be an object")
+            rows.append({k: row[k] for k in (*FIELDS, *CHAT_EXTRAS) if k in row})
     if not rows:
         raise ValueError(f"{path}: no preference pairs")
     return rows
 
 
-def tokenize_pair(tokenizer: Any, row: dict[str, str]) -> dict[str, list[int]] | None:
-    """TRL's tokenization of one pair: the EOS text appended to each completion that does not
-    end with it; the prompt, and the prompt + each completion, tokenized whole with the
-    tokenizer's own special tokens; each completion's ids are those after the prompt's length.
-    ``None`` when the prompt's ids are not a prefix of both (a tokenizer that merges across the
-    boundary or adds special tokens at the end): such a pair is dropped."""
-    eos = tokenizer.eos_token
+def tokenize_pair(tokenizer: Any, row: dict[str, Any]) -> dict[str, list[int]] | None:
+    """TRL's tokenization of one pair. Standard (strings): the EOS text appended to each
+    completion that does not end with it; the prompt, and the prompt + each completion,
+    tokenized whole with the tokenizer's own special tokens. Conversational (messages): the
+    tokenizer's chat template on the prompt with the generation prompt, and on the prompt's and
+    each completion's messages (with the row's ``tools`` and ``chat_template_kwargs``). Each
+    completion's ids are those after the prompt's length. ``None`` when the prompt's ids are not
+    a prefix of both (a tokenizer or template that merges across the boundary, or adds tokens
+    to the prompt alone): such a pair is dropped."""
+    if isinstance(row["prompt"], list):
+        tools = row.get("tools")
+        options = {"tools": json.loads(tools) if isinstance(tools, str) else tools,
+                   **row.get("chat_template_kwargs", {})}
 
-    def ids(text: str) -> list[int]:
-        return tokenizer(text)["input_ids"]
+        def ids(messages: list[dict[str, Any]], **more: Any) -> list[int]:
+            return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                                      **options, **more)["input_ids"])
 
-    prompt = ids(row["prompt"])
-    out = {"prompt_ids": prompt}
-    for key in ("chosen", "rejected"):
-        completion = row[key] if eos is None or row[key].endswith(eos) else row[key] + eos
-        whole = ids(row["prompt"] + completion)
-        if whole[: len(prompt)] != prompt:
-            return None
-        out[f"{key}_ids"] = whole[len(prompt):]
-    return out
+        prompt = ids(row["prompt"], add_generation_prompt=True)
+        wholes = [ids(row["prompt"] + row[k]) for k in ("chosen", "rejected")]
+    else:
+        eos = tokenizer.eos_token
+        prompt = tokenizer(row["prompt"])["input_ids"]
+        wholes = [tokenizer(row["prompt"] + (row[k] if eos is None or row[k].endswith(eos)
+                                             else row[k] + eos))["input_ids"]
+                  for k in ("chosen", "rejected")]
+    if any(whole[: len(prompt)] != prompt for whole in wholes):
+        return None
+    return {"prompt_ids": prompt, "chosen_ids": wholes[0][len(prompt):],
+            "rejected_ids": wholes[1][len(prompt):]}
 
 
-def tokenize_pairs(tokenizer: Any, rows: list[dict[str, str]], max_length: int
+def tokenize_pairs(tokenizer: Any, rows: list[dict[str, Any]], max_length: int
                    ) -> tuple[list[dict[str, list[int]]], dict[str, int]]:
     """:func:`tokenize_pair` over ``rows``, without the pairs it drops and those whose prompt
     alone fills ``max_length`` (no completion token would be left, as TRL drops them); returns
     the pairs and how many were dropped, by reason."""
+    if getattr(tokenizer, "chat_template", None) is None and any(
+            isinstance(row["prompt"], list) for row in rows):
+        raise ValueError("the pairs are conversational (lists of messages) but the tokenizer "
+                         "has no chat template")
     pairs, dropped = [], {"prompt not a token prefix": 0, "prompt fills --max-length": 0}
     for row in rows:
         pair = tokenize_pair(tokenizer, row)
@@ -136,6 +172,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="HyPO: samples per prompt (default 2)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="HyPO: sample length (default 64)")
+    p.add_argument("--precompute-ref-logps", action="store_true",
+                   help="score the pairs under the reference model once, before training, and "
+                        "free it (HyPO keeps it for its online samples)")
+    p.add_argument("--eval-data", type=Path, default=None,
+                   help="pairs to evaluate on (same format as --data): eval_* numbers in "
+                        "metrics.jsonl at the end of each epoch")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="also evaluate every this many batches")
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--lr-scheduler", choices=("linear", "constant"), default="linear",
                    help="after --warmup-steps: linear decay to 0 over the run (TRL's default) "
@@ -184,8 +228,13 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("--max-grad-norm must be >= 0 (0: no clipping)")
     if args.loss == "hypo" and args.estimator == "rloo" and args.online_samples < 2:
         parser.error("--estimator rloo needs --online-samples >= 2 (a baseline from the others)")
-    if not args.data.is_file():
-        parser.error(f"--data {args.data}: no such file")
+    if args.loss in REFERENCE_FREE and args.precompute_ref_logps:
+        parser.error(f"--loss {args.loss} takes no reference model: nothing to precompute")
+    if args.eval_every is not None and (args.eval_data is None or args.eval_every < 1):
+        parser.error("--eval-every needs --eval-data and must be >= 1")
+    for flag, path in (("--data", args.data), ("--eval-data", args.eval_data)):
+        if path is not None and not path.is_file():
+            parser.error(f"{flag} {path}: no such file")
 
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[str, float]]:
@@ -196,7 +245,9 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
 
     _check(parser, args)
     try:
-        rows = read_pairs(args.data)
+        rows = {"--data": read_pairs(args.data)}
+        if args.eval_data is not None:
+            rows["--eval-data"] = read_pairs(args.eval_data)
         loss_fn = build_loss(args)
     except ValueError as e:
         parser.error(str(e))
@@ -206,23 +257,44 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
         tokenizer.eos_token_id or 0)
-    pairs, dropped = tokenize_pairs(tokenizer, rows, args.max_length)
-    if any(dropped.values()) and accelerator.is_main_process:
-        print(f"dropped {sum(dropped.values())} of {len(rows)} pairs: " + ", ".join(
-            f"{n} {why}" for why, n in dropped.items() if n), file=sys.stderr)
-    if not pairs:
-        parser.error(f"--data {args.data}: no pair left to train on")
-    loader = torch.utils.data.DataLoader(
-        pairs, batch_size=args.batch_size, shuffle=True,
-        collate_fn=lambda ex: collate_pairs(ex, pad_token_id=pad, max_length=args.max_length,
-                                            packed=args.packed))
+    pairs = {}
+    for flag, flag_rows in rows.items():
+        try:
+            pairs[flag], dropped = tokenize_pairs(tokenizer, flag_rows, args.max_length)
+        except ValueError as e:
+            parser.error(f"{flag}: {e}")
+        if any(dropped.values()) and accelerator.is_main_process:
+            print(f"{flag}: dropped {sum(dropped.values())} of {len(flag_rows)} pairs: " +
+                  ", ".join(f"{n} {why}" for why, n in dropped.items() if n), file=sys.stderr)
+        if not pairs[flag]:
+            parser.error(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: no pair left")
+
+    def collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return collate_pairs(examples, pad_token_id=pad, max_length=args.max_length,
+                             packed=args.packed)
 
     dtype = DTYPES[args.dtype]
-    policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     reference = None
     if args.loss not in REFERENCE_FREE:
         reference = AutoModelForCausalLM.from_pretrained(args.ref_model or args.model,
                                                          dtype=dtype)
+    if args.precompute_ref_logps:
+        reference.to(accelerator.device)
+        pairs = {flag: precompute_reference_logps(reference, loss_fn, examples,
+                                                  collate=collate, batch_size=args.batch_size,
+                                                  accelerator=accelerator)
+                 for flag, examples in pairs.items()}
+        if args.loss != "hypo":  # the batches carry its log-probs: free it before the policy
+            reference = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    loader, eval_loader = (
+        torch.utils.data.DataLoader(pairs[flag], batch_size=args.batch_size,
+                                    shuffle=flag == "--data", collate_fn=collate)
+        if flag in pairs else None for flag in ("--data", "--eval-data"))
+
+    policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     model = PreferenceModel(policy, loss_fn, reference)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=args.lr)
@@ -244,14 +316,16 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
     args.output.mkdir(parents=True, exist_ok=True)
     with (args.output / "metrics.jsonl").open("w") if accelerator.is_main_process else (
             contextlib.nullcontext()) as log:
-        def on_step(batch: int, epoch: int, numbers: dict[str, float]) -> None:
+        def write(batch: int, epoch: int, numbers: dict[str, float], prefix: str = "") -> None:
             if log is not None:
                 line = json.dumps({"batch": batch, "step": trainer.optimizer_steps,
-                                   "epoch": epoch, **numbers})
+                                   "epoch": epoch, **{prefix + k: v for k, v in numbers.items()}})
                 log.write(line + "\n")
                 print(line, flush=True)
 
-        history = trainer.fit(loader, epochs=args.epochs, on_step=on_step)
+        history = trainer.fit(loader, epochs=args.epochs, on_step=write, eval_loader=eval_loader,
+                              eval_every=args.eval_every,
+                              on_eval=lambda *a: write(*a, prefix="eval_"))
     accelerator.wait_for_everyone()
     state = accelerator.get_state_dict(trainer.model)
     accelerator.unwrap_model(trainer.model).policy.save_pretrained(

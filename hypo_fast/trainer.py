@@ -6,8 +6,11 @@
   ``forward(**batch) -> (loss, metrics)`` runs the decoders to their last hidden states and hands
   them, with the output embedding's weight, to the fused loss; no ``N x V`` logits are made.
 - :func:`sample_online` draws HyPO's online samples from the policy (``generate``).
-- :class:`PreferenceTrainer` runs the optimisation through 🤗 Accelerate, which owns devices,
-  mixed precision, gradient accumulation and the distributed engine (DDP, FSDP, DeepSpeed).
+- :func:`precompute_reference_logps` scores the pairs under the reference once, so that it
+  need not be kept during training.
+- :class:`PreferenceTrainer` runs the optimisation (and :meth:`PreferenceTrainer.evaluate`)
+  through 🤗 Accelerate, which owns devices, mixed precision, gradient accumulation and the
+  distributed engine (DDP, FSDP, DeepSpeed).
 
 Accelerate is an optional dependency (``pip install hypo-fast[train]``); only
 :class:`PreferenceTrainer` needs it.
@@ -15,6 +18,7 @@ Accelerate is an optional dependency (``pip install hypo-fast[train]``); only
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -249,6 +253,36 @@ def _probe_logits(name: str, model: nn.Module) -> None:
         raise ValueError(f"{name} is not causal: a later token changed earlier logits")
 
 
+def _next_token_targets(labels: Tensor, position_ids: Tensor | None, ignore_index: int
+                        ) -> tuple[Tensor, dict[str, Tensor]]:
+    """``labels[:, 1:]`` (position t is scored on token t + 1) and the loss's layout arguments:
+    none for padded rows; for a packed row (``position_ids``), the labels cut at each
+    sequence's end (no label across a boundary) and the sequences' ``cu_seqlens``."""
+    target = labels[:, 1:]
+    if position_ids is None:
+        return target, {}
+    target = target.masked_fill(position_ids[:, 1:] == 0, ignore_index)
+    starts = (position_ids[0, :-1] == 0).nonzero()[:, 0]
+    return target, {"cu_seqlens": torch.cat([starts, starts.new_tensor([target.shape[1]])])}
+
+
+def _hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
+            position_ids: Tensor | None = None) -> Tensor:
+    """The decoder's last hidden states but the last, ``[R, L - 1, d]``. Padded rows get their
+    positions from the mask; a packed row brings them (and, with no mask and no cache,
+    transformers attends within each sequence)."""
+    if position_ids is None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids,
+                               use_cache=False).last_hidden_state[:, :-1]
+
+
+def _head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
 class PreferenceModel(nn.Module):
     """A causal LM policy, its frozen reference and a :mod:`hypo_fast.losses` module::
 
@@ -303,23 +337,6 @@ class PreferenceModel(nn.Module):
             self.reference.eval()
         return self
 
-    @staticmethod
-    def _hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
-                position_ids: Tensor | None = None) -> Tensor:
-        """The decoder's last hidden states but the last, ``[R, L - 1, d]``. Padded rows get
-        their positions from the mask; a packed row brings them (and, with no mask and no
-        cache, transformers attends within each sequence)."""
-        if position_ids is None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                   position_ids=position_ids,
-                                   use_cache=False).last_hidden_state[:, :-1]
-
-    @staticmethod
-    def _head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
-        head = model.get_output_embeddings()
-        return head.weight, getattr(head, "bias", None)
-
     def _reference_hidden(self, input_ids: Tensor, attention_mask: Tensor | None,
                           position_ids: Tensor | None = None) -> Tensor:
         if self.reference is None:
@@ -327,7 +344,7 @@ class PreferenceModel(nn.Module):
                              "reference= to PreferenceModel (or ref_chosen_logps/"
                              "ref_rejected_logps in the batch for the offline pairs)")
         with torch.no_grad():
-            return self._hidden(self.reference, input_ids, attention_mask, position_ids)
+            return _hidden(self.reference, input_ids, attention_mask, position_ids)
 
     def forward(self, input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, **batch: Tensor
@@ -337,11 +354,8 @@ class PreferenceModel(nn.Module):
             raise ValueError("pass attention_mask (a padded batch) or position_ids (a packed "
                              "one), as collate_pairs makes them")
         batch = {k: v for k, v in batch.items() if not k.startswith("prompt_")}
-        target = labels[:, 1:]
-        if position_ids is not None:  # packed: no label across a boundary, sequences by start
-            target = target.masked_fill(position_ids[:, 1:] == 0, self.loss_fn.ignore_index)
-            starts = (position_ids[0, :-1] == 0).nonzero()[:, 0]
-            batch["cu_seqlens"] = torch.cat([starts, starts.new_tensor([target.shape[1]])])
+        target, layout = _next_token_targets(labels, position_ids, self.loss_fn.ignore_index)
+        batch.update(layout)
         online = {k: batch.pop(f"online_{k}", None)
                   for k in ("input_ids", "attention_mask", "labels")}
         for key in _TOKEN_KEYS:
@@ -355,22 +369,88 @@ class PreferenceModel(nn.Module):
                 "PreferenceTrainer(online=OnlineSampling()))" if not has_online else
                 f"online samples were given but {type(self.loss_fn).__name__} takes none "
                 "(HyPOLoss does)")
-        weight, bias = self._head(self.policy)
+        weight, bias = _head(self.policy)
         wants_ref = getattr(self.loss_fn, "use_ref_model", True)
         ref: dict[str, Tensor | None] = {}
         if (wants_ref or has_online) and self.reference is not None:
-            ref["ref_weight"], ref["ref_bias"] = self._head(self.reference)
+            ref["ref_weight"], ref["ref_bias"] = _head(self.reference)
         if wants_ref and "ref_chosen_logps" not in batch and "ref_rejected_logps" not in batch:
             ref["ref_input"] = self._reference_hidden(input_ids, attention_mask, position_ids)
         if has_online:
-            batch["online_input"] = self._hidden(self.policy, online["input_ids"],
+            batch["online_input"] = _hidden(self.policy, online["input_ids"],
                                                  online["attention_mask"])
             batch["online_target"] = online["labels"][:, 1:]
             batch["online_ref_input"] = self._reference_hidden(online["input_ids"],
                                                                online["attention_mask"])
-        hidden = self._hidden(self.policy, input_ids, attention_mask, position_ids)
+        hidden = _hidden(self.policy, input_ids, attention_mask, position_ids)
         loss, aux = self.loss_fn(weight, hidden, target, bias, **ref, **batch)
         return loss, aux.metrics
+
+
+@torch.no_grad()
+def reference_logps(reference: nn.Module, loss_fn: nn.Module, batch: Mapping[str, Tensor]
+                    ) -> tuple[Tensor, Tensor]:
+    """``(ref_chosen_logps, ref_rejected_logps)``, each ``[B]``: the reference model's sequence
+    log-probs of a :func:`collate_pairs` batch (padded or packed, on the model's device) as
+    ``loss_fn`` computes them in training (its ``reference_logps``: sums, or means with
+    ``average_log_prob``, LD-DPO's weights)."""
+    hidden = _hidden(reference, batch["input_ids"], batch.get("attention_mask"),
+                     batch.get("position_ids"))
+    target, layout = _next_token_targets(batch["labels"], batch.get("position_ids"),
+                                         loss_fn.ignore_index)
+    weight, bias = _head(reference)
+    return loss_fn.reference_logps(weight, hidden, target, bias, **layout)
+
+
+def precompute_reference_logps(
+    reference: nn.Module,
+    loss_fn: nn.Module,
+    examples: Sequence[Mapping[str, Any]],
+    *,
+    collate: Callable[[list[Mapping[str, Any]]], dict[str, Tensor]],
+    batch_size: int = 8,
+    accelerator: Accelerator | None = None,
+) -> list[dict[str, Any]]:
+    """The examples (tokenized pairs, as :func:`collate_pairs` takes them) with
+    ``ref_chosen_logps``/``ref_rejected_logps`` added: :func:`reference_logps` over batches of
+    ``batch_size`` made by ``collate``, in eval mode, under the accelerator's autocast (the
+    mixed precision training would score them in). The reference can then be dropped:
+    :class:`PreferenceModel` without ``reference`` takes the log-probs from the batch (TRL's
+    ``precompute_ref_log_probs``).
+
+    The model runs as it is, on ``accelerator.device`` (default: its own device), not wrapped
+    by any engine. With several processes, each scores ``examples[rank::world]`` and the values
+    are gathered, so that every process returns them all.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_causal_lm("reference", reference)
+    device = accelerator.device if accelerator is not None else next(
+        reference.parameters()).device
+    rank, world = ((accelerator.process_index, accelerator.num_processes)
+                   if accelerator is not None else (0, 1))
+    autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
+    training = reference.training
+    reference.eval()
+    mine, scored = list(range(rank, len(examples), world)), []
+    try:
+        with autocast:
+            for start in range(0, len(mine), batch_size):
+                index = mine[start:start + batch_size]
+                batch = {k: v.to(device) for k, v in
+                         collate([examples[i] for i in index]).items()}
+                chosen, rejected = reference_logps(reference, loss_fn, batch)
+                scored += zip(index, chosen.tolist(), rejected.tolist(), strict=True)
+    finally:
+        reference.train(training)
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        scored = gather_object(scored)
+    out = [dict(ex) for ex in examples]
+    for i, chosen, rejected in scored:
+        out[i].update(ref_chosen_logps=chosen, ref_rejected_logps=rejected)
+    return out
 
 
 @dataclass
@@ -485,23 +565,85 @@ class PreferenceTrainer:
         means = self.accelerator.reduce(means, reduction="mean")
         return dict(zip(values, means.tolist(), strict=True))
 
+    def _prepared(self, loader: Iterable[Mapping[str, Tensor]]
+                  ) -> Iterable[Mapping[str, Tensor]]:
+        """A ``DataLoader`` through ``accelerator.prepare`` (once: a prepared one is kept)."""
+        from accelerate.data_loader import DataLoaderDispatcher, DataLoaderShard
+
+        if isinstance(loader, torch.utils.data.DataLoader) and not isinstance(
+                loader, DataLoaderShard | DataLoaderDispatcher):
+            return self.accelerator.prepare(loader)
+        return loader
+
+    @torch.no_grad()
+    def evaluate(self, loader: Iterable[Mapping[str, Tensor]]) -> dict[str, float]:
+        """The loss and the metrics over ``loader`` (prepared as in :meth:`fit`), without
+        gradients and in eval mode: means over its pairs, those of every process, each pair
+        counted once (a metric with one value per pair is averaged over the pairs; a batch's
+        scalar counts once per pair of the batch). With ``online``, the online samples are
+        drawn as in training."""
+        self.model.eval()
+        totals: Tensor | None = None
+        names: list[str] = []
+        for batch in self._prepared(loader):
+            batch = {k: v.to(self.accelerator.device) if isinstance(v, Tensor) else v
+                     for k, v in batch.items()}
+            if self.online is not None:
+                batch.update(self._online_batch(batch))
+            loss, metrics = self.model(**batch)
+            pairs = batch["prompt_input_ids"].shape[0] if "prompt_input_ids" in batch else (
+                batch["input_ids"].shape[0] // 2)
+            values = {"loss": loss, **metrics}
+            names = list(values)
+            rows = torch.stack([v.detach().double().reshape(-1) if v.numel() == pairs else
+                                v.detach().double().mean().expand(pairs)
+                                for v in values.values()], 1)  # fp64: sums over a dataset
+            rows = self.accelerator.gather_for_metrics(rows)
+            total = torch.cat([rows.sum(0), rows.new_tensor([rows.shape[0]])])
+            totals = total if totals is None else totals + total
+        if totals is None:
+            raise ValueError("evaluate needs at least one batch")
+        means = (totals[:-1] / totals[-1]).tolist()
+        return dict(zip(names, means, strict=True))
+
     def fit(self, loader: Iterable[Mapping[str, Tensor]], *, epochs: int = 1,
-            on_step: Callable[[int, int, dict[str, float]], None] | None = None
+            on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+            eval_loader: Iterable[Mapping[str, Tensor]] | None = None,
+            eval_every: int | None = None,
+            on_eval: Callable[[int, int, dict[str, float]], None] | None = None,
             ) -> list[dict[str, float]]:
         """:meth:`step` over ``loader`` (prepared by the accelerator when it is a
         ``DataLoader``) ``epochs`` times; ``on_step(batch, epoch, numbers)`` after each batch
         (counted from 1). A loader with a length gets its last, shorter accumulation window of
-        each epoch rescaled (:meth:`step`'s ``window``). Returns every batch's numbers."""
-        if isinstance(loader, torch.utils.data.DataLoader):
-            loader = self.accelerator.prepare(loader)
+        each epoch rescaled (:meth:`step`'s ``window``). With ``eval_loader``,
+        :meth:`evaluate` runs at the end of each epoch and every ``eval_every`` batches, and
+        its numbers go to ``on_eval(batch, epoch, numbers)``. Returns every batch's
+        numbers."""
+        if eval_every is not None and eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1 or None, got {eval_every}")
+        loader = self._prepared(loader)
+        if eval_loader is not None:
+            eval_loader = self._prepared(eval_loader)
         accumulation = self.accelerator.gradient_accumulation_steps
         length = len(loader) if hasattr(loader, "__len__") else None
         tail = length % accumulation if length is not None else 0
         history: list[dict[str, float]] = []
+
+        def evaluate(epoch: int) -> None:
+            numbers = self.evaluate(eval_loader)
+            if on_eval is not None:
+                on_eval(len(history), epoch, numbers)
+
         for epoch in range(epochs):
             for i, batch in enumerate(loader):
                 window = tail if tail and i >= length - tail else None
                 history.append(self.step(batch, window=window))
                 if on_step is not None:
                     on_step(len(history), epoch, history[-1])
+                last = length is not None and i == length - 1
+                if eval_loader is not None and eval_every and not last and (
+                        len(history) % eval_every == 0):
+                    evaluate(epoch)
+            if eval_loader is not None:
+                evaluate(epoch)
         return history

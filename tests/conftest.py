@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import fast_interpreter
+import pytest
 import torch
 from hypothesis import settings
 
@@ -25,3 +26,14 @@ settings.register_profile("ci", derandomize=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """Accelerate's process-wide state forgotten before and after the test (it is a singleton:
+    one test's settings would otherwise carry into the next)."""
+    from hf_helpers import reset_accelerate
+
+    reset_accelerate()
+    yield
+    reset_accelerate()

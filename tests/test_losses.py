@@ -263,6 +263,51 @@ def test_dpo_precomputed_reference_equals_reference_head():
         torch.testing.assert_close(a, b)
 
 
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_reference_logps_are_what_forward_scores_with_the_reference_head(data):
+    """Any shape (all-ignored rows included), average_log_prob, LD-DPO weights, padded or
+    packed, fp32 or fp64: reference_logps gives the reference log-probs forward uses, so that
+    passing them back gives forward's loss, gradients and metrics."""
+    B, T = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 6))
+    p = make_pairs(B=B, T=T, seed=data.draw(st.integers(0, 2**16)),
+                   prompt=data.draw(st.integers(0, T)),
+                   dtype=data.draw(st.sampled_from([F64, torch.float32]))).leaves()
+    average = data.draw(st.booleans())
+    module = FusedLinearDPOLoss(beta=0.3, average_log_prob=average,
+                                ld_alpha=data.draw(st.sampled_from([None, 0.0, 0.4])),
+                                loss_type=data.draw(st.sampled_from(["sigmoid", "ipo"])))
+    layout, ref_args = {}, (p.rw, p.rh, p.y, p.rb)
+    if data.draw(st.booleans(), label="packed"):  # the rows as one stream, padding included
+        flat = [t.reshape(-1, t.shape[-1]) for t in (p.h, p.rh)]
+        p = replace(p, h=flat[0].detach().requires_grad_(True), y=p.y.reshape(-1), rh=flat[1])
+        layout, ref_args = {"cu_seqlens": torch.arange(0, 2 * B * T + 1, T)}, (
+            p.rw, p.rh, p.y, p.rb)
+    ref_w, ref_l = module.reference_logps(*ref_args, **layout)
+    want_ref = expected_logps(replace(p, h=p.rh, w=p.rw, b=p.rb), average=average)[0] if (
+        not layout and module.ld_alpha is None) else None
+    if want_ref is not None:
+        torch.testing.assert_close(torch.cat([ref_w, ref_l]), want_ref.to(ref_w.dtype))
+    assert ref_w.shape == ref_l.shape == (B,) and not ref_w.requires_grad
+    loss, aux = module(p.w, p.h, p.y, p.b, p.rh, p.rw, p.rb, **layout)
+    again, aux2 = module(p.w, p.h, p.y, p.b, ref_chosen_logps=ref_w, ref_rejected_logps=ref_l,
+                         **layout)
+    assert_same(again, p.grads_of(again), loss, p.grads_of(loss))
+    for k, v in aux.metrics.items():
+        torch.testing.assert_close(aux2.metrics[k], v, msg=k)
+
+
+def test_reference_logps_refuse_losses_that_cannot_take_them():
+    p = make_pairs(seed=7)
+    for module, message in [
+        (FusedLinearDPOLoss(use_ref_model=False), "uses no reference model"),
+        (FusedLinearSimPOLoss(), "uses no reference model"),
+        (FusedLinearSparsePOLoss(), "needs the reference head in forward"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            module.reference_logps(p.rw, p.rh, p.y, p.rb)
+
+
 def test_dpo_without_reference_model():
     p = make_pairs(seed=6).leaves()
     loss, aux = FusedLinearDPOLoss(use_ref_model=False, loss_type="hinge")(

@@ -1,14 +1,14 @@
 """The thin trainer (hypo_fast.trainer) on tiny Hugging Face Llamas: batches from token ids, the
 policy + reference + loss module against TRL's computation from the logits (values and every
 parameter's gradient), HyPO's online samples scored left-padded against each sample scored
-alone, one optimizer step through Accelerate, and two DDP processes against one.
+alone, precomputed reference log-probs against the reference model, one optimizer step and an
+evaluation through Accelerate, and two DDP processes against one.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import math
+import functools
 import os
 import socket
 
@@ -19,14 +19,13 @@ from hf_helpers import IGN, reset_accelerate, tiny_llama, transformers, trl_sequ
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hypo_fast.cli import main
 from hypo_fast.losses import FusedLinearDPOLoss, FusedLinearSimPOLoss, HyPOLoss
-from hypo_fast.train_job import tokenize_pairs
 from hypo_fast.trainer import (
     OnlineSampling,
     PreferenceModel,
     PreferenceTrainer,
     collate_pairs,
+    precompute_reference_logps,
     sample_online,
 )
 
@@ -54,11 +53,7 @@ def models(dtype=torch.float64, tied=False):
     return policy, reference
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    reset_accelerate()
-    yield
-    reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,6 +459,76 @@ def test_trainer_hypo_step_samples_online_completions():
     assert any(not torch.equal(a, p) for a, p in zip(before, policy.parameters(), strict=True))
 
 
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("options", [{}, {"average_log_prob": True, "ld_alpha": 0.5}])
+def test_precomputed_reference_logps_give_the_loss_with_the_reference_model(packed, options):
+    policy, reference = models()
+    loss_fn = FusedLinearDPOLoss(beta=BETA, **options)
+    exs = examples(5)
+    collate = functools.partial(collate_pairs, pad_token_id=PAD, packed=packed)
+    reference.train()  # precompute scores in eval mode and gives the mode back
+    scored = precompute_reference_logps(reference, loss_fn, exs, collate=collate, batch_size=2)
+    assert reference.training and [{k: e[k] for k in exs[0]} for e in scored] == exs
+    batch = collate_pairs(exs, pad_token_id=PAD)
+    with torch.no_grad():  # TRL's computation, from the reference's logits
+        want = trl_sequence_logps(reference, batch["input_ids"], batch["attention_mask"],
+                                  batch["labels"])
+    got = torch.tensor([[e["ref_chosen_logps"] for e in scored],
+                        [e["ref_rejected_logps"] for e in scored]], dtype=torch.float64)
+    if not options:
+        torch.testing.assert_close(got.reshape(-1), want.float().double(), rtol=1e-6,
+                                   atol=1e-6)
+    with_ref = PreferenceModel(policy, loss_fn, reference)
+    without = PreferenceModel(copy.deepcopy(policy), loss_fn)
+    loss, metrics = with_ref(**collate(exs))
+    loss2, metrics2 = without(**collate(scored))
+    torch.testing.assert_close(loss2, loss, rtol=1e-6, atol=1e-7)  # the logps pass fp32
+    for k, v in metrics.items():
+        torch.testing.assert_close(metrics2[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    grads = torch.autograd.grad(loss, list(policy.parameters()))
+    grads2 = torch.autograd.grad(loss2, list(without.policy.parameters()))
+    for g, g2 in zip(grads, grads2, strict=True):
+        torch.testing.assert_close(g2, g, rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="uses no reference model"):
+        precompute_reference_logps(reference, FusedLinearSimPOLoss(), exs, collate=collate)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        precompute_reference_logps(reference, loss_fn, exs, collate=collate, batch_size=0)
+
+
+def test_evaluate_averages_over_every_pair_and_fit_evaluates_as_asked():
+    policy, reference = models()
+    trainer = PreferenceTrainer(PreferenceModel(policy, FusedLinearDPOLoss(beta=BETA), reference),
+                                torch.optim.SGD(policy.parameters(), lr=0.1),
+                                accelerator=accelerate.Accelerator(cpu=True))
+    exs = examples(5)
+    loader = torch.utils.data.DataLoader(
+        exs, batch_size=2, collate_fn=functools.partial(collate_pairs, pad_token_id=PAD))
+    before = [p.detach().clone() for p in policy.parameters()]
+    numbers = trainer.evaluate(loader)  # batches of 2, 2 and 1 pairs
+    assert all(torch.equal(a, p) for a, p in zip(before, policy.parameters(), strict=True))
+    assert all(p.grad is None for p in policy.parameters())
+    with torch.no_grad():
+        loss, metrics = trainer.model(**collate_pairs(exs, pad_token_id=PAD))  # all 5 at once
+    want = {"loss": loss, **{k: v for k, v in metrics.items() if "logits_mean" not in k}}
+    for k, v in want.items():
+        assert numbers[k] == pytest.approx(float(v.mean()), rel=1e-9, abs=1e-12), k
+    evals = []
+    trainer.fit(loader, epochs=2, eval_loader=loader, eval_every=2,
+                on_eval=lambda batch, epoch, n: evals.append((batch, epoch)))
+    assert evals == [(2, 0), (3, 0), (4, 1), (6, 1)]  # every 2nd batch, and each epoch's end
+    with pytest.raises(ValueError, match="eval_every must be >= 1"):
+        trainer.fit(loader, eval_loader=loader, eval_every=0)
+    with pytest.raises(ValueError, match="at least one batch"):
+        trainer.evaluate([])
+
+
+_collate = functools.partial(collate_pairs, pad_token_id=PAD)
+
+
+def _eval_loader() -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(examples(5), batch_size=1, collate_fn=_collate)
+
+
 def _ddp_step(rank: int, world_size: int, port: int, pairs: int, out_path: str) -> None:
     """One SGD step of DPO in process ``rank``, on its share of the pairs; rank 0 saves the
     policy."""
@@ -478,13 +543,17 @@ def _ddp_step(rank: int, world_size: int, port: int, pairs: int, out_path: str) 
         torch.optim.SGD(policy.parameters(), lr=0.5), accelerator=accelerator)
     trainer.step(collate_pairs(examples(pairs)[rank * share:(rank + 1) * share],
                                pad_token_id=PAD))
+    # 5 pairs, one per process and batch: the last batch has one pair for two processes
+    numbers = trainer.evaluate(_eval_loader())
+    scored = precompute_reference_logps(reference, FusedLinearDPOLoss(), examples(5),
+                                        collate=_collate, batch_size=1, accelerator=accelerator)
     if rank == 0:
-        torch.save(policy.state_dict(), out_path)
+        torch.save({"policy": policy.state_dict(), "eval": numbers, "scored": scored}, out_path)
     accelerator.wait_for_everyone()  # neither tears gloo down while the other still talks
     accelerator.end_training()
 
 
-def test_two_ddp_processes_take_the_step_of_one_on_the_whole_batch(tmp_path):
+def test_two_ddp_processes_step_evaluate_and_score_as_one_on_the_whole_data(tmp_path):
     pairs = 4
     with socket.socket() as s:  # a free port for the process group
         s.bind(("127.0.0.1", 0))
@@ -494,6 +563,7 @@ def test_two_ddp_processes_take_the_step_of_one_on_the_whole_batch(tmp_path):
         _ddp_step, args=(2, port, pairs, str(tmp_path / "ddp.pt")), nprocs=2,
         start_method="spawn")
     ddp = torch.load(tmp_path / "ddp.pt")
+    ddp_eval, ddp_scored, ddp = ddp["eval"], ddp["scored"], ddp["policy"]
     policy, reference = models()
     trainer = PreferenceTrainer(
         PreferenceModel(policy, FusedLinearDPOLoss(beta=BETA), reference),
@@ -505,127 +575,11 @@ def test_two_ddp_processes_take_the_step_of_one_on_the_whole_batch(tmp_path):
         assert not torch.equal(value, start[name]) or name.endswith("inv_freq"), name
         torch.testing.assert_close(ddp[name], value, rtol=1e-10, atol=1e-12,
                                    msg=lambda m, name=name: f"{name}: {m}")
-
-
-# ---------------------------------------------------------------------------------------------
-# the command: hypo-fast train
-
-
-WORDS = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(60)]
-
-
-def word_tokenizer():
-    """A word-level tokenizer over ``w0`` ... ``w59`` that starts every text with ``<s>``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A",
-                                                       special_tokens=[("<s>", 1)])
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        unk_token="<unk>")
-
-
-@pytest.fixture
-def model_dir(tmp_path):
-    """A tiny Llama and :func:`word_tokenizer` saved as a model directory, and a JSON-lines
-    file of pairs in its words."""
-    word_tokenizer().save_pretrained(tmp_path / "model")
-    tiny_llama(False, torch.float32, vocab=len(WORDS)).save_pretrained(tmp_path / "model")
-    g = torch.Generator().manual_seed(0)
-
-    def text(n):
-        return " ".join(f"w{i}" for i in torch.randint(0, 60, (n,), generator=g).tolist())
-
-    rows = [{"prompt": text(3), "chosen": " " + text(4), "rejected": " " + text(2)}
-            for _ in range(6)]
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    return tmp_path / "model", data
-
-
-def test_pairs_are_tokenized_as_trl_does():
-    tok = word_tokenizer()
-
-    def ids(text):
-        return [WORDS.index(w) for w in text.split()]
-
-    rows = [
-        {"prompt": "w1 w2", "chosen": " w3", "rejected": " w4 w5"},
-        {"prompt": "w1", "chosen": " w3</s>", "rejected": " w4"},  # EOS already there
-        {"prompt": "w1 w2", "chosen": "w3", "rejected": " w4"},  # w2w3: not a prefix
-        {"prompt": "w1 w2 w3", "chosen": " w4", "rejected": " w5"},  # fills max_length 4
-    ]
-    pairs, dropped = tokenize_pairs(tok, rows, max_length=4)
-    assert pairs == [
-        {"prompt_ids": [1, *ids("w1 w2")], "chosen_ids": [*ids("w3"), 2],
-         "rejected_ids": [*ids("w4 w5"), 2]},
-        {"prompt_ids": [1, *ids("w1")], "chosen_ids": [*ids("w3"), 2],
-         "rejected_ids": [*ids("w4"), 2]},
-    ]
-    assert dropped == {"prompt not a token prefix": 1, "prompt fills --max-length": 1}
-
-
-def test_train_command_trains_and_saves_the_policy(model_dir, tmp_path):
-    model, data = model_dir
-    out = tmp_path / "out"
-    assert main(["train", "--model", str(model), "--data", str(data), "--output", str(out),
-                 "--lr", "1e-2", "--epochs", "4", "--batch-size", "3", "--seed", "1"]) == 0
-    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [s["batch"] for s in steps] == [s["step"] for s in steps] == list(range(1, 9))
-    lrs = [s["lr"] for s in steps]  # what each step used: linear decay to 0 over 8 steps
-    assert lrs == pytest.approx([1e-2 * (8 - k) / 8 for k in range(8)], rel=1e-6)
-    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference
-    assert steps[-1]["loss"] < steps[0]["loss"] - 0.1
-    trained = transformers.AutoModelForCausalLM.from_pretrained(out)
-    start = transformers.AutoModelForCausalLM.from_pretrained(model)
-    assert not torch.equal(trained.lm_head.weight, start.lm_head.weight)
-    assert transformers.AutoTokenizer.from_pretrained(out).eos_token == "</s>"
-
-
-def test_train_command_under_bf16_autocast_packed(model_dir, tmp_path):
-    model, data = model_dir
-    out = tmp_path / "bf16"
-    main(["train", "--model", str(model), "--data", str(data), "--output", str(out),
-          "--mixed-precision", "bf16", "--batch-size", "6", "--lr", "1e-2", "--epochs", "3",
-          "--packed"])
-    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps[-1]["loss"] < steps[0]["loss"]
-
-
-@pytest.mark.parametrize("loss", ["hypo", "simpo"])
-def test_train_command_runs_hypo_with_online_samples_and_reference_free_losses(
-        model_dir, tmp_path, loss):
-    model, data = model_dir
-    out = tmp_path / loss
-    hypo = ["--online-samples", "2", "--max-new-tokens", "3"] if loss == "hypo" else []
-    main(["train", "--model", str(model), "--data", str(data), "--output", str(out),
-          "--loss", loss, "--batch-size", "6", "--lr", "1e-3", *hypo])
-    (step,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert math.isfinite(step["loss"])
-    assert ("kl_term" in step) == (loss == "hypo")
-
-
-def test_train_command_names_what_is_wrong(model_dir, tmp_path, capsys):
-    model, data = model_dir
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "w1", "chosen": "w2", "rejected": "w3"}\n{"prompt": "w1"}\n')
-    base = ["train", "--model", str(model), "--output", str(tmp_path / "o")]
-    for argv, message in [
-        (["--data", str(bad)], "bad.jsonl:2: expected an object with the strings prompt, "
-                               "chosen, rejected"),
-        (["--data", str(tmp_path / "none.jsonl")], "none.jsonl: no such file"),
-        (["--data", str(data), "--batch-size", "0"], "--batch-size must be >= 1"),
-        (["--data", str(data), "--lr", "nan"], "--lr must be a positive number"),
-        (["--data", str(data), "--loss", "hypo", "--online-samples", "1"],
-         "--estimator rloo needs --online-samples >= 2"),
-        (["--data", str(data), "--kl-coef", "0.5"], "--kl-coef is a HyPO option, but --loss "
-                                                    "is dpo"),
-        (["--data", str(data), "--loss", "simpo", "--ref-model", str(model)],
-         "--loss simpo takes no reference model"),
-        (["--data", str(data), "--max-grad-norm", "-1"], "--max-grad-norm must be >= 0"),
-    ]:
-        with pytest.raises(SystemExit):
-            main(base + argv)
-        err = capsys.readouterr().err
-        assert message in err and "usage: hypo-fast train" in err
+    # evaluation: every pair counted once (the duplicate that fills the last batch dropped)
+    one = trainer.evaluate(_eval_loader())
+    assert ddp_eval.keys() == one.keys()
+    for k, v in one.items():
+        assert ddp_eval[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
+    # precomputed reference log-probs: each process scored its share, every one came back
+    assert ddp_scored == precompute_reference_logps(reference, FusedLinearDPOLoss(),
+                                                    examples(5), collate=_collate, batch_size=1)

@@ -287,6 +287,8 @@ class FusedLinearPairLoss(nn.Module):
     """
 
     _extra_aux: tuple[str, ...] = ()
+    # whether forward takes ref_chosen_logps/ref_rejected_logps for the reference head
+    _takes_ref_logps = True
 
     def __init__(
         self, *, ignore_index: int, beta: float, alpha: float, compute_nll_loss: bool,
@@ -402,6 +404,37 @@ class FusedLinearPairLoss(nn.Module):
                              f"has {lin_weight.shape[0]}")
         check_same_device({"lin_weight": lin_weight, names[1]: ref_input})
         return ref_input, ref_weight, ref_bias
+
+    @torch.no_grad()
+    def reference_logps(
+        self,
+        ref_weight: Tensor,
+        ref_input: Tensor,
+        target: Tensor,
+        ref_bias: Tensor | None = None,
+        *,
+        seq_ids: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``(ref_chosen_logps, ref_rejected_logps)``, each ``[B]`` fp32 (the input's dtype if
+        fp64): the reference's sequence log-probs exactly as ``forward`` computes them from
+        the reference head — Σ_t log π_ref(y_t), over ``max(n, 1)`` with ``average_log_prob``,
+        with the loss's token weights (LD-DPO's ``ld_alpha``) — to pass back to ``forward``
+        as precomputed log-probs, so that the reference model need not be kept during
+        training (TRL's ``precompute_ref_log_probs``). Inputs are ``forward``'s reference
+        arguments, in the same layout (padded ``[2B, T, d]``, chosen rows first, or packed with
+        ``seq_ids``/``cu_seqlens``)."""
+        if not self.use_ref_model:
+            raise ValueError(f"{type(self).__name__} uses no reference model (use_ref_model="
+                             "False): there are no reference log-probs to compute")
+        if not self._takes_ref_logps:
+            raise ValueError(f"{type(self).__name__} needs the reference head in forward: "
+                             "precomputed reference log-probs cannot stand in for it")
+        x = self._prepare(ref_weight, ref_input, target, ref_bias, ref_input, ref_weight,
+                          ref_bias, seq_ids=seq_ids, cu_seqlens=cu_seqlens)
+        logps = self._reference_logps(x)
+        b = x.num_pairs
+        return logps[:b], logps[b:]
 
     # ----- computing
 

@@ -34,6 +34,8 @@ class FusedLinearSparsePOLoss(FusedLinearPairLoss):
     both terms, has both halved. Rewards β·R; ``chosen_logps`` are S.
     """
 
+    _takes_ref_logps = False
+
     def __init__(
         self,
         ignore_index: int = -100,

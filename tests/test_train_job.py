@@ -1,0 +1,225 @@
+"""The ``hypo-fast train`` command (hypo_fast.train_job) on a tiny Llama and a word-level
+tokenizer saved as a model directory: pairs tokenized as TRL does (plain text and chat
+templates), training, evaluation, precomputed reference log-probs, and the errors it gives."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from hf_helpers import tiny_llama, transformers
+
+from hypo_fast.cli import main
+from hypo_fast.train_job import tokenize_pairs
+
+pytest.importorskip("accelerate")
+
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
+
+
+WORDS = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(60)] + ["user", "assistant"]
+# A chat template in the words: "<s>", then "role content </s>" per message; "w9" first with
+# the template argument greet; "assistant" at the end for the generation prompt.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% if greet %}w9 {% endif %}{% for m in messages %}{{ m['role'] }} "
+    "{{ m['content'] }} {{ eos_token }} {% endfor %}{% if add_generation_prompt %}assistant"
+    "{% endif %}"
+)
+
+
+def word_tokenizer(chat_template: str | None = None):
+    """A word-level tokenizer over ``w0`` ... ``w59`` (and the two roles) that starts every text
+    with ``<s>``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                       special_tokens=[("<s>", 1)])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        unk_token="<unk>", chat_template=chat_template)
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A tiny Llama and :func:`word_tokenizer` saved as a model directory, and a JSON-lines
+    file of pairs in its words."""
+    word_tokenizer(CHAT_TEMPLATE).save_pretrained(tmp_path / "model")
+    tiny_llama(False, torch.float32, vocab=len(WORDS)).save_pretrained(tmp_path / "model")
+    g = torch.Generator().manual_seed(0)
+
+    def text(n):
+        return " ".join(f"w{i}" for i in torch.randint(0, 60, (n,), generator=g).tolist())
+
+    rows = [{"prompt": text(3), "chosen": " " + text(4), "rejected": " " + text(2)}
+            for _ in range(6)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    return tmp_path / "model", data
+
+
+@pytest.fixture
+def chat_data(tmp_path):
+    """The pairs of :func:`model_dir`'s kind as conversations (TRL's conversational format)."""
+    g = torch.Generator().manual_seed(1)
+
+    def message(role, n):
+        words = " ".join(f"w{i}" for i in torch.randint(0, 60, (n,), generator=g).tolist())
+        return [{"role": role, "content": words}]
+
+    rows = [{"prompt": message("user", 2 + i % 2), "chosen": message("assistant", 3),
+             "rejected": message("assistant", 1 + i % 3)} for i in range(6)]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def ids(text):
+    return [WORDS.index(w) for w in text.split()]
+
+
+def test_conversations_are_tokenized_with_the_chat_template_as_trl_does():
+    tok = word_tokenizer(CHAT_TEMPLATE)
+    user = [{"role": "user", "content": "w1 w2"}]
+    rows = [
+        {"prompt": user, "chosen": [{"role": "assistant", "content": "w3"}],
+         "rejected": [{"role": "assistant", "content": "w4 w5"}]},
+        {"prompt": user, "chosen": [{"role": "assistant", "content": "w3"}],
+         "rejected": [{"role": "assistant", "content": "w4"}],
+         "chat_template_kwargs": {"greet": True}},
+    ]
+    pairs, _ = tokenize_pairs(tok, rows, max_length=32)
+    prompt = [1, *ids("user w1 w2"), 2, WORDS.index("assistant")]
+    assert pairs == [
+        {"prompt_ids": prompt, "chosen_ids": [*ids("w3"), 2], "rejected_ids": [*ids("w4 w5"), 2]},
+        {"prompt_ids": [1, *ids("w9"), *prompt[1:]], "chosen_ids": [*ids("w3"), 2],
+         "rejected_ids": [*ids("w4"), 2]},
+    ]
+    # a template that marks the generation prompt unlike a finished turn: not a prefix, dropped
+    odd = word_tokenizer(CHAT_TEMPLATE.replace("assistant{% endif %}", "w8{% endif %}"))
+    assert tokenize_pairs(odd, rows[:1], max_length=32) == (
+        [], {"prompt not a token prefix": 1, "prompt fills --max-length": 0})
+    with pytest.raises(ValueError, match=r"conversational .* the tokenizer has no chat template"):
+        tokenize_pairs(word_tokenizer(), rows, max_length=32)
+
+
+def test_train_command_evaluates_and_precomputes_the_reference_on_conversations(
+        model_dir, chat_data, tmp_path):
+    """Conversational pairs, evaluated every batch and at each epoch's end; precomputing the
+    reference's log-probs changes no number."""
+    model, _ = model_dir
+    runs = {}
+    for precompute in (False, True):
+        out = tmp_path / f"pre{precompute}"
+        main(["train", "--model", str(model), "--data", str(chat_data), "--output", str(out),
+              "--eval-data", str(chat_data), "--eval-every", "1", "--batch-size", "3",
+              "--epochs", "2", "--lr", "1e-2", *(["--precompute-ref-logps"] * precompute)])
+        runs[precompute] = [json.loads(line) for line in
+                            (out / "metrics.jsonl").read_text().splitlines()]
+    lines = runs[False]
+    evals = [line for line in lines if "eval_loss" in line]
+    # batches 1 and 3 (every batch), 2 and 4 (each epoch's end), each once
+    assert [line["batch"] for line in evals] == [1, 2, 3, 4]
+    assert {k for k in evals[0] if k.startswith("eval_")} >= {
+        "eval_loss", "eval_accuracy", "eval_chosen_rewards", "eval_margins"}
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # it learns the pairs it sees
+    assert len(runs[True]) == len(lines)
+    for plain, pre in zip(lines, runs[True], strict=True):
+        assert plain.keys() == pre.keys()
+        for k, v in plain.items():
+            assert pre[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+
+
+def test_pairs_are_tokenized_as_trl_does():
+    tok = word_tokenizer()
+    rows = [
+        {"prompt": "w1 w2", "chosen": " w3", "rejected": " w4 w5"},
+        {"prompt": "w1", "chosen": " w3</s>", "rejected": " w4"},  # EOS already there
+        {"prompt": "w1 w2", "chosen": "w3", "rejected": " w4"},  # w2w3: not a prefix
+        {"prompt": "w1 w2 w3", "chosen": " w4", "rejected": " w5"},  # fills max_length 4
+    ]
+    pairs, dropped = tokenize_pairs(tok, rows, max_length=4)
+    assert pairs == [
+        {"prompt_ids": [1, *ids("w1 w2")], "chosen_ids": [*ids("w3"), 2],
+         "rejected_ids": [*ids("w4 w5"), 2]},
+        {"prompt_ids": [1, *ids("w1")], "chosen_ids": [*ids("w3"), 2],
+         "rejected_ids": [*ids("w4"), 2]},
+    ]
+    assert dropped == {"prompt not a token prefix": 1, "prompt fills --max-length": 1}
+
+
+def test_train_command_trains_and_saves_the_policy(model_dir, tmp_path):
+    model, data = model_dir
+    out = tmp_path / "out"
+    assert main(["train", "--model", str(model), "--data", str(data), "--output", str(out),
+                 "--lr", "1e-2", "--epochs", "4", "--batch-size", "3", "--seed", "1"]) == 0
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s["batch"] for s in steps] == [s["step"] for s in steps] == list(range(1, 9))
+    lrs = [s["lr"] for s in steps]  # what each step used: linear decay to 0 over 8 steps
+    assert lrs == pytest.approx([1e-2 * (8 - k) / 8 for k in range(8)], rel=1e-6)
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.1
+    trained = transformers.AutoModelForCausalLM.from_pretrained(out)
+    start = transformers.AutoModelForCausalLM.from_pretrained(model)
+    assert not torch.equal(trained.lm_head.weight, start.lm_head.weight)
+    assert transformers.AutoTokenizer.from_pretrained(out).eos_token == "</s>"
+
+
+def test_train_command_under_bf16_autocast_packed(model_dir, tmp_path):
+    model, data = model_dir
+    out = tmp_path / "bf16"
+    main(["train", "--model", str(model), "--data", str(data), "--output", str(out),
+          "--mixed-precision", "bf16", "--batch-size", "6", "--lr", "1e-2", "--epochs", "3",
+          "--packed"])
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1]["loss"] < steps[0]["loss"]
+
+
+@pytest.mark.parametrize("loss", ["hypo", "simpo"])
+def test_train_command_runs_hypo_with_online_samples_and_reference_free_losses(
+        model_dir, tmp_path, loss):
+    model, data = model_dir
+    out = tmp_path / loss
+    hypo = ["--online-samples", "2", "--max-new-tokens", "3"] if loss == "hypo" else []
+    main(["train", "--model", str(model), "--data", str(data), "--output", str(out),
+          "--loss", loss, "--batch-size", "6", "--lr", "1e-3", *hypo])
+    (step,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert math.isfinite(step["loss"])
+    assert ("kl_term" in step) == (loss == "hypo")
+
+
+def test_train_command_names_what_is_wrong(model_dir, tmp_path, capsys):
+    model, data = model_dir
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "w1", "chosen": "w2", "rejected": "w3"}\n{"prompt": "w1"}\n')
+    mixed = tmp_path / "mixed.jsonl"  # a string prompt, message completions
+    mixed.write_text(json.dumps({"prompt": "w1", "chosen": [{"role": "assistant", "content": "w2"}],
+                                 "rejected": [{"role": "assistant", "content": "w3"}]}) + "\n")
+    base = ["train", "--model", str(model), "--output", str(tmp_path / "o")]
+    for argv, message in [
+        (["--data", str(bad)], "bad.jsonl:2: expected an object whose prompt, chosen, "
+                               "rejected are all strings or all lists of"),
+        (["--data", str(data), "--eval-data", str(mixed)], "mixed.jsonl:1: expected an object"),
+        (["--data", str(data), "--eval-data", str(tmp_path / "no.jsonl")],
+         "--eval-data " + str(tmp_path / "no.jsonl") + ": no such file"),
+        (["--data", str(data), "--eval-every", "2"], "--eval-every needs --eval-data"),
+        (["--data", str(data), "--loss", "orpo", "--precompute-ref-logps"],
+         "--loss orpo takes no reference model: nothing to precompute"),
+        (["--data", str(tmp_path / "none.jsonl")], "none.jsonl: no such file"),
+        (["--data", str(data), "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--data", str(data), "--lr", "nan"], "--lr must be a positive number"),
+        (["--data", str(data), "--loss", "hypo", "--online-samples", "1"],
+         "--estimator rloo needs --online-samples >= 2"),
+        (["--data", str(data), "--kl-coef", "0.5"], "--kl-coef is a HyPO option, but --loss "
+                                                    "is dpo"),
+        (["--data", str(data), "--loss", "simpo", "--ref-model", str(model)],
+         "--loss simpo takes no reference model"),
+        (["--data", str(data), "--max-grad-norm", "-1"], "--max-grad-norm must be >= 0"),
+    ]:
+        with pytest.raises(SystemExit):
+            main(base + argv)
+        err = capsys.readouterr().err
+        assert message in err and "usage: hypo-fast train" in err
