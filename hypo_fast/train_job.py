@@ -34,6 +34,7 @@ from .losses import (
     HyPOLoss,
 )
 from .trainer import (
+    TRAINER_STATE,
     OnlineSampling,
     PreferenceModel,
     PreferenceTrainer,
@@ -180,6 +181,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "metrics.jsonl at the end of each epoch")
     p.add_argument("--eval-every", type=int, default=None,
                    help="also evaluate every this many batches")
+    p.add_argument("--save-every", type=int, default=None,
+                   help="save a checkpoint to OUTPUT/checkpoint-STEP every this many optimizer "
+                        "steps (model, reference, optimizer, scheduler, RNG states, counters)")
+    p.add_argument("--resume-from", type=Path, default=None,
+                   help="a checkpoint directory to resume from (same arguments otherwise): the "
+                        "interrupted epoch goes on with the batches not yet trained on")
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--lr-scheduler", choices=("linear", "constant"), default="linear",
                    help="after --warmup-steps: linear decay to 0 over the run (TRL's default) "
@@ -232,15 +239,19 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error(f"--loss {args.loss} takes no reference model: nothing to precompute")
     if args.eval_every is not None and (args.eval_data is None or args.eval_every < 1):
         parser.error("--eval-every needs --eval-data and must be >= 1")
+    if args.save_every is not None and args.save_every < 1:
+        parser.error("--save-every must be >= 1")
     for flag, path in (("--data", args.data), ("--eval-data", args.eval_data)):
         if path is not None and not path.is_file():
             parser.error(f"{flag} {path}: no such file")
+    if args.resume_from is not None and not (args.resume_from / TRAINER_STATE).is_file():
+        parser.error(f"--resume-from {args.resume_from}: not a checkpoint (no {TRAINER_STATE})")
 
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[str, float]]:
     """Train as the arguments say; returns every step's numbers (also in metrics.jsonl)."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DataLoaderConfiguration, set_seed
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
     _check(parser, args)
@@ -251,8 +262,12 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
         loss_fn = build_loss(args)
     except ValueError as e:
         parser.error(str(e))
-    accelerator = Accelerator(mixed_precision=args.mixed_precision,
-                              gradient_accumulation_steps=args.grad_accum)
+    # the order of an epoch's batches a function of the seed and the epoch: a resumed epoch
+    # skips the very batches it trained on
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
+                                                  data_seed=args.seed))
     set_seed(args.seed, device_specific=True)  # each process samples its own completions
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
@@ -314,7 +329,14 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
                                 lr_scheduler=scheduler, max_grad_norm=args.max_grad_norm or None,
                                 online=online)
     args.output.mkdir(parents=True, exist_ok=True)
-    with (args.output / "metrics.jsonl").open("w") if accelerator.is_main_process else (
+    metrics = args.output / "metrics.jsonl"
+    kept: list[str] = []
+    if args.resume_from is not None:
+        trainer.load_checkpoint(args.resume_from)
+        if metrics.is_file():  # the lines up to the checkpoint
+            kept = [line for line in metrics.read_text().splitlines()
+                    if json.loads(line)["batch"] <= trainer.batches]
+    with metrics.open("w") if accelerator.is_main_process else (
             contextlib.nullcontext()) as log:
         def write(batch: int, epoch: int, numbers: dict[str, float], prefix: str = "") -> None:
             if log is not None:
@@ -323,9 +345,13 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
                 log.write(line + "\n")
                 print(line, flush=True)
 
+        if log is not None:
+            log.writelines(line + "\n" for line in kept)
         history = trainer.fit(loader, epochs=args.epochs, on_step=write, eval_loader=eval_loader,
                               eval_every=args.eval_every,
-                              on_eval=lambda *a: write(*a, prefix="eval_"))
+                              on_eval=lambda *a: write(*a, prefix="eval_"),
+                              save_every=args.save_every,
+                              on_save=lambda step: args.output / f"checkpoint-{step}")
     accelerator.wait_for_everyone()
     state = accelerator.get_state_dict(trainer.model)
     accelerator.unwrap_model(trainer.model).policy.save_pretrained(

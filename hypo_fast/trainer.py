@@ -19,8 +19,11 @@ Accelerate is an optional dependency (``pip install hypo-fast[train]``); only
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -44,6 +47,8 @@ PURE_SAMPLING: dict[str, Any] = {
 # Logit transforms of Hugging Face configs (softcaps, scales, multipliers) the losses lack.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
                      "logits_soft_cap", "lm_head_multiplier", "output_multiplier")
+# The trainer's counters in a checkpoint directory.
+TRAINER_STATE = "trainer_state.json"
 # Per-example numbers :func:`collate_pairs` stacks into ``[B]`` tensors.
 _EXAMPLE_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 
@@ -516,7 +521,9 @@ class PreferenceTrainer:
         self.lr_scheduler = prepared[2] if lr_scheduler is not None else None
         self.max_grad_norm = max_grad_norm
         self.online = online
+        self.batches = 0  # batches trained on
         self.optimizer_steps = 0  # optimizer steps taken (batches / accumulation)
+        self._resume_at = 0  # batches the next fit skips (load_checkpoint)
 
     def _online_batch(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         o = self.online
@@ -560,6 +567,7 @@ class PreferenceTrainer:
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step()
             self.optimizer.zero_grad()
+        self.batches += 1
         values = {"loss": loss.detach(), **metrics, "lr": lr}
         means = torch.stack([v.detach().float().mean() for v in values.values()])
         means = self.accelerator.reduce(means, reduction="mean")
@@ -606,44 +614,91 @@ class PreferenceTrainer:
         means = (totals[:-1] / totals[-1]).tolist()
         return dict(zip(names, means, strict=True))
 
+    def save_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """What a resumed run needs, to the directory ``path``, from every process (at the end
+        of an accumulation window, as :meth:`fit` saves): Accelerate's state (the model, the
+        frozen reference included, the optimizer, the lr scheduler, the accumulation step and
+        the RNG states) and the trainer's counters (``trainer_state.json``)."""
+        self.accelerator.save_state(str(path))
+        if self.accelerator.is_main_process:
+            counters = {"batches": self.batches, "optimizer_steps": self.optimizer_steps}
+            (Path(path) / TRAINER_STATE).write_text(json.dumps(counters) + "\n")
+        self.accelerator.wait_for_everyone()
+
+    def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """Restore a :meth:`save_checkpoint` directory (into the same kind of model, optimizer,
+        scheduler and accelerator); the next :meth:`fit` resumes where it was saved."""
+        state = Path(path) / TRAINER_STATE
+        if not state.is_file():
+            raise FileNotFoundError(f"{path} is not a checkpoint of "
+                                    f"PreferenceTrainer.save_checkpoint (no {TRAINER_STATE})")
+        self.accelerator.load_state(str(path))
+        counters = json.loads(state.read_text())
+        self.batches = self._resume_at = counters["batches"]
+        self.optimizer_steps = counters["optimizer_steps"]
+
     def fit(self, loader: Iterable[Mapping[str, Tensor]], *, epochs: int = 1,
             on_step: Callable[[int, int, dict[str, float]], None] | None = None,
             eval_loader: Iterable[Mapping[str, Tensor]] | None = None,
             eval_every: int | None = None,
             on_eval: Callable[[int, int, dict[str, float]], None] | None = None,
+            save_every: int | None = None,
+            on_save: Callable[[int], str | os.PathLike[str]] | None = None,
             ) -> list[dict[str, float]]:
         """:meth:`step` over ``loader`` (prepared by the accelerator when it is a
         ``DataLoader``) ``epochs`` times; ``on_step(batch, epoch, numbers)`` after each batch
-        (counted from 1). A loader with a length gets its last, shorter accumulation window of
-        each epoch rescaled (:meth:`step`'s ``window``). With ``eval_loader``,
-        :meth:`evaluate` runs at the end of each epoch and every ``eval_every`` batches, and
-        its numbers go to ``on_eval(batch, epoch, numbers)``. Returns every batch's
-        numbers."""
-        if eval_every is not None and eval_every < 1:
-            raise ValueError(f"eval_every must be >= 1 or None, got {eval_every}")
+        (``batch`` counts the batches trained on, from 1). A loader with a length gets its
+        last, shorter accumulation window of each epoch rescaled (:meth:`step`'s ``window``).
+
+        With ``eval_loader``, :meth:`evaluate` runs at the end of each epoch and every
+        ``eval_every`` batches, and its numbers go to ``on_eval(batch, epoch, numbers)``. With
+        ``save_every``, every ``save_every`` optimizer steps a checkpoint is saved
+        (:meth:`save_checkpoint`) to the directory ``on_save(optimizer_steps)`` names.
+
+        After :meth:`load_checkpoint`, the run resumes: ``epochs`` counts the run's epochs in
+        all, and the interrupted epoch goes on past the batches already trained on (the
+        same batches only if the loader's order is a function of the epoch, as with
+        Accelerate's ``use_seedable_sampler``, or unshuffled). Returns this call's numbers."""
+        for name, every in (("eval_every", eval_every), ("save_every", save_every)):
+            if every is not None and every < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {every}")
+        if save_every is not None and on_save is None:
+            raise ValueError("save_every needs on_save (the directory of each checkpoint)")
         loader = self._prepared(loader)
         if eval_loader is not None:
             eval_loader = self._prepared(eval_loader)
         accumulation = self.accelerator.gradient_accumulation_steps
         length = len(loader) if hasattr(loader, "__len__") else None
         tail = length % accumulation if length is not None else 0
+        if self._resume_at and not length:
+            raise ValueError("resuming needs a loader with a length (to find the epoch)")
+        first, skip = divmod(self._resume_at, length) if self._resume_at else (0, 0)
+        self._resume_at = 0
         history: list[dict[str, float]] = []
 
         def evaluate(epoch: int) -> None:
             numbers = self.evaluate(eval_loader)
             if on_eval is not None:
-                on_eval(len(history), epoch, numbers)
+                on_eval(self.batches, epoch, numbers)
 
-        for epoch in range(epochs):
-            for i, batch in enumerate(loader):
+        for epoch in range(first, epochs):
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+            batches = self.accelerator.skip_first_batches(loader, skip) if skip else loader
+            for i, batch in enumerate(batches, start=skip):
                 window = tail if tail and i >= length - tail else None
+                steps = self.optimizer_steps
                 history.append(self.step(batch, window=window))
                 if on_step is not None:
-                    on_step(len(history), epoch, history[-1])
+                    on_step(self.batches, epoch, history[-1])
                 last = length is not None and i == length - 1
                 if eval_loader is not None and eval_every and not last and (
-                        len(history) % eval_every == 0):
+                        self.batches % eval_every == 0):
                     evaluate(epoch)
+                if save_every and self.optimizer_steps > steps and (
+                        self.optimizer_steps % save_every == 0):
+                    self.save_checkpoint(on_save(self.optimizer_steps))
+            skip = 0
             if eval_loader is not None:
                 evaluate(epoch)
         return history

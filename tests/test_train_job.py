@@ -133,6 +133,33 @@ def test_train_command_evaluates_and_precomputes_the_reference_on_conversations(
             assert pre[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
 
 
+def test_train_command_resumes_from_a_checkpoint_as_if_never_stopped(model_dir, tmp_path,
+                                                                     capsys):
+    """Two epochs of 2 batches (3 pairs each), a checkpoint at every step; resumed from the
+    one after the first step into the same directory: the same metrics.jsonl (the lines past
+    the checkpoint replaced) and the same policy."""
+    model, data = model_dir
+    out = tmp_path / "out"
+    argv = ["train", "--model", str(model), "--data", str(data), "--output", str(out),
+            "--batch-size", "3", "--epochs", "2", "--lr", "1e-2", "--save-every", "1"]
+    main(argv)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [
+        f"checkpoint-{n}" for n in range(1, 5)]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    policy = transformers.AutoModelForCausalLM.from_pretrained(out).state_dict()
+    capsys.readouterr()
+    main([*argv, "--resume-from", str(out / "checkpoint-1")])
+    trained = capsys.readouterr().out.splitlines()  # the lines of the batches it trained on
+    assert [json.loads(line)["batch"] for line in trained] == [2, 3, 4]
+    again = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(again) == len(lines) == 4
+    for a, b in zip(lines, again, strict=True):
+        assert json.loads(b) == pytest.approx(json.loads(a), rel=1e-6)
+    resumed = transformers.AutoModelForCausalLM.from_pretrained(out).state_dict()
+    for name, value in policy.items():
+        torch.testing.assert_close(resumed[name], value, rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_pairs_are_tokenized_as_trl_does():
     tok = word_tokenizer()
     rows = [
@@ -206,6 +233,9 @@ def test_train_command_names_what_is_wrong(model_dir, tmp_path, capsys):
         (["--data", str(data), "--eval-data", str(tmp_path / "no.jsonl")],
          "--eval-data " + str(tmp_path / "no.jsonl") + ": no such file"),
         (["--data", str(data), "--eval-every", "2"], "--eval-every needs --eval-data"),
+        (["--data", str(data), "--save-every", "0"], "--save-every must be >= 1"),
+        (["--data", str(data), "--resume-from", str(tmp_path)],
+         f"--resume-from {tmp_path}: not a checkpoint (no trainer_state.json)"),
         (["--data", str(data), "--loss", "orpo", "--precompute-ref-logps"],
          "--loss orpo takes no reference model: nothing to precompute"),
         (["--data", str(tmp_path / "none.jsonl")], "none.jsonl: no such file"),

@@ -437,6 +437,50 @@ def test_trainer_fit_lowers_the_loss_and_validates_its_arguments():
                           online=OnlineSampling())
     with pytest.raises(ValueError, match="max_grad_norm"):
         PreferenceTrainer(model, torch.optim.SGD(policy.parameters(), lr=1.0), max_grad_norm=0)
+    with pytest.raises(ValueError, match="save_every must be >= 1"):
+        trainer.fit(loader, save_every=0, on_save=str)
+    with pytest.raises(ValueError, match="save_every needs on_save"):
+        trainer.fit(loader, save_every=2)
+    with pytest.raises(FileNotFoundError, match=r"not a checkpoint .* \(no trainer_state.json\)"):
+        trainer.load_checkpoint(os.devnull)
+
+
+def _resumable_run(checkpoint=None, save_dir=None):
+    """Three epochs of DPO on 7 pairs (4 batches an epoch, the last of one pair; windows of 2
+    batches), shuffled by the epoch, AdamW and a linear schedule; from ``checkpoint`` if given,
+    saving at every optimizer step into ``save_dir`` if given. Returns (the trainer, its
+    numbers)."""
+    reset_accelerate()
+    policy, reference = models(tied=True)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    config = accelerate.utils.DataLoaderConfiguration(use_seedable_sampler=True, data_seed=3)
+    trainer = PreferenceTrainer(
+        PreferenceModel(policy, FusedLinearDPOLoss(beta=BETA), reference), optimizer,
+        lr_scheduler=torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.1, total_iters=6),
+        accelerator=accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2,
+                                           dataloader_config=config))
+    if checkpoint is not None:
+        trainer.load_checkpoint(checkpoint)
+    loader = torch.utils.data.DataLoader(examples(7), batch_size=2, shuffle=True,
+                                         collate_fn=_collate)
+    saving = {} if save_dir is None else {"save_every": 1, "on_save": lambda n: save_dir / str(n)}
+    return trainer, trainer.fit(loader, epochs=3, **saving)
+
+
+@pytest.mark.parametrize(("step", "batches"), [(3, 6), (4, 8)])  # mid-epoch, an epoch's end
+def test_a_run_resumed_from_a_checkpoint_ends_as_the_uninterrupted_run(tmp_path, step, batches):
+    whole, numbers = _resumable_run(save_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [str(n) for n in range(1, 7)]
+    resumed, rest = _resumable_run(checkpoint=tmp_path / str(step))
+    assert resumed.batches == whole.batches == 12 and resumed.optimizer_steps == 6
+    assert len(rest) == 12 - batches
+    for a, b in zip(numbers[batches:], rest, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-12, abs=1e-15), k
+    for (name, p), q in zip(whole.model.named_parameters(), resumed.model.parameters(),
+                            strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
 
 
 def test_trainer_hypo_step_samples_online_completions():
