@@ -61,11 +61,24 @@ def _is_messages(value: Any) -> bool:
         isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in value)
 
 
+def extract_prompt(chosen: str | list, rejected: str | list) -> dict[str, str | list]:
+    """TRL's ``extract_prompt``, for pairs with an implicit prompt: the longest common prefix
+    of ``chosen`` and ``rejected`` (characters, or messages) is the prompt, less a space it ends
+    with (which stays with the completions); the rest of each is its completion."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if isinstance(chosen, str) and n and chosen[n - 1] == " ":
+        n -= 1
+    return {"prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
+
+
 def read_pairs(path: Path) -> list[dict[str, Any]]:
     """The preference pairs of a JSON-lines file (blank lines skipped), in TRL's standard
     format (``prompt``, ``chosen``, ``rejected``: strings) or its conversational one (each a
     list of messages ``{"role": ..., "content": ...}``, with optional ``tools`` and
-    ``chat_template_kwargs``); a bad line raises ``ValueError`` naming the file and the line."""
+    ``chat_template_kwargs``); without ``prompt``, the prompt is implicit
+    (:func:`extract_prompt`). A bad line raises ``ValueError`` naming the file and the line."""
     rows = []
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -75,11 +88,15 @@ def read_pairs(path: Path) -> list[dict[str, Any]]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
+            if isinstance(row, dict) and "prompt" not in row and all(
+                    isinstance(row.get(k), str | list) for k in ("chosen", "rejected")):
+                row.update(extract_prompt(row["chosen"], row["rejected"]))
             values = [row.get(k) for k in FIELDS] if isinstance(row, dict) else [None]
             if not (all(isinstance(v, str) for v in values)
                     or all(_is_messages(v) for v in values)):
                 raise ValueError(f"{path}:{number}: expected an object whose {', '.join(FIELDS)} "
-                                 'are all strings or all lists of {"role", "content"} messages')
+                                 'are all strings or all lists of {"role", "content"} messages '
+                                 "(or no prompt, shared by chosen and rejected: some message)")
             if not isinstance(row.get("chat_template_kwargs", {}), dict):
                 raise ValueError(f"{path}:{number}: chat_template_kwargs must be an object")
             rows.append({k: row[k] for k in (*FIELDS, *CHAT_EXTRAS) if k in row})

@@ -12,7 +12,7 @@ import torch
 from hf_helpers import tiny_llama, transformers
 
 from hypo_fast.cli import main
-from hypo_fast.train_job import tokenize_pairs
+from hypo_fast.train_job import extract_prompt, read_pairs, tokenize_pairs
 
 pytest.importorskip("accelerate")
 
@@ -158,6 +158,26 @@ def test_train_command_resumes_from_a_checkpoint_as_if_never_stopped(model_dir, 
     resumed = transformers.AutoModelForCausalLM.from_pretrained(out).state_dict()
     for name, value in policy.items():
         torch.testing.assert_close(resumed[name], value, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_implicit_prompts_are_extracted_as_trl_does(tmp_path):
+    user = {"role": "user", "content": "w1 w2"}
+    blue, green = ({"role": "assistant", "content": w} for w in ("w3", "w4"))
+    rows = [{"chosen": "w1 w2 yes w5", "rejected": "w1 w2 no"},
+            {"chosen": [user, blue], "rejected": [user, green], "chat_template_kwargs": {}}]
+    path = tmp_path / "implicit.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert read_pairs(path) == [  # the space before the completions stays with them
+        {"prompt": "w1 w2", "chosen": " yes w5", "rejected": " no"},
+        {"prompt": [user], "chosen": [blue], "rejected": [green], "chat_template_kwargs": {}},
+    ]
+    assert extract_prompt("w1 w2", "w1 w2 w4") == {"prompt": "w1 w2", "chosen": "",
+                                                   "rejected": " w4"}
+    # characters, as TRL's: "w1 w3" and "w1 w4" share "w1 w"
+    assert extract_prompt("w1", "w2") == {"prompt": "w", "chosen": "1", "rejected": "2"}
+    path.write_text(json.dumps({"chosen": [blue], "rejected": [green]}) + "\n")
+    with pytest.raises(ValueError, match=r"implicit\.jsonl:1: expected an object"):
+        read_pairs(path)  # no message in common: no prompt
 
 
 def test_pairs_are_tokenized_as_trl_does():
