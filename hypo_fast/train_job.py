@@ -204,6 +204,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume-from", type=Path, default=None,
                    help="a checkpoint directory to resume from (same arguments otherwise): the "
                         "interrupted epoch goes on with the batches not yet trained on")
+    p.add_argument("--lora-r", type=int, default=0,
+                   help="train LoRA adapters of this rank (peft) instead of every weight; the "
+                        "reference is then the base model, adapters off, unless --ref-model "
+                        "is given; --output gets the adapters (0: full fine-tuning)")
+    p.add_argument("--lora-alpha", type=float, default=None,
+                   help="LoRA's alpha (default: --lora-r, a scale of 1)")
+    p.add_argument("--lora-target-modules", nargs="+", default=["all-linear"],
+                   help="the modules LoRA adapts (peft's names; default: every linear layer "
+                        "but the output layer)")
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--lr-scheduler", choices=("linear", "constant"), default="linear",
                    help="after --warmup-steps: linear decay to 0 over the run (TRL's default) "
@@ -256,6 +265,15 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error(f"--loss {args.loss} takes no reference model: nothing to precompute")
     if args.eval_every is not None and (args.eval_data is None or args.eval_every < 1):
         parser.error("--eval-every needs --eval-data and must be >= 1")
+    if args.lora_r < 0:
+        parser.error("--lora-r must be >= 0 (0: full fine-tuning)")
+    if args.lora_r == 0 and args.lora_alpha is not None:
+        parser.error("--lora-alpha needs --lora-r")
+    if args.lora_r:
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            parser.error("--lora-r needs peft: pip install 'hypo-fast[lora]'")
     if args.save_every is not None and args.save_every < 1:
         parser.error("--save-every must be >= 1")
     for flag, path in (("--data", args.data), ("--eval-data", args.eval_data)):
@@ -306,8 +324,10 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
                              packed=args.packed)
 
     dtype = DTYPES[args.dtype]
+    # LoRA without --ref-model: the reference is the policy's base model, adapters off
+    separate = args.loss not in REFERENCE_FREE and (not args.lora_r or args.ref_model is not None)
     reference = None
-    if args.loss not in REFERENCE_FREE:
+    if separate or args.precompute_ref_logps:
         reference = AutoModelForCausalLM.from_pretrained(args.ref_model or args.model,
                                                          dtype=dtype)
     if args.precompute_ref_logps:
@@ -316,7 +336,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
                                                   collate=collate, batch_size=args.batch_size,
                                                   accelerator=accelerator)
                  for flag, examples in pairs.items()}
-        if args.loss != "hypo":  # the batches carry its log-probs: free it before the policy
+        if args.loss != "hypo" or not separate:  # free it before the policy loads
             reference = None
             gc.collect()
             if torch.cuda.is_available():
@@ -327,6 +347,14 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
         if flag in pairs else None for flag in ("--data", "--eval-data"))
 
     policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    if args.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        target = args.lora_target_modules
+        policy = get_peft_model(policy, LoraConfig(
+            r=args.lora_r, lora_alpha=args.lora_alpha or args.lora_r, lora_dropout=0.0,
+            target_modules=target[0] if target == ["all-linear"] else target,
+            task_type="CAUSAL_LM"))
     model = PreferenceModel(policy, loss_fn, reference)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=args.lr)

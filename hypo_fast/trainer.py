@@ -224,7 +224,17 @@ def _check_causal_lm(name: str, model: nn.Module | None) -> None:
         if getattr(text, attr, None) not in (None, 1, 1.0):
             raise ValueError(f"{name} has {attr}={getattr(text, attr)}: the losses take the "
                              f"plain logits h·Wᵀ + b, which it changes")
+    head = model.get_output_embeddings()
+    if hasattr(head, "base_layer") or hasattr(head, "modules_to_save"):
+        raise ValueError(f"{name}'s output embedding is wrapped by PEFT ({type(head).__name__}): "
+                         "the losses read its weight as the logits' W; leave the lm_head out of "
+                         "the adapters (target_modules, modules_to_save)")
     _probe_logits(name, model)
+
+
+def _has_adapters(model: nn.Module) -> bool:
+    """Whether ``model`` is a PEFT model (whose adapters can be switched off)."""
+    return callable(getattr(model, "disable_adapter", None))
 
 
 @torch.no_grad()
@@ -315,6 +325,9 @@ class PreferenceModel(nn.Module):
     logits are ``h·Wᵀ + b``: a config with a logit softcap, scale or multiplier (Gemma-2,
     Cohere, Granite, Falcon-H1, ...) is refused, and a forward of four tokens checks the rest
     (the logits against the head on the decoder's output, and causality).
+    A PEFT policy (LoRA, ...) with no ``reference`` has its own base model as the reference:
+    the reference passes run the policy with its adapters disabled (TRL's way; no second copy
+    of the model). Its lm_head must not be adapted (the losses read its weight).
     Returns the loss and the loss's metrics (a dict of detached tensors).
     """
 
@@ -328,6 +341,7 @@ class PreferenceModel(nn.Module):
         self._no_split_modules = getattr(policy, "_no_split_modules", None)
         self.loss_fn = loss_fn
         self.reference = reference
+        self.adapter_reference = reference is None and _has_adapters(policy)
         if reference is not None:
             reference.requires_grad_(False).eval()
         if disable_dropout:
@@ -342,14 +356,21 @@ class PreferenceModel(nn.Module):
             self.reference.eval()
         return self
 
+    def _reference_model(self) -> nn.Module | None:
+        return self.reference if self.reference is not None else (
+            self.policy if self.adapter_reference else None)
+
     def _reference_hidden(self, input_ids: Tensor, attention_mask: Tensor | None,
                           position_ids: Tensor | None = None) -> Tensor:
-        if self.reference is None:
+        model = self._reference_model()
+        if model is None:
             raise ValueError("this loss needs the reference model's hidden states: pass "
                              "reference= to PreferenceModel (or ref_chosen_logps/"
                              "ref_rejected_logps in the batch for the offline pairs)")
-        with torch.no_grad():
-            return _hidden(self.reference, input_ids, attention_mask, position_ids)
+        adapters_off = self.policy.disable_adapter() if model is self.policy else (
+            contextlib.nullcontext())
+        with torch.no_grad(), adapters_off:
+            return _hidden(model, input_ids, attention_mask, position_ids)
 
     def forward(self, input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, **batch: Tensor
@@ -377,13 +398,14 @@ class PreferenceModel(nn.Module):
         weight, bias = _head(self.policy)
         wants_ref = getattr(self.loss_fn, "use_ref_model", True)
         ref: dict[str, Tensor | None] = {}
-        if (wants_ref or has_online) and self.reference is not None:
-            ref["ref_weight"], ref["ref_bias"] = _head(self.reference)
+        reference = self._reference_model()
+        if (wants_ref or has_online) and reference is not None:
+            ref["ref_weight"], ref["ref_bias"] = _head(reference)
         if wants_ref and "ref_chosen_logps" not in batch and "ref_rejected_logps" not in batch:
             ref["ref_input"] = self._reference_hidden(input_ids, attention_mask, position_ids)
         if has_online:
             batch["online_input"] = _hidden(self.policy, online["input_ids"],
-                                                 online["attention_mask"])
+                                            online["attention_mask"])
             batch["online_target"] = online["labels"][:, 1:]
             batch["online_ref_input"] = self._reference_hidden(online["input_ids"],
                                                                online["attention_mask"])

@@ -180,6 +180,37 @@ def test_implicit_prompts_are_extracted_as_trl_does(tmp_path):
         read_pairs(path)  # no message in common: no prompt
 
 
+def test_train_command_trains_lora_adapters_against_the_base_model(model_dir, tmp_path):
+    """--lora-r: the policy starts as its base (zero-initialised adapters: the first loss is
+    log 2), learns, and is saved as adapters; precomputing the base's log-probs changes no
+    number."""
+    peft = pytest.importorskip("peft")
+    model, data = model_dir
+    runs = {}
+    for precompute in (False, True):
+        out = tmp_path / f"lora{precompute}"
+        main(["train", "--model", str(model), "--data", str(data), "--output", str(out),
+              "--lora-r", "16", "--lora-alpha", "32", "--lr", "1e-2", "--epochs", "6",
+              "--batch-size", "3", *(["--precompute-ref-logps"] * precompute)])
+        runs[precompute] = [json.loads(line) for line in
+                            (out / "metrics.jsonl").read_text().splitlines()]
+    steps = runs[False]
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.05
+    for plain, pre in zip(steps, runs[True], strict=True):
+        assert pre == pytest.approx(plain, rel=1e-5, abs=1e-6)
+    out = tmp_path / "loraFalse"
+    assert (out / "adapter_config.json").is_file()
+    assert not (out / "model.safetensors").exists()  # the adapters only
+    tuned = peft.AutoPeftModelForCausalLM.from_pretrained(out)
+    assert sorted({n.split(".")[-4] for n, _ in tuned.named_parameters() if "lora_" in n}) == [
+        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    base = transformers.AutoModelForCausalLM.from_pretrained(model)
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        assert not torch.allclose(tuned(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
 def test_pairs_are_tokenized_as_trl_does():
     tok = word_tokenizer()
     rows = [
@@ -225,17 +256,21 @@ def test_train_command_under_bf16_autocast_packed(model_dir, tmp_path):
     assert steps[-1]["loss"] < steps[0]["loss"]
 
 
-@pytest.mark.parametrize("loss", ["hypo", "simpo"])
+@pytest.mark.parametrize(("loss", "lora"), [("hypo", False), ("simpo", False), ("hypo", True)])
 def test_train_command_runs_hypo_with_online_samples_and_reference_free_losses(
-        model_dir, tmp_path, loss):
+        model_dir, tmp_path, loss, lora):
     model, data = model_dir
     out = tmp_path / loss
     hypo = ["--online-samples", "2", "--max-new-tokens", "3"] if loss == "hypo" else []
     main(["train", "--model", str(model), "--data", str(data), "--output", str(out),
-          "--loss", loss, "--batch-size", "6", "--lr", "1e-3", *hypo])
+          "--loss", loss, "--batch-size", "6", "--lr", "1e-3", *hypo,
+          *(["--lora-r", "2"] * lora)])
     (step,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert math.isfinite(step["loss"])
     assert ("kl_term" in step) == (loss == "hypo")
+    if lora:  # zero-initialised adapters: the policy is its reference, the base model
+        assert step["online_kl"] == pytest.approx(0, abs=1e-6)
+        assert step["dpo_loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
 def test_train_command_names_what_is_wrong(model_dir, tmp_path, capsys):
@@ -254,6 +289,7 @@ def test_train_command_names_what_is_wrong(model_dir, tmp_path, capsys):
          "--eval-data " + str(tmp_path / "no.jsonl") + ": no such file"),
         (["--data", str(data), "--eval-every", "2"], "--eval-every needs --eval-data"),
         (["--data", str(data), "--save-every", "0"], "--save-every must be >= 1"),
+        (["--data", str(data), "--lora-alpha", "8"], "--lora-alpha needs --lora-r"),
         (["--data", str(data), "--resume-from", str(tmp_path)],
          f"--resume-from {tmp_path}: not a checkpoint (no trainer_state.json)"),
         (["--data", str(data), "--loss", "orpo", "--precompute-ref-logps"],

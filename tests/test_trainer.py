@@ -224,6 +224,44 @@ def test_preference_model_reference_free_loss_and_errors():
         PreferenceModel(capped, FusedLinearDPOLoss())
 
 
+@pytest.mark.parametrize("loss_fn", [FusedLinearDPOLoss(beta=BETA), HyPOLoss(beta=BETA)],
+                         ids=["dpo", "hypo"])
+def test_a_peft_policy_without_reference_is_scored_against_its_base_model(loss_fn):
+    """LoRA adapters (non-zero) on a policy with no reference: the reference passes run the
+    base model (adapters off), as a separate copy of the base would score them, and the
+    adapters are back on for the policy's passes."""
+    peft = pytest.importorskip("peft")
+    base, _ = models()
+    reference = copy.deepcopy(base)
+    torch.manual_seed(0)
+    policy = peft.get_peft_model(base, peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+        init_lora_weights=False))
+    batch = collate_pairs(examples(3), pad_token_id=PAD)
+    if isinstance(loss_fn, HyPOLoss):
+        batch.update(sample_online(policy, batch["prompt_input_ids"],
+                                   batch["prompt_attention_mask"], num_samples=2,
+                                   max_new_tokens=3, eos_token_id=EOS, pad_token_id=PAD))
+    own = PreferenceModel(policy, loss_fn)
+    assert own.adapter_reference and not PreferenceModel(policy, loss_fn,
+                                                         reference).adapter_reference
+    lora = [p for p in policy.parameters() if p.requires_grad]
+    results = []
+    for model in (own, PreferenceModel(policy, loss_fn, reference)):
+        loss, metrics = model(**batch)
+        results.append((loss, metrics, torch.autograd.grad(loss, lora)))
+    (loss, metrics, grads), (want, want_metrics, want_grads) = results
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
+    for k, v in want_metrics.items():
+        torch.testing.assert_close(metrics[k], v, rtol=1e-12, atol=1e-12, msg=k)
+    for g, w in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    assert metrics["margins"].abs().min() > 1e-3  # the adapters change the policy's log-probs
+    with pytest.raises(ValueError, match="output embedding is wrapped by PEFT"):
+        PreferenceModel(peft.get_peft_model(models()[0], peft.LoraConfig(
+            r=2, target_modules=["lm_head", "q_proj"])), loss_fn)
+
+
 def test_reference_stays_frozen_in_eval_mode_and_dropout_is_off():
     config = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
