@@ -229,6 +229,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--packed", action="store_true",
                    help="pack each batch's sequences into one row (no padding; attention kept "
                         "within each sequence by transformers, from the positions)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each decoder layer's activations in the backward instead of "
+                        "keeping them (less memory, about one more forward of time)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="dtype of the weights (and of AdamW's state): bfloat16 halves memory "
                         "but rounds away updates below its resolution (~0.4%% of a weight; "
@@ -347,6 +350,9 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
         if flag in pairs else None for flag in ("--data", "--eval-data"))
 
     policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    if args.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.lora_r:
         from peft import LoraConfig, get_peft_model
 

@@ -211,6 +211,21 @@ def test_train_command_trains_lora_adapters_against_the_base_model(model_dir, tm
         assert not torch.allclose(tuned(input_ids=ids).logits, base(input_ids=ids).logits)
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_changes_no_number(model_dir, tmp_path, lora):
+    model, data = model_dir
+    runs = []
+    for checkpointing in (False, True):
+        out = tmp_path / f"gc{checkpointing}"
+        main(["train", "--model", str(model), "--data", str(data), "--output", str(out),
+              "--batch-size", "3", "--epochs", "2", "--lr", "1e-2", *(["--lora-r", "4"] * lora),
+              *(["--gradient-checkpointing"] * checkpointing)])
+        runs.append([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()])
+    assert runs[0][-1]["loss"] != runs[0][0]["loss"]
+    for plain, recomputed in zip(*runs, strict=True):
+        assert recomputed == pytest.approx(plain, rel=1e-5, abs=1e-6)
+
+
 def test_pairs_are_tokenized_as_trl_does():
     tok = word_tokenizer()
     rows = [

@@ -262,6 +262,31 @@ def test_a_peft_policy_without_reference_is_scored_against_its_base_model(loss_f
             r=2, target_modules=["lm_head", "q_proj"])), loss_fn)
 
 
+def test_gradient_checkpointing_recomputes_the_layers_and_changes_no_gradient():
+    policy, reference = models()
+    batch = collate_pairs(examples(3), pad_token_id=PAD)
+    calls = []
+    for layer in policy.model.layers:  # hooks do not run in the recomputation: count forwards
+        def counted(*args, forward=layer.mlp.forward, **kwargs):
+            calls.append(1)
+            return forward(*args, **kwargs)
+
+        layer.mlp.forward = counted
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            policy.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = PreferenceModel(policy, FusedLinearDPOLoss(beta=BETA), reference).train()
+        calls.clear()  # not the probe's forwards
+        loss, _ = model(**batch)
+        grads.append(torch.autograd.grad(loss, list(policy.parameters())))
+        # each layer once in the forward, and once more in the backward when checkpointed
+        assert len(calls) == len(policy.model.layers) * (1 + checkpointing)
+    for plain, recomputed in zip(*grads, strict=True):
+        torch.testing.assert_close(recomputed, plain, rtol=1e-12, atol=1e-14)
+
+
 def test_reference_stays_frozen_in_eval_mode_and_dropout_is_off():
     config = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
