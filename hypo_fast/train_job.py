@@ -1,14 +1,14 @@
 """The ``hypo-fast train`` job: preference pairs in a JSON-lines file + a Hugging Face causal LM
 directory -> the trained policy, through :class:`hypo_fast.trainer.PreferenceTrainer`.
 
-Each line of ``--data`` (and ``--eval-data``) is one pair in TRL's standard preference format,
-``{"prompt": str, "chosen": str, "rejected": str}``, or its conversational one (each a list of
-``{"role", "content"}`` messages, rendered by the tokenizer's chat template), tokenized as TRL
-does (:func:`tokenize_pair`). The model and its tokenizer load from ``--model`` (the reference
-from ``--ref-model``, default the same; with ``--precompute-ref-logps`` it scores the pairs
-once and is freed); the policy, its tokenizer and ``metrics.jsonl`` (one line per batch and
-per evaluation) are written to ``--output``. On several GPUs:
-``accelerate launch [--num_processes N ...] -m hypo_fast.cli train ...``.
+``--data`` (and ``--eval-data``) hold one pair per line, read and tokenized as TRL does
+(:mod:`hypo_fast.preference_data`: text or conversations, explicit or implicit prompts). The
+model and its tokenizer load from ``--model`` (the reference from ``--ref-model``, default the
+same, or the base of ``--lora-r``'s adapters; with ``--precompute-ref-logps`` it scores the
+pairs once and is freed); the policy (or its adapters), its tokenizer, ``metrics.jsonl`` (one
+line per batch and per evaluation) and ``--save-every``'s checkpoints are written to
+``--output``. On several GPUs: ``accelerate launch [--num_processes N ...] -m hypo_fast.cli
+train ...``.
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ from .losses import (
     FusedLinearDPOLoss,
     FusedLinearORPOLoss,
     FusedLinearSimPOLoss,
+    HPOLoss,
     HyPOLoss,
 )
+from .preference_data import AUX_REWARDS, read_pairs, tokenize_pairs
 from .trainer import (
     TRAINER_STATE,
     OnlineSampling,
@@ -42,13 +44,15 @@ from .trainer import (
     precompute_reference_logps,
 )
 
-LOSSES = ("dpo", "simpo", "cpo", "orpo", "hypo")
+LOSSES = ("dpo", "simpo", "cpo", "orpo", "hypo", "hpo")
 REFERENCE_FREE = ("simpo", "cpo", "orpo")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# HyPO's options, None on the command line unless given: given with another loss they are an error
-HYPO_DEFAULTS = {"kl_coef": 0.1, "estimator": "rloo", "online_samples": 2, "max_new_tokens": 64}
-FIELDS = ("prompt", "chosen", "rejected")
-CHAT_EXTRAS = ("tools", "chat_template_kwargs")  # per-row options of the chat template
+# Options of one loss, None on the command line unless given: given with another loss they are
+# an error
+LOSS_DEFAULTS = {
+    "hypo": {"kl_coef": 0.1, "estimator": "rloo", "online_samples": 2, "max_new_tokens": 64},
+    "hpo": {"aux_coef": 1.0, "aux_tau": 1.0, "aux_w_max": 20.0},
+}
 DESCRIPTION = ("Preference-train a Hugging Face causal LM on the pairs of a JSON-lines file "
                '({"prompt", "chosen", "rejected"} per line: strings, or lists of messages for '
                "the chat template) with a fused loss; the policy, its tokenizer and "
@@ -56,118 +60,19 @@ DESCRIPTION = ("Preference-train a Hugging Face causal LM on the pairs of a JSON
                "-m hypo_fast.cli train ...")
 
 
-def _is_messages(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in value)
-
-
-def extract_prompt(chosen: str | list, rejected: str | list) -> dict[str, str | list]:
-    """TRL's ``extract_prompt``, for pairs with an implicit prompt: the longest common prefix
-    of ``chosen`` and ``rejected`` (characters, or messages) is the prompt, less a space it ends
-    with (which stays with the completions); the rest of each is its completion."""
-    n = 0
-    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-        n += 1
-    if isinstance(chosen, str) and n and chosen[n - 1] == " ":
-        n -= 1
-    return {"prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
-
-
-def read_pairs(path: Path) -> list[dict[str, Any]]:
-    """The preference pairs of a JSON-lines file (blank lines skipped), in TRL's standard
-    format (``prompt``, ``chosen``, ``rejected``: strings) or its conversational one (each a
-    list of messages ``{"role": ..., "content": ...}``, with optional ``tools`` and
-    ``chat_template_kwargs``); without ``prompt``, the prompt is implicit
-    (:func:`extract_prompt`). A bad line raises ``ValueError`` naming the file and the line."""
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
-            if isinstance(row, dict) and "prompt" not in row and all(
-                    isinstance(row.get(k), str | list) for k in ("chosen", "rejected")):
-                row.update(extract_prompt(row["chosen"], row["rejected"]))
-            values = [row.get(k) for k in FIELDS] if isinstance(row, dict) else [None]
-            if not (all(isinstance(v, str) for v in values)
-                    or all(_is_messages(v) for v in values)):
-                raise ValueError(f"{path}:{number}: expected an object whose {', '.join(FIELDS)} "
-                                 'are all strings or all lists of {"role", "content"} messages '
-                                 "(or no prompt, shared by chosen and rejected: some message)")
-            if not isinstance(row.get("chat_template_kwargs", {}), dict):
-                raise ValueError(f"{path}:{number}: chat_template_kwargs must be an object")
-            rows.append({k: row[k] for k in (*FIELDS, *CHAT_EXTRAS) if k in row})
-    if not rows:
-        raise ValueError(f"{path}: no preference pairs")
-    return rows
-
-
-def tokenize_pair(tokenizer: Any, row: dict[str, Any]) -> dict[str, list[int]] | None:
-    """TRL's tokenization of one pair. Standard (strings): the EOS text appended to each
-    completion that does not end with it; the prompt, and the prompt + each completion,
-    tokenized whole with the tokenizer's own special tokens. Conversational (messages): the
-    tokenizer's chat template on the prompt with the generation prompt, and on the prompt's and
-    each completion's messages (with the row's ``tools`` and ``chat_template_kwargs``). Each
-    completion's ids are those after the prompt's length. ``None`` when the prompt's ids are not
-    a prefix of both (a tokenizer or template that merges across the boundary, or adds tokens
-    to the prompt alone): such a pair is dropped."""
-    if isinstance(row["prompt"], list):
-        tools = row.get("tools")
-        options = {"tools": json.loads(tools) if isinstance(tools, str) else tools,
-                   **row.get("chat_template_kwargs", {})}
-
-        def ids(messages: list[dict[str, Any]], **more: Any) -> list[int]:
-            return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                                      **options, **more)["input_ids"])
-
-        prompt = ids(row["prompt"], add_generation_prompt=True)
-        wholes = [ids(row["prompt"] + row[k]) for k in ("chosen", "rejected")]
-    else:
-        eos = tokenizer.eos_token
-        prompt = tokenizer(row["prompt"])["input_ids"]
-        wholes = [tokenizer(row["prompt"] + (row[k] if eos is None or row[k].endswith(eos)
-                                             else row[k] + eos))["input_ids"]
-                  for k in ("chosen", "rejected")]
-    if any(whole[: len(prompt)] != prompt for whole in wholes):
-        return None
-    return {"prompt_ids": prompt, "chosen_ids": wholes[0][len(prompt):],
-            "rejected_ids": wholes[1][len(prompt):]}
-
-
-def tokenize_pairs(tokenizer: Any, rows: list[dict[str, Any]], max_length: int
-                   ) -> tuple[list[dict[str, list[int]]], dict[str, int]]:
-    """:func:`tokenize_pair` over ``rows``, without the pairs it drops and those whose prompt
-    alone fills ``max_length`` (no completion token would be left, as TRL drops them); returns
-    the pairs and how many were dropped, by reason."""
-    if getattr(tokenizer, "chat_template", None) is None and any(
-            isinstance(row["prompt"], list) for row in rows):
-        raise ValueError("the pairs are conversational (lists of messages) but the tokenizer "
-                         "has no chat template")
-    pairs, dropped = [], {"prompt not a token prefix": 0, "prompt fills --max-length": 0}
-    for row in rows:
-        pair = tokenize_pair(tokenizer, row)
-        if pair is None:
-            dropped["prompt not a token prefix"] += 1
-        elif len(pair["prompt_ids"]) >= max_length:
-            dropped["prompt fills --max-length"] += 1
-        else:
-            pairs.append(pair)
-    return pairs, dropped
-
-
 def build_loss(args: argparse.Namespace) -> torch.nn.Module:
-    """The loss module ``--loss`` names, with the command's hyperparameters (HyPO's defaults
-    filled in by the argument check)."""
+    """The loss module ``--loss`` names, with the command's hyperparameters (HyPO's and HPO's
+    defaults filled in by the argument check)."""
     common: dict[str, Any] = {"beta": args.beta} if args.beta is not None else {}
-    if args.loss in ("dpo", "hypo"):
+    if args.loss in ("dpo", "hypo", "hpo"):
         common["loss_type"] = args.loss_type
     if args.loss == "dpo":
         return FusedLinearDPOLoss(**common)
     if args.loss == "hypo":
         return HyPOLoss(**common, kl_coef=args.kl_coef, estimator=args.estimator)
+    if args.loss == "hpo":
+        return HPOLoss(**common, aux_coef=args.aux_coef, aux_tau=args.aux_tau,
+                       aux_w_max=args.aux_w_max)
     return {"simpo": FusedLinearSimPOLoss, "cpo": FusedLinearCPOLoss,
             "orpo": FusedLinearORPOLoss}[args.loss](**common)
 
@@ -188,6 +93,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="HyPO's KL estimator (default rloo)")
     p.add_argument("--online-samples", type=int, default=None,
                    help="HyPO: samples per prompt (default 2)")
+    p.add_argument("--aux-coef", type=float, default=None,
+                   help="HPO: weight of the auxiliary-reward term (default 1); the rewards are "
+                        "each line's chosen_aux_reward (and rejected_aux_reward)")
+    p.add_argument("--aux-tau", type=float, default=None, help="HPO: temperature (default 1)")
+    p.add_argument("--aux-w-max", type=float, default=None,
+                   help="HPO: largest advantage weight (default 20)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="HyPO: sample length (default 64)")
     p.add_argument("--precompute-ref-logps", action="store_true",
@@ -243,15 +154,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    hypo_given = [k for k in HYPO_DEFAULTS if getattr(args, k) is not None]
-    if args.loss != "hypo" and hypo_given:
-        parser.error(f"--{hypo_given[0].replace('_', '-')} is a HyPO option, but --loss is "
-                     f"{args.loss}")
+    for loss, defaults in LOSS_DEFAULTS.items():
+        given = [k for k in defaults if getattr(args, k) is not None]
+        if args.loss != loss and given:
+            parser.error(f"--{given[0].replace('_', '-')} is an option of --loss {loss}, but "
+                         f"--loss is {args.loss}")
     if args.loss in REFERENCE_FREE and args.ref_model is not None:
         parser.error(f"--loss {args.loss} takes no reference model, but --ref-model is given")
-    for key, value in HYPO_DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    for defaults in LOSS_DEFAULTS.values():
+        for key, value in defaults.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
     for name in ("online_samples", "max_new_tokens", "batch_size", "epochs", "grad_accum",
                  "max_length"):
         if getattr(args, name) < 1:
@@ -300,6 +213,14 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
         loss_fn = build_loss(args)
     except ValueError as e:
         parser.error(str(e))
+    for flag, flag_rows in rows.items():
+        if args.loss != "hpo":  # other losses take no auxiliary rewards
+            rows[flag] = [{k: v for k, v in r.items() if k not in AUX_REWARDS}
+                          for r in flag_rows]
+        elif not all(AUX_REWARDS[0] in r for r in flag_rows) or len(
+                {AUX_REWARDS[1] in r for r in flag_rows}) > 1:
+            parser.error(f"{flag}: --loss hpo needs {AUX_REWARDS[0]} on every line (and "
+                         f"{AUX_REWARDS[1]} on every line or on none)")
     # the order of an epoch's batches a function of the seed and the epoch: a resumed epoch
     # skips the very batches it trained on
     accelerator = Accelerator(

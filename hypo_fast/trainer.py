@@ -51,6 +51,8 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
 TRAINER_STATE = "trainer_state.json"
 # Per-example numbers :func:`collate_pairs` stacks into ``[B]`` tensors.
 _EXAMPLE_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+# Per-example auxiliary rewards (HPO), stacked into ``aux_rewards``.
+_AUX_KEYS = ("chosen_aux_reward", "rejected_aux_reward")
 
 
 def _ids(name: str, value: Any) -> list[int]:
@@ -82,7 +84,9 @@ def collate_pairs(
     padding instead: ``input_ids``, ``position_ids`` (from 0 in each sequence) and ``labels``,
     all ``[1, N]``, which Hugging Face models attend to sequence by sequence. Also
     ``prompt_input_ids``/``prompt_attention_mask [B, Lp]`` (the prompts, left-padded for
-    generation) and each optional scalar as a ``[B]`` float tensor.
+    generation) and each optional scalar as a ``[B]`` float tensor; ``chosen_aux_reward``
+    (and ``rejected_aux_reward``), HPO's auxiliary rewards, become ``aux_rewards``: ``[2B]``,
+    chosen first (``[B]`` with the chosen ones only).
     """
     if not examples:
         raise ValueError("collate_pairs needs at least one example")
@@ -121,12 +125,16 @@ def collate_pairs(
             prompt_ids[i, -len(p):] = torch.tensor(p, dtype=torch.long)
             prompt_mask[i, -len(p):] = 1
     batch.update(prompt_input_ids=prompt_ids, prompt_attention_mask=prompt_mask)
-    for key in _EXAMPLE_KEYS:
+    for key in (*_EXAMPLE_KEYS, *_AUX_KEYS):
         present = [key in ex for ex in examples]
         if any(present) and not all(present):
             raise ValueError(f"{key} must be given for every example or for none")
         if all(present):
             batch[key] = torch.tensor([float(ex[key]) for ex in examples])
+    if _AUX_KEYS[1] in batch and _AUX_KEYS[0] not in batch:
+        raise ValueError(f"{_AUX_KEYS[1]} is given without {_AUX_KEYS[0]}")
+    if _AUX_KEYS[0] in batch:  # HPO's aux_rewards: [2B] chosen first, or [B]
+        batch["aux_rewards"] = torch.cat([batch.pop(k) for k in _AUX_KEYS if k in batch])
     return batch
 
 

@@ -12,7 +12,7 @@ import torch
 from hf_helpers import tiny_llama, transformers
 
 from hypo_fast.cli import main
-from hypo_fast.train_job import extract_prompt, read_pairs, tokenize_pairs
+from hypo_fast.preference_data import extract_prompt, read_pairs, tokenize_pairs
 
 pytest.importorskip("accelerate")
 
@@ -271,6 +271,30 @@ def test_train_command_under_bf16_autocast_packed(model_dir, tmp_path):
     assert steps[-1]["loss"] < steps[0]["loss"]
 
 
+def test_train_command_runs_hpo_on_the_lines_auxiliary_rewards(model_dir, tmp_path):
+    model, data = model_dir
+    rows = [json.loads(line) for line in data.read_text().splitlines() if line]
+    hpo = tmp_path / "hpo.jsonl"
+    hpo.write_text("\n".join(json.dumps({**r, "chosen_aux_reward": i, "rejected_aux_reward":
+                                         -0.5 * i}) for i, r in enumerate(rows)))
+    runs = {}
+    for coef in ("0", "2"):
+        out = tmp_path / f"hpo{coef}"
+        main(["train", "--model", str(model), "--data", str(hpo), "--output", str(out),
+              "--loss", "hpo", "--aux-coef", coef, "--aux-tau", "0.5", "--batch-size", "6"])
+        (runs[coef],) = [json.loads(line) for line in
+                         (out / "metrics.jsonl").read_text().splitlines()]
+    # policy = reference: DPO's log 2, and the auxiliary term -mean_s w_s S(y_s) > 0
+    for step in runs.values():
+        assert step["dpo_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert runs["0"]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert runs["2"]["loss"] == pytest.approx(math.log(2) + 2 * runs["2"]["aux_loss"], rel=1e-6)
+    assert runs["2"]["aux_loss"] > 0
+    # the same rows train any other loss (the rewards are ignored)
+    main(["train", "--model", str(model), "--data", str(hpo), "--output", str(tmp_path / "d"),
+          "--batch-size", "6"])
+
+
 @pytest.mark.parametrize(("loss", "lora"), [("hypo", False), ("simpo", False), ("hypo", True)])
 def test_train_command_runs_hypo_with_online_samples_and_reference_free_losses(
         model_dir, tmp_path, loss, lora):
@@ -292,6 +316,9 @@ def test_train_command_names_what_is_wrong(model_dir, tmp_path, capsys):
     model, data = model_dir
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "w1", "chosen": "w2", "rejected": "w3"}\n{"prompt": "w1"}\n')
+    nan_aux = tmp_path / "nan_aux.jsonl"
+    nan_aux.write_text('{"prompt": "w1", "chosen": "w2", "rejected": "w3", '
+                       '"chosen_aux_reward": NaN}\n')
     mixed = tmp_path / "mixed.jsonl"  # a string prompt, message completions
     mixed.write_text(json.dumps({"prompt": "w1", "chosen": [{"role": "assistant", "content": "w2"}],
                                  "rejected": [{"role": "assistant", "content": "w3"}]}) + "\n")
@@ -305,6 +332,12 @@ def test_train_command_names_what_is_wrong(model_dir, tmp_path, capsys):
         (["--data", str(data), "--eval-every", "2"], "--eval-every needs --eval-data"),
         (["--data", str(data), "--save-every", "0"], "--save-every must be >= 1"),
         (["--data", str(data), "--lora-alpha", "8"], "--lora-alpha needs --lora-r"),
+        (["--data", str(data), "--loss", "hpo"],
+         "--data: --loss hpo needs chosen_aux_reward on every line"),
+        (["--data", str(data), "--aux-tau", "2"],
+         "--aux-tau is an option of --loss hpo, but --loss is dpo"),
+        (["--data", str(data), "--loss", "hpo", "--aux-tau", "0"], "aux_tau"),
+        (["--data", str(nan_aux)], "nan_aux.jsonl:1: chosen_aux_reward must be a finite number"),
         (["--data", str(data), "--resume-from", str(tmp_path)],
          f"--resume-from {tmp_path}: not a checkpoint (no trainer_state.json)"),
         (["--data", str(data), "--loss", "orpo", "--precompute-ref-logps"],
@@ -314,8 +347,8 @@ def test_train_command_names_what_is_wrong(model_dir, tmp_path, capsys):
         (["--data", str(data), "--lr", "nan"], "--lr must be a positive number"),
         (["--data", str(data), "--loss", "hypo", "--online-samples", "1"],
          "--estimator rloo needs --online-samples >= 2"),
-        (["--data", str(data), "--kl-coef", "0.5"], "--kl-coef is a HyPO option, but --loss "
-                                                    "is dpo"),
+        (["--data", str(data), "--kl-coef", "0.5"],
+         "--kl-coef is an option of --loss hypo, but --loss is dpo"),
         (["--data", str(data), "--loss", "simpo", "--ref-model", str(model)],
          "--loss simpo takes no reference model"),
         (["--data", str(data), "--max-grad-norm", "-1"], "--max-grad-norm must be >= 0"),

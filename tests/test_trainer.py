@@ -92,11 +92,19 @@ def test_collate_pairs_lays_out_prompt_completion_and_padding(exs, max_length):
         assert pmask.tolist() == sorted(pmask.tolist())  # left padding
 
 
-def test_collate_pairs_stacks_reference_logps_and_rejects_bad_examples():
+def test_collate_pairs_stacks_per_pair_numbers_and_rejects_bad_examples():
     exs = examples(2)
     b = collate_pairs([{**e, "ref_chosen_logps": -1.0 - i, "ref_rejected_logps": -5.0}
                        for i, e in enumerate(exs)], pad_token_id=PAD)
     assert b["ref_chosen_logps"].tolist() == [-1.0, -2.0]
+    aux = [{**e, "chosen_aux_reward": float(i), "rejected_aux_reward": 5.0 + i}
+           for i, e in enumerate(exs)]
+    assert collate_pairs(aux, pad_token_id=PAD)["aux_rewards"].tolist() == [0, 1, 5, 6]
+    chosen_only = [{k: v for k, v in e.items() if k != "rejected_aux_reward"} for e in aux]
+    assert collate_pairs(chosen_only, pad_token_id=PAD)["aux_rewards"].tolist() == [0, 1]
+    rejected_only = [{k: v for k, v in e.items() if k != "chosen_aux_reward"} for e in aux]
+    with pytest.raises(ValueError, match="rejected_aux_reward is given without chosen_aux"):
+        collate_pairs(rejected_only, pad_token_id=PAD)
     with pytest.raises(ValueError, match="ref_chosen_logps must be given for every example"):
         collate_pairs([{**exs[0], "ref_chosen_logps": -1.0}, exs[1]], pad_token_id=PAD)
     with pytest.raises(TypeError, match=r"examples\[1\]\['chosen_ids'\]"):
