@@ -453,15 +453,17 @@ def precompute_reference_logps(
     :class:`PreferenceModel` without ``reference`` takes the log-probs from the batch (TRL's
     ``precompute_ref_log_probs``).
 
-    The model runs as it is, on ``accelerator.device`` (default: its own device), not wrapped
-    by any engine. With several processes, each scores ``examples[rank::world]`` and the values
+    The model runs as it is, on its device (``accelerator.device`` if given), not wrapped by
+    any engine. With several processes, each scores ``examples[rank::world]`` and the values
     are gathered, so that every process returns them all.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     _check_causal_lm("reference", reference)
-    device = accelerator.device if accelerator is not None else next(
-        reference.parameters()).device
+    device = next(reference.parameters()).device
+    if accelerator is not None and device != accelerator.device:
+        raise ValueError(f"the reference is on {device} but the accelerator's device is "
+                         f"{accelerator.device}: move it there first")
     rank, world = ((accelerator.process_index, accelerator.num_processes)
                    if accelerator is not None else (0, 1))
     autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
@@ -694,6 +696,8 @@ class PreferenceTrainer:
                 raise ValueError(f"{name} must be >= 1 or None, got {every}")
         if save_every is not None and on_save is None:
             raise ValueError("save_every needs on_save (the directory of each checkpoint)")
+        if eval_loader is None and (eval_every is not None or on_eval is not None):
+            raise ValueError("eval_every and on_eval need eval_loader")
         loader = self._prepared(loader)
         if eval_loader is not None:
             eval_loader = self._prepared(eval_loader)

@@ -608,6 +608,9 @@ def test_precomputed_reference_logps_give_the_loss_with_the_reference_model(pack
         precompute_reference_logps(reference, FusedLinearSimPOLoss(), exs, collate=collate)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         precompute_reference_logps(reference, loss_fn, exs, collate=collate, batch_size=0)
+    with pytest.raises(ValueError, match="the reference is on meta but the accelerator's device"):
+        precompute_reference_logps(reference.to("meta"), loss_fn, exs, collate=collate,
+                                   accelerator=accelerate.Accelerator(cpu=True))
 
 
 def test_evaluate_averages_over_every_pair_and_fit_evaluates_as_asked():
@@ -633,6 +636,8 @@ def test_evaluate_averages_over_every_pair_and_fit_evaluates_as_asked():
     assert evals == [(2, 0), (3, 0), (4, 1), (6, 1)]  # every 2nd batch, and each epoch's end
     with pytest.raises(ValueError, match="eval_every must be >= 1"):
         trainer.fit(loader, eval_loader=loader, eval_every=0)
+    with pytest.raises(ValueError, match="eval_every and on_eval need eval_loader"):
+        trainer.fit(loader, eval_every=2)
     with pytest.raises(ValueError, match="at least one batch"):
         trainer.evaluate([])
 
