@@ -107,11 +107,13 @@ def tokenize_pair(tokenizer: Any, row: dict[str, Any]) -> dict[str, list[int]] |
             "rejected_ids": wholes[1][len(prompt):]}
 
 
-def tokenize_pairs(tokenizer: Any, rows: list[dict[str, Any]], max_length: int
+def tokenize_pairs(tokenizer: Any, rows: list[dict[str, Any]], max_length: int,
+                   truncation: str = "keep_start"
                    ) -> tuple[list[dict[str, list[int]]], dict[str, int]]:
-    """:func:`tokenize_pair` over ``rows``, without the pairs it drops and those whose prompt
-    alone fills ``max_length`` (no completion token would be left, as TRL drops them), with
-    the rows' auxiliary rewards; returns the pairs and how many were dropped, by reason."""
+    """:func:`tokenize_pair` over ``rows``, without the pairs it drops and, when sequences keep
+    their start (``truncation``), those whose prompt alone fills ``max_length`` (no completion
+    token would be left, as TRL drops them), with the rows' auxiliary rewards; returns the
+    pairs and how many were dropped, by reason."""
     if getattr(tokenizer, "chat_template", None) is None and any(
             isinstance(row["prompt"], list) for row in rows):
         raise ValueError("the pairs are conversational (lists of messages) but the tokenizer "
@@ -121,7 +123,7 @@ def tokenize_pairs(tokenizer: Any, rows: list[dict[str, Any]], max_length: int
         pair = tokenize_pair(tokenizer, row)
         if pair is None:
             dropped["prompt not a token prefix"] += 1
-        elif len(pair["prompt_ids"]) >= max_length:
+        elif truncation == "keep_start" and len(pair["prompt_ids"]) >= max_length:
             dropped["prompt fills --max-length"] += 1
         else:
             pairs.append({**pair, **{k: row[k] for k in AUX_REWARDS if k in row}})

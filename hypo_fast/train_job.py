@@ -134,8 +134,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int, default=1,
                    help="batches per optimizer step (gradient accumulation)")
     p.add_argument("--max-length", type=int, default=1024,
-                   help="tokens kept of each prompt + completion (pairs whose prompt fills it "
-                        "are dropped)")
+                   help="tokens kept of each prompt + completion (see --truncation-mode)")
+    p.add_argument("--truncation-mode", choices=("keep_start", "keep_end"),
+                   default="keep_start",
+                   help="which tokens of a sequence longer than --max-length are kept: its "
+                        "first (pairs whose prompt fills it are dropped) or its last")
+    p.add_argument("--pad-to-multiple-of", type=int, default=None,
+                   help="pad each batch's length to a multiple of this")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="0: no clipping")
     p.add_argument("--packed", action="store_true",
                    help="pack each batch's sequences into one row (no padding; attention kept "
@@ -166,8 +171,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             if getattr(args, key) is None:
                 setattr(args, key, value)
     for name in ("online_samples", "max_new_tokens", "batch_size", "epochs", "grad_accum",
-                 "max_length"):
-        if getattr(args, name) < 1:
+                 "max_length", "pad_to_multiple_of"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup_steps < 0:
         parser.error("--warmup-steps must be >= 0")
@@ -234,7 +239,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
     pairs = {}
     for flag, flag_rows in rows.items():
         try:
-            pairs[flag], dropped = tokenize_pairs(tokenizer, flag_rows, args.max_length)
+            pairs[flag], dropped = tokenize_pairs(tokenizer, flag_rows, args.max_length,
+                                                  args.truncation_mode)
         except ValueError as e:
             parser.error(f"{flag}: {e}")
         if any(dropped.values()) and accelerator.is_main_process:
@@ -245,7 +251,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
 
     def collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return collate_pairs(examples, pad_token_id=pad, max_length=args.max_length,
-                             packed=args.packed)
+                             truncation=args.truncation_mode, packed=args.packed,
+                             pad_to_multiple_of=args.pad_to_multiple_of)
 
     dtype = DTYPES[args.dtype]
     # LoRA without --ref-model: the reference is the policy's base model, adapters off
@@ -319,11 +326,13 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
 
         if log is not None:
             log.writelines(line + "\n" for line in kept)
-        history = trainer.fit(loader, epochs=args.epochs, on_step=write, eval_loader=eval_loader,
-                              eval_every=args.eval_every,
-                              on_eval=lambda *a: write(*a, prefix="eval_"),
+        evaluation = {} if eval_loader is None else {
+            "eval_loader": eval_loader, "eval_every": args.eval_every,
+            "on_eval": lambda *a: write(*a, prefix="eval_")}
+        history = trainer.fit(loader, epochs=args.epochs, on_step=write,
                               save_every=args.save_every,
-                              on_save=lambda step: args.output / f"checkpoint-{step}")
+                              on_save=lambda step: args.output / f"checkpoint-{step}",
+                              **evaluation)
     accelerator.wait_for_everyone()
     state = accelerator.get_state_dict(trainer.model)
     accelerator.unwrap_model(trainer.model).policy.save_pretrained(

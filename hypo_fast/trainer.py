@@ -68,7 +68,9 @@ def collate_pairs(
     pad_token_id: int,
     ignore_index: int = -100,
     max_length: int | None = None,
+    truncation: str = "keep_start",
     packed: bool = False,
+    pad_to_multiple_of: int | None = None,
 ) -> dict[str, Tensor]:
     """Tokenized preference pairs -> one batch of ``2B`` sequences, right-padded or packed.
 
@@ -76,9 +78,11 @@ def collate_pairs(
     completions with their EOS if the model should learn to stop) and optionally the scalars
     ``ref_chosen_logps``/``ref_rejected_logps``. Sequence ``i < B`` is ``prompt_i + chosen_i``,
     sequence ``B + i`` is ``prompt_i + rejected_i``; ``max_length`` keeps the first
-    ``max_length`` tokens of each (TRL's ``keep_start``).
+    ``max_length`` tokens of each (``truncation="keep_start"``, TRL's default) or its last
+    (``"keep_end"``).
 
-    Returns ``input_ids [2B, L]`` (``pad_token_id`` after the end), ``attention_mask [2B, L]``
+    Returns ``input_ids [2B, L]`` (``pad_token_id`` after the end; L rounded up to a multiple of
+    ``pad_to_multiple_of`` if given), ``attention_mask [2B, L]``
     and ``labels [2B, L]`` (the token ids on completion tokens, ``ignore_index`` on the prompt
     and the padding; not shifted); with ``packed``, the sequences one after the other with no
     padding instead: ``input_ids``, ``position_ids`` (from 0 in each sequence) and ``labels``,
@@ -92,13 +96,19 @@ def collate_pairs(
         raise ValueError("collate_pairs needs at least one example")
     if max_length is not None and max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
+    if truncation not in ("keep_start", "keep_end"):
+        raise ValueError(f"truncation must be 'keep_start' or 'keep_end', got {truncation!r}")
+    if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+    kept = slice(None, max_length) if truncation == "keep_start" or max_length is None else (
+        slice(-max_length, None))
     prompts, rows, row_labels = [], [], []
     for key in ("chosen_ids", "rejected_ids"):
         for i, ex in enumerate(examples):
             prompt = _ids(f"examples[{i}]['prompt_ids']", ex["prompt_ids"])
-            ids = (prompt + _ids(f"examples[{i}][{key!r}]", ex[key]))[:max_length]
-            rows.append(ids)
-            row_labels.append([ignore_index] * min(len(prompt), len(ids)) + ids[len(prompt):])
+            completion = _ids(f"examples[{i}][{key!r}]", ex[key])
+            rows.append((prompt + completion)[kept])
+            row_labels.append(([ignore_index] * len(prompt) + completion)[kept])
             if key == "chosen_ids":
                 prompts.append(prompt)
     if packed:
@@ -110,6 +120,8 @@ def collate_pairs(
                  "labels": torch.tensor([t for r in row_labels for t in r])[None]}
     else:
         length = max(len(r) for r in rows)
+        if pad_to_multiple_of is not None:
+            length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
         batch = {"input_ids": torch.full((len(rows), length), pad_token_id, dtype=torch.long),
                  "attention_mask": torch.zeros(len(rows), length, dtype=torch.long),
                  "labels": torch.full((len(rows), length), ignore_index, dtype=torch.long)}

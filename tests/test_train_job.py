@@ -242,6 +242,24 @@ def test_pairs_are_tokenized_as_trl_does():
          "rejected_ids": [*ids("w4"), 2]},
     ]
     assert dropped == {"prompt not a token prefix": 1, "prompt fills --max-length": 1}
+    kept, dropped = tokenize_pairs(tok, rows, max_length=4, truncation="keep_end")
+    assert kept[:2] == pairs and len(kept) == 3  # the sequences keep their end: none empty
+    assert dropped == {"prompt not a token prefix": 1, "prompt fills --max-length": 0}
+
+
+def test_train_command_keeps_the_end_of_long_sequences(model_dir, tmp_path, capsys):
+    """Prompts of 4 tokens, --max-length 4: keeping each sequence's start leaves no completion
+    token (every pair dropped), keeping its end trains on them all."""
+    model, data = model_dir
+    argv = ["train", "--model", str(model), "--data", str(data), "--output", str(tmp_path / "o"),
+            "--max-length", "4", "--batch-size", "3", "--pad-to-multiple-of", "8"]
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert "dropped 6 of 6 pairs: 6 prompt fills --max-length" in capsys.readouterr().err
+    main([*argv, "--truncation-mode", "keep_end"])
+    steps = [json.loads(line) for line in
+             (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 2 and all(math.isfinite(s["loss"]) for s in steps)
 
 
 def test_train_command_trains_and_saves_the_policy(model_dir, tmp_path):

@@ -65,23 +65,33 @@ token_lists = st.lists(st.integers(2, VOCAB - 1), max_size=6)
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.fixed_dictionaries({"prompt_ids": token_lists, "chosen_ids": token_lists,
                                        "rejected_ids": token_lists}), min_size=1, max_size=4),
-       st.one_of(st.none(), st.integers(1, 8)))
-def test_collate_pairs_lays_out_prompt_completion_and_padding(exs, max_length):
-    b = collate_pairs(exs, pad_token_id=PAD, max_length=max_length)
+       st.one_of(st.none(), st.integers(1, 8)), st.sampled_from(["keep_start", "keep_end"]),
+       st.one_of(st.none(), st.integers(1, 5)))
+def test_collate_pairs_lays_out_prompt_completion_and_padding(exs, max_length, truncation,
+                                                              multiple):
+    b = collate_pairs(exs, pad_token_id=PAD, max_length=max_length, truncation=truncation,
+                      pad_to_multiple_of=multiple)
     n = len(exs)
     assert b["input_ids"].shape[0] == 2 * n and b["prompt_input_ids"].shape[0] == n
+    longest = 0
     for row in range(2 * n):
         ex = exs[row % n]
         prompt, completion = ex["prompt_ids"], ex["chosen_ids" if row < n else "rejected_ids"]
-        want = (prompt + completion)[:max_length]
+        kept = slice(None, max_length) if truncation == "keep_start" or not max_length else (
+            slice(-max_length, None))
+        want = (prompt + completion)[kept]
+        longest = max(longest, len(want))
         mask = b["attention_mask"][row].bool()
         assert b["input_ids"][row][mask].tolist() == want
         assert not mask[len(want):].any() and (b["input_ids"][row][~mask] == PAD).all()
         labels = b["labels"][row]
-        assert (labels[: len(prompt)] == IGN).all() and (labels[len(want):] == IGN).all()
-        assert labels[len(prompt): len(want)].tolist() == want[len(prompt):]
+        assert labels[: len(want)].tolist() == ([IGN] * len(prompt) + completion)[kept]
+        assert (labels[len(want):] == IGN).all()
+    assert b["input_ids"].shape[1] == (-(-longest // multiple) * multiple if multiple
+                                       else longest)
     if all(ex["prompt_ids"] or ex[k] for ex in exs for k in ("chosen_ids", "rejected_ids")):
-        p = collate_pairs(exs, pad_token_id=PAD, max_length=max_length, packed=True)
+        p = collate_pairs(exs, pad_token_id=PAD, max_length=max_length, truncation=truncation,
+                          packed=True)
         mask = b["attention_mask"].bool()
         assert p["input_ids"][0].tolist() == b["input_ids"][mask].tolist()
         assert p["labels"][0].tolist() == b["labels"][mask].tolist()
@@ -113,6 +123,10 @@ def test_collate_pairs_stacks_per_pair_numbers_and_rejects_bad_examples():
         collate_pairs([], pad_token_id=PAD)
     with pytest.raises(ValueError, match="max_length"):
         collate_pairs(exs, pad_token_id=PAD, max_length=0)
+    with pytest.raises(ValueError, match="truncation must be 'keep_start' or 'keep_end'"):
+        collate_pairs(exs, pad_token_id=PAD, truncation="left")
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be >= 1"):
+        collate_pairs(exs, pad_token_id=PAD, pad_to_multiple_of=0)
 
 
 # ---------------------------------------------------------------------------------------------
