@@ -473,7 +473,8 @@ def precompute_reference_logps(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     _check_causal_lm("reference", reference)
     device = next(reference.parameters()).device
-    if accelerator is not None and device != accelerator.device:
+    # a tensor's device, not the accelerator's name of it: "cpu", never "cpu:0"
+    if accelerator is not None and device != torch.empty(0, device=accelerator.device).device:
         raise ValueError(f"the reference is on {device} but the accelerator's device is "
                          f"{accelerator.device}: move it there first")
     rank, world = ((accelerator.process_index, accelerator.num_processes)

@@ -25,7 +25,8 @@ re-exported here: :func:`dpo_loss`, :func:`simpo_loss`, :func:`cpo_loss`, :func:
 
 Differences from Liger-Kernel 0.8.5 (``chunked_loss``), where the concept exists in both:
 
-1. Additions: ``ref_chosen_logps``/``ref_rejected_logps`` (precomputed reference log-probs) and
+1. Additions: ``ref_chosen_logps``/``ref_rejected_logps`` (precomputed reference log-probs, as
+   the module's ``reference_logps(ref_weight, ref_input, target, ref_bias)`` computes them) and
    the packed layout (keyword-only ``forward`` arguments); DPO ``loss_type`` ``"ipo"`` (Liger
    raises NotImplementedError), ``"sigmoid_norm"``, ``"aot"`` and ``"aot_unpaired"``,
    ``f_divergence_type``,
