@@ -204,58 +204,42 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error(f"--resume-from {args.resume_from}: not a checkpoint (no {TRAINER_STATE})")
 
 
-def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[str, float]]:
-    """Train as the arguments say; returns every step's numbers (also in metrics.jsonl)."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
-
-    _check(parser, args)
-    try:
-        rows = {"--data": read_pairs(args.data)}
-        if args.eval_data is not None:
-            rows["--eval-data"] = read_pairs(args.eval_data)
-        loss_fn = build_loss(args)
-    except ValueError as e:
-        parser.error(str(e))
+def _tokenized(parser: argparse.ArgumentParser, args: argparse.Namespace, tokenizer: Any,
+               rows: dict[str, list[dict[str, Any]]], report: bool
+               ) -> dict[str, list[dict[str, Any]]]:
+    """Each file's rows (by flag) tokenized; the dropped pairs counted on stderr (``report``),
+    an error for a file left with none."""
+    pairs = {}
     for flag, flag_rows in rows.items():
         if args.loss != "hpo":  # other losses take no auxiliary rewards
-            rows[flag] = [{k: v for k, v in r.items() if k not in AUX_REWARDS}
-                          for r in flag_rows]
+            flag_rows = [{k: v for k, v in r.items() if k not in AUX_REWARDS} for r in flag_rows]
         elif not all(AUX_REWARDS[0] in r for r in flag_rows) or len(
                 {AUX_REWARDS[1] in r for r in flag_rows}) > 1:
             parser.error(f"{flag}: --loss hpo needs {AUX_REWARDS[0]} on every line (and "
                          f"{AUX_REWARDS[1]} on every line or on none)")
-    # the order of an epoch's batches a function of the seed and the epoch: a resumed epoch
-    # skips the very batches it trained on
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
-                                                  data_seed=args.seed))
-    set_seed(args.seed, device_specific=True)  # each process samples its own completions
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
-        tokenizer.eos_token_id or 0)
-    pairs = {}
-    for flag, flag_rows in rows.items():
         try:
             pairs[flag], dropped = tokenize_pairs(tokenizer, flag_rows, args.max_length,
                                                   args.truncation_mode)
         except ValueError as e:
             parser.error(f"{flag}: {e}")
-        if any(dropped.values()) and accelerator.is_main_process:
+        if any(dropped.values()) and report:
             print(f"{flag}: dropped {sum(dropped.values())} of {len(flag_rows)} pairs: " +
                   ", ".join(f"{n} {why}" for why, n in dropped.items() if n), file=sys.stderr)
         if not pairs[flag]:
             parser.error(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: no pair left")
+    return pairs
 
-    def collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return collate_pairs(examples, pad_token_id=pad, max_length=args.max_length,
-                             truncation=args.truncation_mode, packed=args.packed,
-                             pad_to_multiple_of=args.pad_to_multiple_of)
+
+def _models(args: argparse.Namespace, accelerator: Any, loss_fn: torch.nn.Module,
+            pairs: dict[str, list[dict[str, Any]]], collate: Any
+            ) -> tuple[torch.nn.Module, torch.nn.Module | None, dict[str, list[dict[str, Any]]]]:
+    """``(policy, reference or None, pairs)``: the reference loaded first; with
+    ``--precompute-ref-logps`` it scores the pairs and is freed before the policy loads (unless
+    HyPO's online samples need it); with ``--lora-r`` and no ``--ref-model``, none is kept (the
+    policy's base is the reference)."""
+    from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[args.dtype]
-    # LoRA without --ref-model: the reference is the policy's base model, adapters off
     separate = args.loss not in REFERENCE_FREE and (not args.lora_r or args.ref_model is not None)
     reference = None
     if separate or args.precompute_ref_logps:
@@ -267,16 +251,11 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
                                                   collate=collate, batch_size=args.batch_size,
                                                   accelerator=accelerator)
                  for flag, examples in pairs.items()}
-        if args.loss != "hypo" or not separate:  # free it before the policy loads
+        if args.loss != "hypo" or not separate:
             reference = None
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-    loader, eval_loader = (
-        torch.utils.data.DataLoader(pairs[flag], batch_size=args.batch_size,
-                                    shuffle=flag == "--data", collate_fn=collate)
-        if flag in pairs else None for flag in ("--data", "--eval-data"))
-
     policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable(
@@ -289,24 +268,71 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
             r=args.lora_r, lora_alpha=args.lora_alpha or args.lora_r, lora_dropout=0.0,
             target_modules=target[0] if target == ["all-linear"] else target,
             task_type="CAUSAL_LM"))
+    return policy, reference, pairs
+
+
+def _scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, batches: int,
+               accelerator: Any) -> Any:
+    """``--lr-scheduler`` over the run's optimizer steps (``batches`` per epoch, all processes
+    together). Accelerate steps a prepared scheduler once per process at each optimizer step,
+    hence the counts times the processes."""
+    from transformers import get_scheduler
+
+    per_process = math.ceil(batches / accelerator.num_processes)
+    steps = math.ceil(per_process / args.grad_accum) * args.epochs
+    name = {"constant": "constant_with_warmup"}.get(args.lr_scheduler, args.lr_scheduler)
+    return get_scheduler(name, optimizer,
+                         num_warmup_steps=args.warmup_steps * accelerator.num_processes,
+                         num_training_steps=steps * accelerator.num_processes)
+
+
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[str, float]]:
+    """Train as the arguments say; returns every step's numbers (also in metrics.jsonl)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from transformers import AutoTokenizer
+
+    _check(parser, args)
+    try:
+        rows = {"--data": read_pairs(args.data)}
+        if args.eval_data is not None:
+            rows["--eval-data"] = read_pairs(args.eval_data)
+        loss_fn = build_loss(args)
+    except ValueError as e:
+        parser.error(str(e))
+    # the order of an epoch's batches a function of the seed and the epoch: a resumed epoch
+    # skips the very batches it trained on
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
+                                                  data_seed=args.seed))
+    set_seed(args.seed, device_specific=True)  # each process samples its own completions
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
+        tokenizer.eos_token_id or 0)
+    pairs = _tokenized(parser, args, tokenizer, rows, accelerator.is_main_process)
+
+    def collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return collate_pairs(examples, pad_token_id=pad, max_length=args.max_length,
+                             truncation=args.truncation_mode, packed=args.packed,
+                             pad_to_multiple_of=args.pad_to_multiple_of)
+
+    policy, reference, pairs = _models(args, accelerator, loss_fn, pairs, collate)
+    loader, eval_loader = (
+        torch.utils.data.DataLoader(pairs[flag], batch_size=args.batch_size,
+                                    shuffle=flag == "--data", collate_fn=collate)
+        if flag in pairs else None for flag in ("--data", "--eval-data"))
     model = PreferenceModel(policy, loss_fn, reference)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=args.lr)
-    # Accelerate steps a prepared scheduler once per process at each optimizer step.
-    batches = math.ceil(len(loader) / accelerator.num_processes)
-    steps = math.ceil(batches / args.grad_accum) * args.epochs
-    name = {"constant": "constant_with_warmup"}.get(args.lr_scheduler, args.lr_scheduler)
-    scheduler = get_scheduler(name, optimizer,
-                              num_warmup_steps=args.warmup_steps * accelerator.num_processes,
-                              num_training_steps=steps * accelerator.num_processes)
     online = None
     if args.loss == "hypo":
         online = OnlineSampling(num_samples=args.online_samples,
                                 max_new_tokens=args.max_new_tokens,
                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
     trainer = PreferenceTrainer(model, optimizer, accelerator=accelerator,
-                                lr_scheduler=scheduler, max_grad_norm=args.max_grad_norm or None,
-                                online=online)
+                                lr_scheduler=_scheduler(args, optimizer, len(loader), accelerator),
+                                max_grad_norm=args.max_grad_norm or None, online=online)
     args.output.mkdir(parents=True, exist_ok=True)
     metrics = args.output / "metrics.jsonl"
     kept: list[str] = []
