@@ -18,6 +18,7 @@ import contextlib
 import gc
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -204,6 +205,11 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error(f"--resume-from {args.resume_from}: not a checkpoint (no {TRAINER_STATE})")
 
 
+def _launched_processes() -> int:
+    """The processes of the launch (``torchrun``, ``accelerate launch``): its ``WORLD_SIZE``."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _tokenized(parser: argparse.ArgumentParser, args: argparse.Namespace, tokenizer: Any,
                rows: dict[str, list[dict[str, Any]]], report: bool
                ) -> dict[str, list[dict[str, Any]]]:
@@ -305,7 +311,13 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
-                                                  data_seed=args.seed))
+                                                  data_seed=args.seed),
+        # launched as several processes with no accelerator device: Accelerate's multi-CPU
+        # (gloo), which it picks only when told the run is on the CPU
+        cpu=_launched_processes() > 1 and not torch.accelerator.is_available())
+    if accelerator.num_processes != _launched_processes():
+        parser.error(f"launched as {_launched_processes()} processes but Accelerate runs "
+                     f"{accelerator.num_processes}")
     set_seed(args.seed, device_specific=True)  # each process samples its own completions
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -224,6 +228,41 @@ def test_gradient_checkpointing_changes_no_number(model_dir, tmp_path, lora):
     assert runs[0][-1]["loss"] != runs[0][0]["loss"]
     for plain, recomputed in zip(*runs, strict=True):
         assert recomputed == pytest.approx(plain, rel=1e-5, abs=1e-6)
+
+
+def test_train_command_on_two_processes_trains_as_one_on_their_batches(model_dir, tmp_path):
+    """torchrun with 2 CPU processes (Accelerate's multi-CPU, gloo) of 3 pairs a batch against
+    one process of 6: the same steps, evaluations and policy, with the reference's log-probs
+    precomputed and checkpoints saved by both."""
+    model, data = model_dir
+    common = ["train", "--model", str(model), "--data", str(data), "--epochs", "2",
+              "--lr", "1e-2", "--eval-data", str(data), "--precompute-ref-logps",
+              "--save-every", "1"]
+    with socket.socket() as s:  # a free port for the process group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(port), "-m", "hypo_fast.cli", *common, "--batch-size", "3",
+         "--output", str(tmp_path / "two")],
+        env={**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    main([*common, "--batch-size", "6", "--output", str(tmp_path / "one")])
+    lines = {n: [json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text()
+                 .splitlines()] for n in ("one", "two")}
+    assert [line["batch"] for line in lines["two"]] == [1, 1, 2, 2]  # a step, an evaluation
+    for a, b in zip(lines["one"], lines["two"], strict=True):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
+    for n in ("one", "two"):
+        assert sorted(p.name for p in (tmp_path / n).glob("checkpoint-*")) == [
+            "checkpoint-1", "checkpoint-2"]
+    one, two = (transformers.AutoModelForCausalLM.from_pretrained(tmp_path / n).state_dict()
+                for n in ("one", "two"))
+    # AdamW's steps (1e-2 each) divide by the gradients' size: a weight whose gradient is near
+    # its rounding (the processes sum in another order) may move 1e-5 differently
+    for name, value in one.items():
+        torch.testing.assert_close(two[name], value, rtol=1e-4, atol=1e-4, msg=name)
 
 
 def test_pairs_are_tokenized_as_trl_does():
