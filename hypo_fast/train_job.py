@@ -243,8 +243,14 @@ def _models(args: argparse.Namespace, accelerator: Any, loss_fn: torch.nn.Module
     ``--precompute-ref-logps`` it scores the pairs and is freed before the policy loads (unless
     HyPO's online samples need it); with ``--lora-r`` and no ``--ref-model``, none is kept (the
     policy's base is the reference)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    if args.ref_model is not None:  # before any model loads
+        vocab, ref_vocab = (AutoConfig.from_pretrained(m).get_text_config().vocab_size
+                            for m in (args.model, args.ref_model))
+        if vocab != ref_vocab:
+            raise ValueError(f"--ref-model {args.ref_model} has a vocabulary of {ref_vocab}, "
+                             f"--model {args.model} one of {vocab}")
     dtype = DTYPES[args.dtype]
     separate = args.loss not in REFERENCE_FREE and (not args.lora_r or args.ref_model is not None)
     reference = None
@@ -329,7 +335,10 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
                              truncation=args.truncation_mode, packed=args.packed,
                              pad_to_multiple_of=args.pad_to_multiple_of)
 
-    policy, reference, pairs = _models(args, accelerator, loss_fn, pairs, collate)
+    try:
+        policy, reference, pairs = _models(args, accelerator, loss_fn, pairs, collate)
+    except ValueError as e:
+        parser.error(str(e))
     loader, eval_loader = (
         torch.utils.data.DataLoader(pairs[flag], batch_size=args.batch_size,
                                     shuffle=flag == "--data", collate_fn=collate)

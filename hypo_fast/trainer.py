@@ -356,6 +356,12 @@ class PreferenceModel(nn.Module):
         super().__init__()
         _check_causal_lm("policy", policy)
         _check_causal_lm("reference", reference)
+        if reference is not None:
+            vocab, ref_vocab = (m.get_output_embeddings().weight.shape[0]
+                                for m in (policy, reference))
+            if vocab != ref_vocab:
+                raise ValueError(f"the reference's vocabulary ({ref_vocab}) is not the "
+                                 f"policy's ({vocab}): they must share the tokenizer")
         self.policy = policy
         # what Accelerate's FSDP auto-wrap reads to find the decoder layers
         self._no_split_modules = getattr(policy, "_no_split_modules", None)

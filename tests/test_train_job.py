@@ -373,6 +373,8 @@ def test_train_command_names_what_is_wrong(model_dir, tmp_path, capsys):
     model, data = model_dir
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "w1", "chosen": "w2", "rejected": "w3"}\n{"prompt": "w1"}\n')
+    small = tmp_path / "small"  # another vocabulary
+    tiny_llama(False, torch.float32, vocab=40).save_pretrained(small)
     nan_aux = tmp_path / "nan_aux.jsonl"
     nan_aux.write_text('{"prompt": "w1", "chosen": "w2", "rejected": "w3", '
                        '"chosen_aux_reward": NaN}\n')
@@ -389,6 +391,8 @@ def test_train_command_names_what_is_wrong(model_dir, tmp_path, capsys):
         (["--data", str(data), "--eval-every", "2"], "--eval-every needs --eval-data"),
         (["--data", str(data), "--save-every", "0"], "--save-every must be >= 1"),
         (["--data", str(data), "--lora-alpha", "8"], "--lora-alpha needs --lora-r"),
+        (["--data", str(data), "--ref-model", str(small)],
+         f"--ref-model {small} has a vocabulary of 40, --model {model} one of 66"),
         (["--data", str(data), "--loss", "hpo"],
          "--data: --loss hpo needs chosen_aux_reward on every line"),
         (["--data", str(data), "--aux-tau", "2"],

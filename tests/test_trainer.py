@@ -244,6 +244,10 @@ def test_preference_model_reference_free_loss_and_errors():
     capped.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match=r"final_logit_softcapping=30\.0"):
         PreferenceModel(capped, FusedLinearDPOLoss())
+    with pytest.raises(ValueError, match=r"reference's vocabulary \(64\) is not the policy's "
+                                         r"\(96\)"):
+        PreferenceModel(tiny_llama(False, torch.float64), FusedLinearDPOLoss(),
+                        tiny_llama(False, torch.float64, vocab=64))
 
 
 @pytest.mark.parametrize("loss_fn", [FusedLinearDPOLoss(beta=BETA), HyPOLoss(beta=BETA)],
