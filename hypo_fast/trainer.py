@@ -335,7 +335,7 @@ class PreferenceModel(nn.Module):
     Positions come from the attention mask, so left- and right-padded rows both work; a packed
     batch (``collate_pairs(packed=True)``: ``position_ids`` instead of the mask) costs no
     padding, its labels are cut at each sequence's end and its sequences passed to the loss as
-    ``cu_seqlens``.
+    ``cu_seqlens`` (its online samples are packed the same way).
 
     Being one module, it is what Accelerate (DDP, FSDP) wraps: the output embedding is used
     inside its ``forward``, where FSDP has gathered it. ``disable_dropout`` sets every dropout of
@@ -430,11 +430,16 @@ class PreferenceModel(nn.Module):
         if wants_ref and "ref_chosen_logps" not in batch and "ref_rejected_logps" not in batch:
             ref["ref_input"] = self._reference_hidden(input_ids, attention_mask, position_ids)
         if has_online:
-            batch["online_input"] = _hidden(self.policy, online["input_ids"],
-                                            online["attention_mask"])
-            batch["online_target"] = online["labels"][:, 1:]
-            batch["online_ref_input"] = self._reference_hidden(online["input_ids"],
-                                                               online["attention_mask"])
+            ids, mask, online_positions = online["input_ids"], online["attention_mask"], None
+            if position_ids is not None:  # a packed batch: its online samples packed too
+                keep = mask.bool()
+                online_positions = (mask.long().cumsum(-1) - 1)[keep][None]
+                ids, mask, online["labels"] = ids[keep][None], None, online["labels"][keep][None]
+            batch["online_target"], online_layout = _next_token_targets(
+                online["labels"], online_positions, self.loss_fn.ignore_index)
+            batch.update({f"online_{k}": v for k, v in online_layout.items()})
+            batch["online_input"] = _hidden(self.policy, ids, mask, online_positions)
+            batch["online_ref_input"] = self._reference_hidden(ids, mask, online_positions)
         hidden = _hidden(self.policy, input_ids, attention_mask, position_ids)
         loss, aux = self.loss_fn(weight, hidden, target, bias, **ref, **batch)
         return loss, aux.metrics
