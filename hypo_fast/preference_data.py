@@ -14,9 +14,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .trainer import AUX_REWARDS
+
 FIELDS = ("prompt", "chosen", "rejected")
 CHAT_EXTRAS = ("tools", "chat_template_kwargs")  # per-row options of the chat template
-AUX_REWARDS = ("chosen_aux_reward", "rejected_aux_reward")  # per-row numbers for HPO
 
 
 def _is_messages(value: Any) -> bool:

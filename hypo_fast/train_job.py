@@ -35,8 +35,9 @@ from .losses import (
     HPOLoss,
     HyPOLoss,
 )
-from .preference_data import AUX_REWARDS, read_pairs, tokenize_pairs
+from .preference_data import read_pairs, tokenize_pairs
 from .trainer import (
+    AUX_REWARDS,
     TRAINER_STATE,
     OnlineSampling,
     PreferenceModel,

@@ -52,7 +52,7 @@ TRAINER_STATE = "trainer_state.json"
 # Per-example numbers :func:`collate_pairs` stacks into ``[B]`` tensors.
 _EXAMPLE_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 # Per-example auxiliary rewards (HPO), stacked into ``aux_rewards``.
-_AUX_KEYS = ("chosen_aux_reward", "rejected_aux_reward")
+AUX_REWARDS = ("chosen_aux_reward", "rejected_aux_reward")
 
 
 def _ids(name: str, value: Any) -> list[int]:
@@ -137,16 +137,16 @@ def collate_pairs(
             prompt_ids[i, -len(p):] = torch.tensor(p, dtype=torch.long)
             prompt_mask[i, -len(p):] = 1
     batch.update(prompt_input_ids=prompt_ids, prompt_attention_mask=prompt_mask)
-    for key in (*_EXAMPLE_KEYS, *_AUX_KEYS):
+    for key in (*_EXAMPLE_KEYS, *AUX_REWARDS):
         present = [key in ex for ex in examples]
         if any(present) and not all(present):
             raise ValueError(f"{key} must be given for every example or for none")
         if all(present):
             batch[key] = torch.tensor([float(ex[key]) for ex in examples])
-    if _AUX_KEYS[1] in batch and _AUX_KEYS[0] not in batch:
-        raise ValueError(f"{_AUX_KEYS[1]} is given without {_AUX_KEYS[0]}")
-    if _AUX_KEYS[0] in batch:  # HPO's aux_rewards: [2B] chosen first, or [B]
-        batch["aux_rewards"] = torch.cat([batch.pop(k) for k in _AUX_KEYS if k in batch])
+    if AUX_REWARDS[1] in batch and AUX_REWARDS[0] not in batch:
+        raise ValueError(f"{AUX_REWARDS[1]} is given without {AUX_REWARDS[0]}")
+    if AUX_REWARDS[0] in batch:  # HPO's aux_rewards: [2B] chosen first, or [B]
+        batch["aux_rewards"] = torch.cat([batch.pop(k) for k in AUX_REWARDS if k in batch])
     return batch
 
 
