@@ -42,6 +42,7 @@ from .trainer import (
     OnlineSampling,
     PreferenceModel,
     PreferenceTrainer,
+    _shards_parameters,
     collate_pairs,
     precompute_reference_logps,
 )
@@ -126,6 +127,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-target-modules", nargs="+", default=["all-linear"],
                    help="the modules LoRA adapts (peft's names; default: every linear layer "
                         "but the output layer)")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="save the policy with the adapters merged into its weights (a plain "
+                        "model directory) instead of the adapters (not under FSDP/ZeRO-3)")
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--lr-scheduler", choices=("linear", "constant"), default="linear",
                    help="after --warmup-steps: linear decay to 0 over the run (TRL's default) "
@@ -190,8 +194,9 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("--eval-every needs --eval-data and must be >= 1")
     if args.lora_r < 0:
         parser.error("--lora-r must be >= 0 (0: full fine-tuning)")
-    if args.lora_r == 0 and args.lora_alpha is not None:
-        parser.error("--lora-alpha needs --lora-r")
+    if args.lora_r == 0 and (args.lora_alpha is not None or args.merge_lora):
+        parser.error(f"{'--lora-alpha' if args.lora_alpha is not None else '--merge-lora'} "
+                     "needs --lora-r")
     if args.lora_r:
         try:
             import peft  # noqa: F401
@@ -325,6 +330,9 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
     if accelerator.num_processes != _launched_processes():
         parser.error(f"launched as {_launched_processes()} processes but Accelerate runs "
                      f"{accelerator.num_processes}")
+    if args.merge_lora and _shards_parameters(accelerator):
+        parser.error("--merge-lora merges the whole weights of one process: not under FSDP or "
+                     "DeepSpeed ZeRO-3")
     set_seed(args.seed, device_specific=True)  # each process samples its own completions
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
@@ -382,11 +390,18 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
                               on_save=lambda step: args.output / f"checkpoint-{step}",
                               **evaluation)
     accelerator.wait_for_everyone()
-    state = accelerator.get_state_dict(trainer.model)
-    accelerator.unwrap_model(trainer.model).policy.save_pretrained(
-        args.output, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
-        state_dict={k.removeprefix("policy."): v for k, v in state.items()
-                    if k.startswith("policy.")})
+    policy = accelerator.unwrap_model(trainer.model).policy
+    if args.merge_lora:  # W + (alpha/r)·BA, as a plain model of the base's class
+        policy.merge_and_unload().save_pretrained(
+            args.output, is_main_process=accelerator.is_main_process,
+            save_function=accelerator.save)
+    else:
+        state = accelerator.get_state_dict(trainer.model)
+        policy.save_pretrained(
+            args.output, is_main_process=accelerator.is_main_process,
+            save_function=accelerator.save,
+            state_dict={k.removeprefix("policy."): v for k, v in state.items()
+                        if k.startswith("policy.")})
     if accelerator.is_main_process:
         tokenizer.save_pretrained(args.output)
     return history

@@ -213,6 +213,17 @@ def test_train_command_trains_lora_adapters_against_the_base_model(model_dir, tm
     ids = torch.tensor([[1, 5, 6, 7]])
     with torch.no_grad():
         assert not torch.allclose(tuned(input_ids=ids).logits, base(input_ids=ids).logits)
+    # --merge-lora: the same run saved as a plain model, the adapters in its weights
+    merged_dir = tmp_path / "merged"
+    main(["train", "--model", str(model), "--data", str(data), "--output", str(merged_dir),
+          "--lora-r", "16", "--lora-alpha", "32", "--lr", "1e-2", "--epochs", "6",
+          "--batch-size", "3", "--merge-lora"])
+    assert not (merged_dir / "adapter_config.json").exists()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(merged_dir)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, tuned(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -391,6 +402,7 @@ def test_train_command_names_what_is_wrong(model_dir, tmp_path, capsys):
         (["--data", str(data), "--eval-every", "2"], "--eval-every needs --eval-data"),
         (["--data", str(data), "--save-every", "0"], "--save-every must be >= 1"),
         (["--data", str(data), "--lora-alpha", "8"], "--lora-alpha needs --lora-r"),
+        (["--data", str(data), "--merge-lora"], "--merge-lora needs --lora-r"),
         (["--data", str(data), "--ref-model", str(small)],
          f"--ref-model {small} has a vocabulary of 40, --model {model} one of 66"),
         (["--data", str(data), "--loss", "hpo"],
