@@ -177,7 +177,7 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             if getattr(args, key) is None:
                 setattr(args, key, value)
     for name in ("online_samples", "max_new_tokens", "batch_size", "epochs", "grad_accum",
-                 "max_length", "pad_to_multiple_of"):
+                 "max_length", "pad_to_multiple_of", "save_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup_steps < 0:
@@ -202,8 +202,6 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             import peft  # noqa: F401
         except ImportError:
             parser.error("--lora-r needs peft: pip install 'hypo-fast[lora]'")
-    if args.save_every is not None and args.save_every < 1:
-        parser.error("--save-every must be >= 1")
     for flag, path in (("--data", args.data), ("--eval-data", args.eval_data)):
         if path is not None and not path.is_file():
             parser.error(f"{flag} {path}: no such file")

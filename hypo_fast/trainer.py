@@ -581,6 +581,14 @@ class PreferenceTrainer:
         self.optimizer_steps = 0  # optimizer steps taken (batches / accumulation)
         self._resume_at = 0  # batches the next fit skips (load_checkpoint)
 
+    def _model_inputs(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The batch on the accelerator's device, with its online samples when sampling."""
+        batch = {k: v.to(self.accelerator.device) if isinstance(v, Tensor) else v
+                 for k, v in batch.items()}
+        if self.online is not None:
+            batch.update(self._online_batch(batch))
+        return batch
+
     def _online_batch(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         o = self.online
         assert o is not None
@@ -603,10 +611,7 @@ class PreferenceTrainer:
         this step's accumulation actually holds (fewer at the end of an epoch), rescales it, so
         that every optimizer step follows the mean loss of its batches. The numbers returned
         include the ``lr`` the step used."""
-        batch = {k: v.to(self.accelerator.device) if isinstance(v, Tensor) else v
-                 for k, v in batch.items()}
-        if self.online is not None:
-            batch.update(self._online_batch(batch))
+        batch = self._model_inputs(batch)
         self.model.train()
         accumulation = self.accelerator.gradient_accumulation_steps
         scale = accumulation / window if window else 1.0
@@ -650,13 +655,8 @@ class PreferenceTrainer:
         totals: Tensor | None = None
         names: list[str] = []
         for batch in self._prepared(loader):
-            batch = {k: v.to(self.accelerator.device) if isinstance(v, Tensor) else v
-                     for k, v in batch.items()}
-            if self.online is not None:
-                batch.update(self._online_batch(batch))
-            loss, metrics = self.model(**batch)
-            pairs = batch["prompt_input_ids"].shape[0] if "prompt_input_ids" in batch else (
-                batch["input_ids"].shape[0] // 2)
+            loss, metrics = self.model(**self._model_inputs(batch))
+            pairs = metrics["chosen_logps"].numel()  # padded or packed
             values = {"loss": loss, **metrics}
             names = list(values)
             rows = torch.stack([v.detach().double().reshape(-1) if v.numel() == pairs else
