@@ -58,6 +58,7 @@ LLAMA = (64, 1000) if DRY else HEADS["llama3-8b"]  # (d, V) of the head measured
 RESULTS: dict = {"checks": [], "timings": [], "sweep": [], "errors": []}
 SECTIONS: list[str] = []  # every guarded section's name
 ONLY: set[str] = set()  # --only: the sections to run (empty: all)
+ROUNDS = 1  # --rounds: timings of the public KL forward per GROUP_M
 
 
 def tokens(n: int) -> int:
@@ -716,9 +717,11 @@ def kl_sweep(n, d, v):
 
 def kl_public_forward_by_group(label, h, w, hr, wr):
     """The public KL forward (its validation included) at each GROUP_M of its forward kernel,
-    on the same inputs: sweep entries ``label``."""
+    on the same inputs, ``--rounds`` times round-robin (a configuration's slow regime shows as
+    an outlier among its rounds, not as a drift between configurations): sweep entries
+    ``label``."""
     default = kkl.two_head_config
-    for gm in (2, 4, 8, 16):
+    for gm in (2, 4, 8, 16, 32) * ROUNDS:
         kkl.two_head_config = lambda kind, dtype, gm=gm: {
             **default(kind, dtype), **({"GROUP_M": gm} if kind == "forward" else {})}
         try:
@@ -843,6 +846,8 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="also sweep block configurations")
     p.add_argument("--only", default="", metavar="SECTION,...",
                    help="run only these sections (and the matmul rate)")
+    p.add_argument("--rounds", type=int, default=1, metavar="R",
+                   help="time the public KL forward at each GROUP_M R times, round-robin")
     p.add_argument("--dry", action="store_true",
                    help="every section on the CPU, interpreted, at small shapes (a test)")
     args = p.parse_args(argv)
@@ -851,6 +856,10 @@ def main(argv=None) -> int:
         p.error(f"--only: no section {', '.join(sorted(ONLY - set(SECTIONS)))}; the sections: "
                 + ", ".join(SECTIONS))
     args.sweep |= bool(ONLY & {"sweep", "kl-sweep"})
+    if args.rounds < 1:
+        p.error(f"--rounds: expected at least 1, got {args.rounds}")
+    global ROUNDS
+    ROUNDS = args.rounds
     if args.dry != DRY or (os.environ.get("TRITON_INTERPRET") == "1") != DRY:
         p.error("--dry runs as a script with TRITON_INTERPRET=1 in the environment, and only "
                 "--dry runs with it")

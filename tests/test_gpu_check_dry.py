@@ -36,7 +36,7 @@ def test_every_section_of_the_gpu_check_runs_dry(tmp_path):
     assert table.count("ours, dX chunk 192 MiB (no budget)") == 1  # the all-valid row only
     assert "| llama3-8b KL | 256 (256) | bfloat16 |  | input validation |" in table
     # issue 4's forward at each GROUP_M on kl-timings' own inputs, pointer loads not among them
-    assert table.count("| KL public forward, kl-timings inputs |") == 4
+    assert table.count("| KL public forward, kl-timings inputs |") == 5
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     # the dry shapes leave tokens to score (every token of a 256-token run was once a prompt)
     assert all(row["N_valid"] > 0 for row in results["timings"] + results["filtered"])
@@ -50,6 +50,13 @@ def test_only_runs_the_named_sections_and_the_matmul_rate(tmp_path):
     ran = {section for section in SECTIONS if f"[{section}] " in log}
     assert ran == {"matmul-rate", "profile", "sweep"}, ran
     assert "| kind | BM | BN | BK | GROUP_M |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_rounds_time_each_group_m_of_the_public_kl_forward_round_robin(tmp_path):
+    dry_run(tmp_path, "--only", "kl-sweep", "--rounds", "2")
+    sweep = json.loads((tmp_path / "gpu_check.json").read_text())["sweep"]
+    groups = [row["GROUP_M"] for row in sweep if row["kind"] == "KL public forward"]
+    assert groups == [2, 4, 8, 16, 32] * 2, groups
 
 
 def test_only_refuses_a_section_it_does_not_have(tmp_path):
