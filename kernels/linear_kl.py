@@ -474,7 +474,8 @@ def two_head_config(kind: str, dtype: torch.dtype) -> dict:
     in one K loop (``FUSE_K``, where d = d_ref: 35.9 -> 31.0 ms), the backward pipelines 4
     stages (59.8 -> 52.2 ms). The forward's programs go in groups of 4 row blocks, the fastest
     in run 9's sweep (two trees: 30.2-30.3 ms, against 31.1-31.4 with 16 and 37.4-37.6 with 8;
-    8 swept 29.8-30.5 ms in runs 5, 6 and 8, 35.9 in run 7)."""
+    8 swept 29.8-30.5 ms in runs 5, 6 and 8, 35.9 in run 7). On an H200 (run 11, 4 rounds of
+    the public forward) 8 and 16 were 1.5-2% faster than 4, within the rounds' spread."""
     cfg = block_config(kind, dtype)
     # not linear_logprob's flattened tile and K loops: 29.9 -> 40.8 ms (H100, run 8)
     cfg.pop("FLATTEN", None)
