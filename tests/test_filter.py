@@ -19,7 +19,7 @@ from hypo_fast.kernels import linear_kl as KL
 from hypo_fast.kernels import linear_logprob as K
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_helpers import BF16, F32, F64, INTERPRET, gen, tma_loads
+from kernel_helpers import BF16, DEVICE, F32, F64, INTERPRET, gen, tma_loads
 
 from hypo_fast import ops
 from hypo_fast import reference as R
@@ -30,16 +30,16 @@ def peaked_case(seed, n, d, v, *, hot=24, dtype=F32, bias_gap=10.0):
     sorting the vocabulary): a bias of +bias_gap/2 on ``hot`` tokens spread over two ranges and
     −bias_gap/2 elsewhere, plus a small h·w term. Labels are mostly hot tokens."""
     g = gen(seed)
-    hidden = torch.randn(n, d, generator=g).to(dtype)
-    weight = (torch.randn(v, d, generator=g) * 0.7 / d**0.5).to(dtype)
+    hidden = torch.randn(n, d, generator=g).to(DEVICE, dtype)
+    weight = (torch.randn(v, d, generator=g) * 0.7 / d**0.5).to(DEVICE, dtype)
     bias = torch.full((v,), -bias_gap / 2)
     hot_ids = torch.cat([torch.arange(min(hot, v)), torch.arange(v // 2, min(v, v // 2 + 4))])
     bias[hot_ids] = bias_gap / 2
-    bias = bias.to(dtype)
+    bias = bias.to(DEVICE, dtype)
     labels = hot_ids[torch.randint(0, len(hot_ids), (n,), generator=g)]
     labels[torch.rand(n, generator=g) < 0.05] = torch.randint(0, v, (1,), generator=g).item()
     labels[torch.rand(n, generator=g) < 0.25] = -100
-    return hidden, weight, bias, labels, g
+    return hidden, weight, bias, labels.to(DEVICE), g
 
 
 def spec_logits_grad(hidden, weight, bias, labels, rows, coefs, *, temperature, softcap, entropy):
@@ -60,7 +60,7 @@ def run_filtered(hidden, weight, bias, labels, coefs, *, eps, temperature, softc
     rows = (labels != -100).nonzero().squeeze(1)
     lab = labels[rows]
     width = K.tile_width(hidden.dtype)
-    tile_lse = torch.empty(triton.cdiv(weight.shape[0], width), hidden.shape[0])
+    tile_lse = torch.empty(triton.cdiv(weight.shape[0], width), hidden.shape[0], device=DEVICE)
     opts = dict(temperature=temperature, softcap=softcap)
     _, lse, ent, norm, _ = K.logprob_forward(hidden, weight, bias, lab, rows, want_entropy=entropy,
                                              tile_lse=tile_lse, **opts)
@@ -98,7 +98,7 @@ def test_filtered_equals_exact_on_kept_tiles_and_drops_only_small_entries(
     rows = (labels != -100).nonzero().squeeze(1)
     if rows.numel() == 0:
         return
-    coefs = torch.randn(3, rows.numel(), generator=g, dtype=F64)
+    coefs = torch.randn(3, rows.numel(), generator=g, dtype=F64).to(DEVICE)
     _, (dh, dw, db), _, element_keep = run_filtered(
         hidden, weight, bias, labels, coefs, eps=eps, temperature=temperature, softcap=softcap,
         entropy=entropy)
@@ -118,7 +118,7 @@ def test_filtering_skips_most_tiles_of_a_peaked_head():
     """Not a vacuous filter: on the peaked head most tiles go, and the result moves by little."""
     hidden, weight, bias, labels, g = peaked_case(0, 256, 32, 1000, bias_gap=30.0)
     rows = (labels != -100).nonzero().squeeze(1)
-    coefs = torch.randn(3, rows.numel(), generator=g, dtype=F64)
+    coefs = torch.randn(3, rows.numel(), generator=g, dtype=F64).to(DEVICE)
     opts = dict(temperature=1.0, softcap=None, entropy=True)
     _, filtered, keep, _ = run_filtered(hidden, weight, bias, labels, coefs, eps=2.0**-12, **opts)
     _, exact, _, _ = run_filtered(hidden, weight, bias, labels, coefs, eps=0.0, **opts)
@@ -130,7 +130,7 @@ def test_filtering_skips_most_tiles_of_a_peaked_head():
 def test_dense_fallback_is_the_exact_backward_bit_for_bit():
     hidden, weight, bias, labels, g = peaked_case(1, 128, 32, 600)
     rows = (labels != -100).nonzero().squeeze(1)
-    coefs = torch.randn(3, rows.numel(), generator=g, dtype=F64)
+    coefs = torch.randn(3, rows.numel(), generator=g, dtype=F64).to(DEVICE)
     opts = dict(temperature=1.0, softcap=None, entropy=False)
     _, dense, _, _ = run_filtered(hidden, weight, bias, labels, coefs, eps=2.0**-12,
                                   max_fraction=0.0, **opts)
@@ -144,7 +144,7 @@ def test_public_op_filters_deterministically(dtype):
     """``filter_eps`` through ``ops.linear_logprob``: bit-identical across runs, close to exact
     (bf16: its own rounding), and ``filter_eps=None`` differs from the filtered result."""
     hidden, weight, bias, labels, g = peaked_case(2, 192, 32, 800, dtype=dtype, bias_gap=30.0)
-    coef = torch.randn(labels.shape, generator=g)
+    coef = torch.randn(labels.shape, generator=g).to(DEVICE)
 
     def grads(filter_eps):
         h, w, b = (t.detach().requires_grad_() for t in (hidden, weight, bias))
@@ -163,7 +163,7 @@ def test_auto_eps_is_a_fraction_of_the_dtype_resolution():
     """``"auto"`` is machine epsilon / 32 (2^-12 for bf16): with it, a bf16 peaked head stays
     within two bf16 roundings (2^-7, relative) of the exact backward."""
     hidden, weight, bias, labels, g = peaked_case(3, 160, 32, 700, dtype=BF16, bias_gap=30.0)
-    coef = torch.randn(labels.shape, generator=g)
+    coef = torch.randn(labels.shape, generator=g).to(DEVICE)
     out = {}
     for mode in ("auto", None):
         h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
@@ -180,8 +180,8 @@ def test_block_sparse_backward_of_a_strided_hidden_wider_than_a_block():
     as on a contiguous copy, within the filter's error of the exact backward, every column of
     dH and dW written."""
     hidden, weight, bias, labels, g = peaked_case(7, 96, 96, 330, bias_gap=30.0)
-    coefs = torch.randn(3, int((labels != -100).sum()), generator=g, dtype=F64)
-    wide = torch.zeros(96, 128)
+    coefs = torch.randn(3, int((labels != -100).sum()), generator=g, dtype=F64).to(DEVICE)
+    wide = torch.zeros(96, 128, device=DEVICE)
     wide[:, :96] = hidden
     run = functools.partial(run_filtered, weight=weight, bias=bias, labels=labels, coefs=coefs,
                             temperature=1.0, softcap=None, entropy=True)
@@ -201,7 +201,7 @@ def test_filtered_backward_with_tma_loads(tiles_per_chunk, max_fraction, monkeyp
     fallback, over several chunks, loads through descriptors and computes what gathered pointer
     loads compute (bit for bit under the interpreter)."""
     hidden, weight, bias, labels, g = peaked_case(6, 96, 32, 330, dtype=BF16, bias_gap=30.0)
-    coefs = torch.randn(3, int((labels != -100).sum()), generator=g, dtype=F64)
+    coefs = torch.randn(3, int((labels != -100).sum()), generator=g, dtype=F64).to(DEVICE)
     made = []
     real = TILES.TensorDescriptor.from_tensor
     monkeypatch.setattr(TILES.TensorDescriptor, "from_tensor",
@@ -231,9 +231,9 @@ def test_filtered_backward_is_the_same_over_any_chunking(tiles_per_chunk):
     rows = (labels != -100).nonzero().squeeze(1)
     lab = labels[rows]
     width = K.tile_width(hidden.dtype)
-    tile_lse = torch.empty(triton.cdiv(weight.shape[0], width), hidden.shape[0])
+    tile_lse = torch.empty(triton.cdiv(weight.shape[0], width), hidden.shape[0], device=DEVICE)
     norm = K.logprob_forward(hidden, weight, bias, lab, rows, tile_lse=tile_lse).norm
-    g_logp = torch.randn(rows.numel(), generator=g)
+    g_logp = torch.randn(rows.numel(), generator=g).to(DEVICE)
 
     def backward(chunk_bytes):
         return K.logprob_backward(hidden, weight, bias, lab, rows, norm, None, g_logp, None, None,
@@ -255,10 +255,10 @@ def test_filtered_backward_on_narrower_dx_tiles(softcap):
     rows = (labels != -100).nonzero().squeeze(1)
     lab = labels[rows]
     width = K.tile_width(hidden.dtype)
-    tile_lse = torch.empty(triton.cdiv(weight.shape[0], width), hidden.shape[0])
+    tile_lse = torch.empty(triton.cdiv(weight.shape[0], width), hidden.shape[0], device=DEVICE)
     norm = K.logprob_forward(hidden, weight, bias, lab, rows, softcap=softcap,
                              tile_lse=tile_lse).norm
-    g_logp = torch.randn(rows.numel(), generator=g)
+    g_logp = torch.randn(rows.numel(), generator=g).to(DEVICE)
 
     def backward(bn):
         config = {**K.backward_config(hidden.dtype, softcap), "BN": bn}
@@ -284,17 +284,17 @@ def run_kl_filtered(seed, n, v, *, reverse, eps, temperature, softcap, gap, dist
     ``distance`` (relative) as the reference: ``(rows, labels, coefs, (dH, dW, db),
     element_keep, keep)`` of a filtered backward."""
     hidden, weight, bias, labels, g = peaked_case(seed, n, 32, v, bias_gap=gap)
-    ref_weight = weight * (1 + distance * torch.randn(weight.shape, generator=g))
-    ref_bias = bias + 10 * distance * torch.randn(bias.shape, generator=g)
+    ref_weight = weight * (1 + distance * torch.randn(weight.shape, generator=g).to(DEVICE))
+    ref_bias = bias + 10 * distance * torch.randn(bias.shape, generator=g).to(DEVICE)
     rows = (labels != -100).nonzero().squeeze(1)
     lab = labels[rows]
     policy = KL.Head(hidden, weight, bias)
     ref = KL.Head(hidden * (1 - distance), ref_weight, ref_bias)
     width = KL.tile_width(hidden.dtype)
-    stats = torch.empty(KL.TILE_STATS, triton.cdiv(v, width), n)
+    stats = torch.empty(KL.TILE_STATS, triton.cdiv(v, width), n, device=DEVICE)
     opts = dict(reverse=reverse, temperature=temperature, softcap=softcap)
     st = KL.kl_forward(policy, ref, rows, lab, want_entropy=True, tile_stats=stats, **opts)
-    coefs = torch.randn(3, rows.numel(), generator=g)
+    coefs = torch.randn(3, rows.numel(), generator=g).to(DEVICE)
     grads = KL.kl_backward(policy, ref, rows, lab, st.norm, st.entropy, *coefs, need_bias=True,
                            tile_stats=stats, filter_eps=eps, max_fraction=1.0, **opts)
     bm = KL.two_head_config("backward", hidden.dtype)["BM"]
@@ -353,11 +353,11 @@ def test_kl_forward_filter_keeps_a_tile_whose_policy_mass_underflowed(flushed):
     (found by review: bounds through the flushed P read 0, then ~W times too little)."""
     n, d, v = 1, 32, 1024
     g = torch.Generator().manual_seed(0)
-    weight = torch.randn(v, d, generator=g) * 0.01
-    hidden = torch.randn(n, d, generator=g)
+    weight = (torch.randn(v, d, generator=g) * 0.01).to(DEVICE)
+    hidden = torch.randn(n, d, generator=g).to(DEVICE)
     width = KL.tile_width(hidden.dtype)
     tile1 = slice(width, 2 * width)
-    bias, ref_bias = torch.full((v,), -150.0), torch.full((v,), -150.0)
+    bias, ref_bias = (torch.full((v,), -150.0, device=DEVICE) for _ in range(2))
     bias[:width] = ref_bias[:width] = 0.0
     if flushed == "whole tile":
         ref_bias[tile1] = 10.0
@@ -366,8 +366,8 @@ def test_kl_forward_filter_keeps_a_tile_whose_policy_mass_underflowed(flushed):
         bias[width], bias[width + 1:2 * width] = -103.0, -104.6
         ref_bias[width], ref_bias[width + 1:2 * width] = -200.0, -3.46
     policy, ref = KL.Head(hidden, weight, bias), KL.Head(hidden, weight, ref_bias)
-    rows, eps, g_kl = torch.arange(n), 2e-3, torch.ones(n)
-    stats = torch.empty(KL.TILE_STATS, triton.cdiv(v, width), n)
+    rows, eps, g_kl = torch.arange(n, device=DEVICE), 2e-3, torch.ones(n, device=DEVICE)
+    stats = torch.empty(KL.TILE_STATS, triton.cdiv(v, width), n, device=DEVICE)
     norm = KL.kl_forward(policy, ref, rows, reverse=False, tile_stats=stats).norm
     true_lse = torch.logsumexp((hidden @ weight.T + bias)[0, tile1].double(), 0)
     if flushed == "whole tile":  # the cases themselves
@@ -392,16 +392,16 @@ def test_kl_filtering_skips_more_of_a_closer_reference(reverse):
     and one 0.01% away most of them (what is skipped obeys the bound: property-tested above)."""
     n, v = 256, 1000
     hidden, weight, bias, _, g = peaked_case(0, n, 32, v, bias_gap=10.0)
-    rows = torch.arange(n)
+    rows = torch.arange(n, device=DEVICE)
     width = KL.tile_width(hidden.dtype)
     bm = KL.two_head_config("backward", hidden.dtype)["BM"]
-    g_kl = torch.randn(n, generator=g)
+    g_kl = torch.randn(n, generator=g).to(DEVICE)
     kept = []
     for distance in (0.1, 0.01, 1e-4):
         ref = KL.Head(hidden * (1 - distance),
-                      weight * (1 + distance * torch.randn(weight.shape, generator=g)),
-                      bias + 10 * distance * torch.randn(bias.shape, generator=g))
-        stats = torch.empty(KL.TILE_STATS, triton.cdiv(v, width), n)
+                      weight * (1 + distance * torch.randn(weight.shape, generator=g).to(DEVICE)),
+                      bias + 10 * distance * torch.randn(bias.shape, generator=g).to(DEVICE))
+        stats = torch.empty(KL.TILE_STATS, triton.cdiv(v, width), n, device=DEVICE)
         norm = KL.kl_forward(KL.Head(hidden, weight, bias), ref, rows, reverse=reverse,
                              tile_stats=stats).norm
         keep = KL.filter_tiles(stats, norm, None, None, g_kl, None, None, reverse, 2.0**-12, bm,
@@ -438,8 +438,8 @@ def test_public_kl_op_filters_deterministically(direction, monkeypatch):
     monkeypatch.setattr(KL, "filter_tiles", spy)
     hidden, weight, bias, labels, g = peaked_case(9, 128, 32, 700, bias_gap=30.0)
     hidden.requires_grad_()
-    ref_weight = weight * (1 + 0.1 * torch.randn(weight.shape, generator=g))
-    coef = torch.randn(128, generator=g)
+    ref_weight = weight * (1 + 0.1 * torch.randn(weight.shape, generator=g).to(DEVICE))
+    coef = torch.randn(128, generator=g).to(DEVICE)
 
     def grads(filter_eps):
         out = ops.linear_kl(hidden, weight, hidden.detach() * 0.9, ref_weight, bias=bias,
@@ -482,18 +482,19 @@ def test_logprob_drops_obey_the_bound_of_the_entropy_term_alone():
     bound's worst case)."""
     g = gen(0)
     n, d, v = 40, 32, 300
-    hidden = torch.randn(n, d, generator=g)
-    weight = torch.randn(v, d, generator=g) * 3.0 / d**0.5
+    hidden = torch.randn(n, d, generator=g).to(DEVICE)
+    weight = (torch.randn(v, d, generator=g) * 3.0 / d**0.5).to(DEVICE)
     weight[64:128] = 0.0
-    bias = torch.randn(v, generator=g)
+    bias = torch.randn(v, generator=g).to(DEVICE)
     bias[64:128] = -3.0
-    labels = torch.randint(0, v, (n,), generator=g)
+    labels = torch.randint(0, v, (n,), generator=g).to(DEVICE)
+    rows = torch.arange(n, device=DEVICE)
     width = K.tile_width(hidden.dtype)
-    tile_lse = torch.empty(triton.cdiv(v, width), n)
-    fwd = K.logprob_forward(hidden, weight, bias, labels, torch.arange(n), want_entropy=True,
+    tile_lse = torch.empty(triton.cdiv(v, width), n, device=DEVICE)
+    fwd = K.logprob_forward(hidden, weight, bias, labels, rows, want_entropy=True,
                             tile_lse=tile_lse)
-    g_ent, g_logp = torch.randn(n, generator=g), torch.randn(n, generator=g)
-    dx = spec_logits_grad(hidden, weight, bias, labels, torch.arange(n),
+    g_ent, g_logp = (torch.randn(n, generator=g).to(DEVICE) for _ in range(2))
+    dx = spec_logits_grad(hidden, weight, bias, labels, rows,
                           (g_logp.double(), g_logp.double(), g_ent.double()), temperature=1.0,
                           softcap=None, entropy=True)
     assert_drops_within_budget(
@@ -522,11 +523,13 @@ def test_kl_drops_obey_the_bound_of_the_kl_term_alone(reverse, favoured):
         bias[:64], bias[192:256] = 4.0, 0.0
         ref_b = bias.clone()
         ref_b[192:256] += favoured
+    hidden, weight, bias = hidden.to(DEVICE), weight.to(DEVICE), bias.to(DEVICE)
+    ref_w, ref_b = ref_w.to(DEVICE), ref_b.to(DEVICE)
     width = KL.tile_width(hidden.dtype)
-    stats = torch.empty(KL.TILE_STATS, triton.cdiv(v, width), n)
+    stats = torch.empty(KL.TILE_STATS, triton.cdiv(v, width), n, device=DEVICE)
     st = KL.kl_forward(KL.Head(hidden, weight, bias), KL.Head(hidden, ref_w, ref_b),
-                       torch.arange(n), reverse=reverse, tile_stats=stats)
-    g_kl = torch.randn(n, generator=g)
+                       torch.arange(n, device=DEVICE), reverse=reverse, tile_stats=stats)
+    g_kl = torch.randn(n, generator=g).to(DEVICE)
     x = (hidden.double() @ weight.double().T + bias.double()).requires_grad_()
     kl = R.kl_from_logits(x, hidden.double() @ ref_w.double().T + ref_b.double(),
                           "reverse" if reverse else "forward")
@@ -543,13 +546,14 @@ def test_recorded_tile_masses_bound_the_true_ones_at_extreme_logits():
     as 0 (documented)."""
     g = gen(1)
     n, d, v = 40, 32, 300
-    hidden = torch.randn(n, d, generator=g)
-    weight = torch.randn(v, d, generator=g) * 350.0 / d**0.5
-    bias = torch.randn(v, generator=g)
-    labels = torch.randint(0, v, (n,), generator=g)
+    hidden = torch.randn(n, d, generator=g).to(DEVICE)
+    weight = (torch.randn(v, d, generator=g) * 350.0 / d**0.5).to(DEVICE)
+    bias = torch.randn(v, generator=g).to(DEVICE)
+    labels = torch.randint(0, v, (n,), generator=g).to(DEVICE)
     width = K.tile_width(hidden.dtype)
-    tile_lse = torch.empty(triton.cdiv(v, width), n)
-    fwd = K.logprob_forward(hidden, weight, bias, labels, torch.arange(n), tile_lse=tile_lse)
+    tile_lse = torch.empty(triton.cdiv(v, width), n, device=DEVICE)
+    fwd = K.logprob_forward(hidden, weight, bias, labels, torch.arange(n, device=DEVICE),
+                            tile_lse=tile_lse)
     z = hidden.double() @ weight.double().T + bias.double()
     padded = torch.nn.functional.pad(z, (0, tile_lse.shape[0] * width - v), value=-math.inf)
     true = (torch.logsumexp(padded.view(n, -1, width), 2) - torch.logsumexp(z, 1)[:, None]).T

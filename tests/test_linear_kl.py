@@ -39,6 +39,7 @@ from kernel_helpers import (
     VALUE_TOL,
     assert_comparable,
     assert_rel,
+    assert_same_over_chunks,
     combined_loss,
     gen,
     kernel_forbidder,
@@ -599,7 +600,8 @@ def check_chunked_backward(reverse, dtype):
     one = K.kl_backward(*args, reverse=reverse, need_bias=True)
     chunked = K.kl_backward(*args, reverse=reverse, need_bias=True, chunk_bytes=rows.numel() * 4
                             * 64)
-    for name, a, b in zip(("dH", "dW", "db"), chunked, one, strict=True):
+    assert_same_over_chunks("dW", chunked[1], one[1])
+    for name, a, b in (("dH", chunked[0], one[0]), ("db", chunked[2], one[2])):
         # 16-bit dH: the chunks' fp32 sums, in another order, may round to a neighbour
         assert_rel(name, a, b, 1e-6 if dtype == F32 or name != "dH" else 1e-2)
     assert one[0].shape == (rows.numel(), policy.hidden.shape[1])  # the valid rows' dH

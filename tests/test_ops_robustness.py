@@ -6,19 +6,28 @@ from __future__ import annotations
 import pytest
 import torch
 from hypo_fast.kernels import linear_logprob as K
-from kernel_helpers import tma_loads
+from kernel_helpers import DEVICE, tma_loads
 
 from hypo_fast import _layout, ops
 from hypo_fast import reference as R
 
+CPU = torch.device("cpu")
 
-def small(dtype=torch.float64, seed=0):
+
+def on(backend: str) -> torch.device:
+    """Where a backend's inputs live: the kernels' DEVICE for triton, the CPU for the others
+    (the reference takes any device; the cpu backend is meant for CPU tensors)."""
+    return DEVICE if backend == "triton" else CPU
+
+
+def small(dtype=torch.float64, seed=0, device=DEVICE):
+    """A head drawn on the CPU (the same values on every device), its leaves made on ``device``."""
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(2, 9, 16, generator=g, dtype=dtype, requires_grad=True)
-    weight = (torch.randn(50, 16, generator=g, dtype=dtype) / 4).requires_grad_()
+    hidden = torch.randn(2, 9, 16, generator=g, dtype=dtype).to(device).requires_grad_()
+    weight = (torch.randn(50, 16, generator=g, dtype=dtype) / 4).to(device).requires_grad_()
     labels = torch.randint(0, 50, (2, 9), generator=g)
     labels[0, :3] = -100
-    return hidden, weight, labels
+    return hidden, weight, labels.to(device)
 
 
 def test_fp64_inputs_run_in_fp32_and_get_fp64_gradients():
@@ -59,7 +68,7 @@ def test_backward_op_returns_row_major_gradients_for_column_major_inputs():
     labels = labels.reshape(18)
     _, _, ent, _, tile_lse, norm = torch.ops.hypo_fast.linear_logprob(
         hidden_t, weight_t, labels, None, -100, 1.0, 0.0, True, False, 0.0)
-    g = torch.randn(18)
+    g = torch.randn(18).to(DEVICE)
     args = (hidden_t, weight_t, labels, None, norm, ent, tile_lse, g, -g, g, -100, 1.0, 0.0, 0.0,
             [True, True, False])
     torch.library.opcheck(torch.ops.hypo_fast.linear_logprob_backward.default, args)
@@ -69,7 +78,7 @@ def test_backward_op_returns_row_major_gradients_for_column_major_inputs():
 
 def test_forward_launcher_with_no_valid_row_returns_empties():
     hidden, weight, _ = small(torch.float32)
-    rows = torch.zeros(0, dtype=torch.long)
+    rows = torch.zeros(0, dtype=torch.long, device=DEVICE)
     logp, lse, ent, norm, coll = K.logprob_forward(
         hidden.detach().reshape(18, 16), weight.detach(), None, rows, rows, want_entropy=True,
         want_collision=True)
@@ -78,22 +87,22 @@ def test_forward_launcher_with_no_valid_row_returns_empties():
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_token_weights_without_seq_ids_is_an_error(backend):
-    hidden, weight, labels = small(torch.float32)
+    hidden, weight, labels = small(torch.float32, device=on(backend))
+    weights = torch.ones(2, 9, device=on(backend))
     with pytest.raises(ValueError, match="pass seq_ids"):
-        ops.linear_logprob(hidden, weight, labels, token_weights=torch.ones(2, 9),
-                           backend=backend)
+        ops.linear_logprob(hidden, weight, labels, token_weights=weights, backend=backend)
 
 
 def shifted_case():
     """A causal LM's shift: hidden[:, :-1] of a [3, 10, 16] buffer (``reshape`` would copy it),
     labels aligned with it, a frozen reference head laid out alike."""
     g = torch.Generator().manual_seed(5)
-    base = torch.randn(3, 10, 16, generator=g, requires_grad=True)
-    ref_base = torch.randn(3, 10, 16, generator=g)
-    weight = (torch.randn(40, 16, generator=g) / 4).requires_grad_()
+    base = torch.randn(3, 10, 16, generator=g).to(DEVICE).requires_grad_()
+    ref_base = torch.randn(3, 10, 16, generator=g).to(DEVICE)
+    weight = (torch.randn(40, 16, generator=g) / 4).to(DEVICE).requires_grad_()
     labels = torch.randint(0, 40, (3, 9), generator=g)
     labels[1, :4] = -100
-    return base, ref_base, weight, labels
+    return base, ref_base, weight, labels.to(DEVICE)
 
 
 @pytest.mark.parametrize("op", ["logprob", "kl"])
@@ -152,10 +161,10 @@ def test_transposed_hidden_every_row_valid(op, dtype, tma):
     every row of the buffer but in another order, so the kernels must follow the row index
     (not take the buffer's rows in order); the same values and gradients as a copy."""
     g = torch.Generator().manual_seed(6)
-    base = torch.randn(3, 5, 16, generator=g, dtype=dtype)
-    ref = torch.randn(3, 5, 16, generator=g, dtype=dtype).transpose(0, 1)
-    weight = (torch.randn(40, 16, generator=g, dtype=dtype) / 4).requires_grad_()
-    labels = torch.randint(0, 40, (5, 3), generator=g)
+    base = torch.randn(3, 5, 16, generator=g, dtype=dtype).to(DEVICE)
+    ref = torch.randn(3, 5, 16, generator=g, dtype=dtype).to(DEVICE).transpose(0, 1)
+    weight = (torch.randn(40, 16, generator=g, dtype=dtype) / 4).to(DEVICE).requires_grad_()
+    labels = torch.randint(0, 40, (5, 3), generator=g).to(DEVICE)
 
     def run(h):
         if op == "logprob":
@@ -180,10 +189,11 @@ def test_descriptor_loads_need_d_rows_of_16_bytes():
     the gathered hidden rows would not, so HYPO_FAST_TMA=1 falls back to pointer loads (a
     descriptor over them fails) and computes what pointer loads compute."""
     g = torch.Generator().manual_seed(8)
-    weight = (torch.randn(40, 48, generator=g) / 6).bfloat16()[:, :44].requires_grad_()
-    hidden = torch.randn(2, 9, 44, generator=g).bfloat16().requires_grad_()
+    weight = (torch.randn(40, 48, generator=g) / 6).bfloat16().to(DEVICE)[:, :44].requires_grad_()
+    hidden = torch.randn(2, 9, 44, generator=g).bfloat16().to(DEVICE).requires_grad_()
     labels = torch.randint(0, 40, (2, 9), generator=g)
     labels[0, :3] = -100
+    labels = labels.to(DEVICE)
     out = []
     for tma in (False, True):
         with tma_loads(tma):
@@ -218,7 +228,7 @@ def test_every_token_valid_gathers_no_rows(op):
     """With no ignored token the hidden states serve as their own valid rows: neither pass
     gathers an [n, d] copy of them (a launcher told so checks that it is true)."""
     hidden, weight, _ = small(torch.float32)
-    labels = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     with torch.profiler.profile(record_shapes=True) as prof:
         if op == "logprob":
             loss = ops.linear_logprob(hidden, weight, labels, backend="triton").logp.sum()
@@ -229,7 +239,7 @@ def test_every_token_valid_gathers_no_rows(op):
     gathers = [e.input_shapes for e in prof.key_averages(group_by_input_shape=True)
                if e.key == "aten::index_select" and e.input_shapes[:1] == [[18, 16]]]
     assert not gathers, gathers
-    rows = torch.arange(17)
+    rows = torch.arange(17, device=DEVICE)
     with pytest.raises(ValueError, match="all_rows: rows must be every row"):
         K.logprob_forward(hidden.detach().reshape(18, 16), weight.detach(), None,
                           labels.reshape(-1)[:17], rows, all_rows=True)
@@ -239,11 +249,11 @@ def test_every_token_valid_gathers_no_rows(op):
 def test_autocast_does_not_lower_the_precision(backend):
     """Both ops compute in fp32 under torch.autocast too: the spec's matmul is not autocast to
     bf16 (it was: log-probs came back bf16, 5e-2 off)."""
-    hidden, weight, labels = small(torch.float32)
+    hidden, weight, labels = small(torch.float32, device=on(backend))
     ref_hidden, ref_weight = hidden.detach() * 0.9, weight.detach() * 1.1
     results = []
     for enabled in (False, True):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+        with torch.autocast(hidden.device.type, dtype=torch.bfloat16, enabled=enabled):
             lp = ops.linear_logprob(hidden, weight, labels, backend=backend)
             kl = ops.linear_kl(hidden, weight, ref_hidden, ref_weight, labels=labels,
                                backend=backend)
@@ -258,7 +268,7 @@ def test_reference_backend_compiles_without_graph_breaks(op):
     """The CPU default (the reference) under ``torch.compile(fullgraph=True)``: validation,
     which reads values back to the host, is skipped in a graph, as on the triton path."""
     torch._dynamo.reset()
-    hidden, weight, labels = small(torch.float32)
+    hidden, weight, labels = small(torch.float32, device=CPU)
     seq_ids = torch.arange(2)[:, None].expand(2, 9)
 
     def fn(hidden, weight, num_seqs=2):
@@ -289,11 +299,11 @@ def test_no_counted_token_gives_zeros_and_zero_gradients(backend, filter_eps, tm
     """Every label ignored (a micro-batch whose completions were all truncated): no error,
     every output 0, and gradients of zeros that still reach every input (a data-parallel
     reducer expects one for each parameter)."""
-    hidden, weight, labels = small(torch.float32)
-    bias = torch.randn(50, requires_grad=True)
-    weights = torch.rand(2, 9, requires_grad=True)
+    hidden, weight, labels = small(torch.float32, device=on(backend))
+    bias = torch.randn(50).to(hidden.device).requires_grad_()
+    weights = torch.rand(2, 9).to(hidden.device).requires_grad_()
     ignored = torch.full_like(labels, -100)
-    seq_ids = torch.arange(2)[:, None].expand(2, 9)
+    seq_ids = torch.arange(2, device=hidden.device)[:, None].expand(2, 9)
     with tma_loads(tma):
         lp = ops.linear_logprob(hidden, weight, ignored, bias, seq_ids=seq_ids,
                                 token_weights=weights, return_entropy=True, backend=backend,
@@ -334,7 +344,7 @@ def test_double_backward_is_a_clear_error_on_triton():
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_labels_made_in_inference_mode(backend):
     """Labels from an evaluation-time collator (inference tensors) train like any others."""
-    hidden, weight, labels = small()
+    hidden, weight, labels = small(device=on(backend))
     with torch.inference_mode():
         frozen = labels.clone()
     grads = [torch.autograd.grad(sum(o.sum() for o in _both_ops(hidden, weight, y, backend)),
