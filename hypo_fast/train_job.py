@@ -48,6 +48,8 @@ from .trainer import (
 )
 
 LOSSES = ("dpo", "simpo", "cpo", "orpo", "hypo", "hpo")
+TRACKERS = ("all", "tensorboard", "wandb", "trackio", "aim", "comet_ml", "mlflow", "clearml",
+            "dvclive", "swanlab")  # accelerate.utils.LoggerType
 REFERENCE_FREE = ("simpo", "cpo", "orpo")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Options of one loss, None on the command line unless given: given with another loss they are
@@ -161,6 +163,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
                    help="Accelerate's autocast (and loss scaling for fp16)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report-to", nargs="+", default=["none"], metavar="TRACKER",
+                   choices=["none", *TRACKERS],
+                   help="experiment trackers (Accelerate's, installed separately): each "
+                        "metrics.jsonl line goes to them too, at its batch; local ones log "
+                        "under --output/runs; 'all': every one installed (default: none)")
+    p.add_argument("--run-name", default="hypo_fast", help="the trackers' project/run name")
     p.set_defaults(parser=p)
 
 
@@ -207,6 +215,31 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             parser.error(f"{flag} {path}: no such file")
     if args.resume_from is not None and not (args.resume_from / TRAINER_STATE).is_file():
         parser.error(f"--resume-from {args.resume_from}: not a checkpoint (no {TRAINER_STATE})")
+    _check_trackers(parser, args.report_to)
+
+
+def _check_trackers(parser: argparse.ArgumentParser, trackers: list[str]) -> None:
+    """``--report-to``: "none" alone, and every tracker named installed (Accelerate would
+    drop a missing one without a word)."""
+    if "none" in trackers and len(trackers) > 1:
+        parser.error("--report-to none takes no other tracker")
+    if trackers == ["none"]:
+        return
+    from accelerate.tracking import get_available_trackers
+
+    available = {str(t) for t in get_available_trackers()}
+    missing = [t for t in trackers if t != "all" and t not in available]
+    if missing:
+        parser.error(f"--report-to {missing[0]}: not installed (pip install {missing[0]})")
+    if "all" in trackers and not available:
+        parser.error("--report-to all: no tracker is installed")
+
+
+def _tracker_config(args: argparse.Namespace) -> dict[str, int | float | str | bool]:
+    """The command's arguments as the trackers' run configuration: numbers, strings and
+    booleans (what TensorBoard's hyperparameters take), anything else as its text."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+            for k, v in vars(args).items()}
 
 
 def _launched_processes() -> int:
@@ -324,7 +357,9 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
                                                   data_seed=args.seed),
         # launched as several processes with no accelerator device: Accelerate's multi-CPU
         # (gloo), which it picks only when told the run is on the CPU
-        cpu=_launched_processes() > 1 and not torch.accelerator.is_available())
+        cpu=_launched_processes() > 1 and not torch.accelerator.is_available(),
+        **({} if args.report_to == ["none"] else {
+            "log_with": args.report_to, "project_dir": args.output / "runs"}))
     if accelerator.num_processes != _launched_processes():
         parser.error(f"launched as {_launched_processes()} processes but Accelerate runs "
                      f"{accelerator.num_processes}")
@@ -362,6 +397,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
                                 lr_scheduler=_scheduler(args, optimizer, len(loader), accelerator),
                                 max_grad_norm=args.max_grad_norm or None, online=online)
     args.output.mkdir(parents=True, exist_ok=True)
+    if accelerator.log_with:
+        accelerator.init_trackers(args.run_name, config=_tracker_config(args))
     metrics = args.output / "metrics.jsonl"
     kept: list[str] = []
     if args.resume_from is not None:
@@ -372,9 +409,12 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
     with metrics.open("w") if accelerator.is_main_process else (
             contextlib.nullcontext()) as log:
         def write(batch: int, epoch: int, numbers: dict[str, float], prefix: str = "") -> None:
+            named = {prefix + k: v for k, v in numbers.items()}
+            accelerator.log({**named, "optimizer_step": trainer.optimizer_steps,
+                             "epoch": epoch}, step=batch)
             if log is not None:
                 line = json.dumps({"batch": batch, "step": trainer.optimizer_steps,
-                                   "epoch": epoch, **{prefix + k: v for k, v in numbers.items()}})
+                                   "epoch": epoch, **named})
                 log.write(line + "\n")
                 print(line, flush=True)
 
@@ -402,4 +442,5 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
                         if k.startswith("policy.")})
     if accelerator.is_main_process:
         tokenizer.save_pretrained(args.output)
+    accelerator.end_training()
     return history

@@ -380,6 +380,46 @@ def test_train_command_runs_hypo_with_online_samples_and_reference_free_losses(
         assert step["dpo_loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
+def test_train_command_reports_to_tensorboard(model_dir, tmp_path):
+    """``--report-to tensorboard``: every number of metrics.jsonl, evaluations too, as a scalar
+    at its batch, in --output/runs/<run name>."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model, data = model_dir
+    out = tmp_path / "out"
+    main(["train", "--model", str(model), "--data", str(data), "--output", str(out),
+          "--eval-data", str(data), "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-2",
+          "--report-to", "tensorboard", "--run-name", "tiny"])
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(out / "runs" / "tiny")).Reload()
+    assert {"loss", "accuracy", "margins", "eval_loss", "optimizer_step"} <= set(
+        events.Tags()["scalars"])
+    for key, field in (("loss", "loss"), ("eval_loss", "eval_loss"),
+                       ("chosen_rewards", "chosen_rewards"), ("optimizer_step", "step")):
+        want = [(line["batch"], line[field]) for line in lines
+                if key in line or key == "optimizer_step"]
+        got = [(e.step, e.value) for e in events.Scalars(key)]
+        assert [step for step, _ in got] == [step for step, _ in want], key
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6), key
+
+
+def test_report_to_names_a_tracker_that_is_missing(model_dir, tmp_path, capsys, monkeypatch):
+    """Accelerate drops a tracker it cannot import without a word; the command refuses it."""
+    import accelerate.tracking
+
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: [])
+    model, data = model_dir
+    base = ["train", "--model", str(model), "--data", str(data), "--output", str(tmp_path / "o")]
+    for trackers, message in [(["tensorboard"], "--report-to tensorboard: not installed"),
+                              (["all"], "--report-to all: no tracker is installed"),
+                              (["none", "wandb"], "--report-to none takes no other tracker")]:
+        with pytest.raises(SystemExit):
+            main([*base, "--report-to", *trackers])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_train_command_names_what_is_wrong(model_dir, tmp_path, capsys):
     model, data = model_dir
     bad = tmp_path / "bad.jsonl"
