@@ -41,6 +41,11 @@ if INTERPRET:
         """``log x``."""
         return tl.log(x)
 
+    @triton.jit
+    def mul_rn(x, y):
+        """``x·y`` rounded (numpy fuses nothing)."""
+        return x * y
+
 else:
 
     @triton.jit
@@ -55,6 +60,14 @@ else:
         """``log x`` by libdevice's ``fast_logf`` (the hardware log2, subnormals flushed to 0):
         ``tl.log``'s subnormal handling cost a forward ~220 B of register spills."""
         return libdevice.fast_logf(x)
+
+    @triton.jit
+    def mul_rn(x, y):
+        """``x·y`` rounded to fp32 (``mul.rn``), never fused into an FMA with what follows: the
+        logits a backward recomputes are then the forward's bit for bit, where ``x·y - m``
+        contracted to ``fma(x, y, -m)`` in one pass and not the other left the largest logit's
+        ``z - m`` at the product's rounding error instead of 0."""
+        return libdevice.mul_rn(x, y)
 
 
 @triton.jit
@@ -113,7 +126,7 @@ def head_transform(acc, B, offs_n, col_mask, inv_temp, softcap, HAS_BIAS: tl.con
         acc += tl.load(B + offs_n, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:
         acc = softcap_tanh(acc, softcap)
-    return acc * inv_temp
+    return mul_rn(acc, inv_temp)
 
 
 @triton.jit
@@ -139,11 +152,11 @@ def softcap_with_slope(x, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
     ``e = e^{-2|x|/c}`` (:func:`_tanh_parts`), accurate where tanh saturates (``1 - tanh²``
     would cancel to 0). Without a softcap: ``(x / T, 1 / T)``."""
     if HAS_SOFTCAP:
-        z = softcap_tanh(x, softcap) * inv_temp
+        z = mul_rn(softcap_tanh(x, softcap), inv_temp)
         e, r = _tanh_parts(x, softcap)
         slope = 4.0 * e * r * r * inv_temp
     else:
-        z = x * inv_temp
+        z = mul_rn(x, inv_temp)
         slope = tl.zeros_like(x) + inv_temp
     return z, slope
 

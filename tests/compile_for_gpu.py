@@ -4,7 +4,8 @@ e.g. an fp64 dot into an fp32 accumulator), and prints each kernel's resource re
 ``ptxas -v`` (registers per thread, spill stores/loads in bytes) at its default blocks.
 
 The kernels as the benchmarks run them (16-bit inputs; no bias, softcap or entropy) must also
-stay within a budget of spilled registers.
+stay within a budget of spilled registers, and no kernel may fuse the temperature's product into
+an FMA (a backward's recomputed logits would then differ from the forward's).
 
 Arguments get the specialisation Triton's launcher gives a real call at the benchmark shapes:
 pointers 16-byte aligned, ``D``/``DR`` and strides multiples of 16. Without it the loads are
@@ -55,6 +56,20 @@ def resources(ptx: str) -> tuple[str, int | None]:
     return f"{regs[1]} registers, spills {spill[1]} B stored / {spill[2]} B loaded", int(spill[1])
 
 
+def temperature_fused(ptx: str, fn, types, constexprs) -> list[str]:
+    """The instructions of ``ptx`` that fuse the temperature (``inv_temp``) into an FMA: the
+    logits must be its rounded product (``_tiles.mul_rn``), the same in every pass. Pointer
+    loads only: a tensor descriptor takes several PTX parameters, which hides inv_temp's."""
+    if "inv_temp" not in fn.arg_names or any(t.startswith("tensordesc") for t in types.values()):
+        return []
+    index = [a for a in fn.arg_names if a not in constexprs].index("inv_temp")
+    load = re.search(rf"ld\.param\.b32\s+(%r\d+),\s*\[\w+_param_{index}\];", ptx)
+    if load is None:
+        return ["inv_temp: no parameter load found"]
+    return [line.strip() for line in ptx.splitlines()
+            if line.strip().startswith("fma") and re.search(rf"{load[1]}\b", line)]
+
+
 def compile_one(name, fn, types, constexprs, max_spill=None, **options):
     """``types``: the non-constexpr arguments' Triton types (default i32). ``max_spill``: fail
     when ptxas reports more bytes of spill stores."""
@@ -65,6 +80,9 @@ def compile_one(name, fn, types, constexprs, max_spill=None, **options):
     try:
         kernel = triton.compile(ASTSource(fn, signature, constexprs=keys, attrs=attrs),
                                 target=TARGET, options=options)
+        fused = temperature_fused(kernel.asm["ptx"], fn, types, constexprs)
+        if fused:
+            raise RuntimeError(f"the temperature fused into an FMA: {fused[0]}")
         report, spilled = resources(kernel.asm["ptx"])
         report += f", {kernel.metadata.shared} B shared"
         if kernel.metadata.shared > SHARED_LIMIT:
