@@ -72,9 +72,23 @@ def segments_not_contiguous(ids: torch.Tensor, num_seqs: int) -> torch.Tensor:
 def check_tensor(name: str, t: object, *, ndim: int | None = None) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if _is_dtensor(t):
+        raise TypeError(
+            f"{name} is a DTensor (sharded by FSDP2 or tensor parallelism): the fused ops need "
+            "the whole tensor. Under FSDP, call them inside the forward of the module FSDP "
+            "wraps it in, where it is gathered (a PreferenceModel: wrap the decoder layers and "
+            "the whole model, not the output embedding on its own)")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
     return t
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def check_float(name: str, t: object, *, ndim: int | None = None) -> torch.Tensor:

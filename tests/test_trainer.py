@@ -702,6 +702,71 @@ def _ddp_step(rank: int, world_size: int, port: int, pairs: int, out_path: str) 
     accelerator.end_training()
 
 
+def _fsdp_grads(rank: int, world_size: int, port: int, pairs: int, tied: bool,
+                out_path: str, shard_head: bool = False) -> None:
+    """DPO's gradients in process ``rank`` of a PreferenceModel under FSDP2 (``fully_shard`` on
+    each decoder layer, then on the whole module, as Accelerate's transformer wrap does; with
+    ``shard_head`` on the output embedding on its own too), on its share of the pairs; rank 0
+    saves the gathered gradients."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    mesh = init_device_mesh("cpu", (world_size,))
+    policy, reference = models(tied=tied)
+    model = PreferenceModel(policy, FusedLinearDPOLoss(beta=BETA), reference)
+    for unit in [*policy.model.layers, *([policy.lm_head] if shard_head else [])]:
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    share = pairs // world_size
+    loss, _ = model(**collate_pairs(examples(pairs)[rank * share:(rank + 1) * share],
+                                    pad_token_id=PAD))
+    loss.backward()  # FSDP averages the processes' gradients
+    grads = {name: p.grad.full_tensor() for name, p in policy.named_parameters()}
+    if rank == 0:
+        torch.save(grads, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_fsdp2_sharded_model_gets_the_gradients_of_the_whole_batch(tmp_path, tied):
+    """Under FSDP2 (2 CPU processes, gloo) the losses read the output embedding inside the
+    module's forward, where FSDP has gathered it: the averaged gradients of two processes'
+    halves are those of the whole batch on one unsharded model, tied embeddings included."""
+    pairs = 4
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.start_processes(
+        _fsdp_grads, args=(2, port, pairs, tied, str(tmp_path / "fsdp.pt")), nprocs=2,
+        start_method="spawn")
+    sharded = torch.load(tmp_path / "fsdp.pt")
+    policy, reference = models(tied=tied)
+    model = PreferenceModel(policy, FusedLinearDPOLoss(beta=BETA), reference)
+    loss, _ = model(**collate_pairs(examples(pairs), pad_token_id=PAD))
+    loss.backward()
+    for name, p in policy.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        torch.testing.assert_close(sharded[name], p.grad, rtol=1e-10, atol=1e-12,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_fsdp2_output_embedding_sharded_on_its_own_is_a_clear_error(tmp_path):
+    """Its own FSDP unit gathers the output embedding only for its own forward, which the
+    fused losses do not call: they would get the shard, and say so."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(torch.multiprocessing.ProcessRaisedException,
+                       match=r"lin_weight is a DTensor \(sharded by FSDP2"):
+        torch.multiprocessing.start_processes(
+            _fsdp_grads, args=(2, port, 4, False, str(tmp_path / "fsdp.pt"), True), nprocs=2,
+            start_method="spawn")
+
+
 def test_two_ddp_processes_step_evaluate_and_score_as_one_on_the_whole_data(tmp_path):
     pairs = 4
     with socket.socket() as s:  # a free port for the process group
