@@ -58,6 +58,16 @@ LOSS_DEFAULTS = {
     "hypo": {"kl_coef": 0.1, "estimator": "rloo", "online_samples": 2, "max_new_tokens": 64},
     "hpo": {"aux_coef": 1.0, "aux_tau": 1.0, "aux_w_max": 20.0},
 }
+DPO_FAMILY = ("dpo", "hypo", "hpo")
+# Every loss option and the losses that take it (TRL's DPOConfig/CPOConfig names), None on the
+# command line unless given: given with another loss it is an error
+LOSS_OPTIONS = {
+    **{k: (loss,) for loss, defaults in LOSS_DEFAULTS.items() for k in defaults},
+    "loss_type": DPO_FAMILY, "loss_weights": DPO_FAMILY, "rpo_alpha": DPO_FAMILY,
+    "ld_alpha": DPO_FAMILY, "use_weighting": DPO_FAMILY,
+    "label_smoothing": (*DPO_FAMILY, "simpo", "cpo"),
+    "cpo_alpha": ("simpo", "cpo"), "simpo_gamma": ("simpo",),
+}
 DESCRIPTION = ("Preference-train a Hugging Face causal LM on the pairs of a JSON-lines file "
                '({"prompt", "chosen", "rejected"} per line: strings, or lists of messages for '
                "the chat template) with a fused loss; the policy, its tokenizer and "
@@ -69,8 +79,23 @@ def build_loss(args: argparse.Namespace) -> torch.nn.Module:
     """The loss module ``--loss`` names, with the command's hyperparameters (HyPO's and HPO's
     defaults filled in by the argument check)."""
     common: dict[str, Any] = {"beta": args.beta} if args.beta is not None else {}
-    if args.loss in ("dpo", "hypo", "hpo"):
-        common["loss_type"] = args.loss_type
+    if args.label_smoothing is not None:
+        common["label_smoothing"] = args.label_smoothing
+    if args.loss in DPO_FAMILY:
+        types = args.loss_type or ["sigmoid"]
+        common["loss_type"] = types[0] if len(types) == 1 else types
+        if args.loss_weights is not None:
+            common["loss_weights"] = args.loss_weights
+        if args.rpo_alpha is not None:  # TRL's RPO: + α·NLL of the chosen completions
+            common.update(compute_nll_loss=True, alpha=args.rpo_alpha)
+        if args.ld_alpha is not None:
+            common["ld_alpha"] = args.ld_alpha
+        if args.use_weighting:
+            common["use_weighting"] = True
+    if args.cpo_alpha is not None:  # the NLL's weight; 0: none
+        common.update(compute_nll_loss=args.cpo_alpha != 0, alpha=args.cpo_alpha)
+    if args.simpo_gamma is not None:
+        common["gamma"] = args.simpo_gamma
     if args.loss == "dpo":
         return FusedLinearDPOLoss(**common)
     if args.loss == "hypo":
@@ -90,9 +115,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, type=Path, help="where the policy is saved")
     p.add_argument("--ref-model", default=None, help="reference model (default: --model)")
     p.add_argument("--loss", choices=LOSSES, default="dpo")
-    p.add_argument("--loss-type", choices=DPO_LOSS_TYPES, default="sigmoid",
-                   help="DPO-family loss type (dpo, hypo)")
+    p.add_argument("--loss-type", choices=DPO_LOSS_TYPES, nargs="+", default=None,
+                   help="dpo, hypo, hpo: the loss type (default sigmoid), or several summed "
+                        "with --loss-weights (TRL's multi-loss form)")
+    p.add_argument("--loss-weights", type=float, nargs="+", default=None,
+                   help="dpo, hypo, hpo: one weight per --loss-type (default all 1)")
     p.add_argument("--beta", type=float, default=None, help="default: the loss's own")
+    p.add_argument("--label-smoothing", type=float, default=None,
+                   help="dpo, hypo, hpo, simpo, cpo: the preference labels' noise (default 0)")
+    p.add_argument("--rpo-alpha", type=float, default=None,
+                   help="dpo, hypo, hpo: add this times the chosen completions' NLL (RPO)")
+    p.add_argument("--ld-alpha", type=float, default=None,
+                   help="dpo, hypo, hpo: LD-DPO's weight of the tokens past the shorter "
+                        "completion's length, in [0, 1]")
+    p.add_argument("--use-weighting", action="store_true", default=None,
+                   help="dpo, hypo, hpo: WPO's per-pair weights")
+    p.add_argument("--cpo-alpha", type=float, default=None,
+                   help="simpo, cpo: the chosen completions' NLL weight (default 1; 0: none)")
+    p.add_argument("--simpo-gamma", type=float, default=None,
+                   help="simpo: the target reward margin γ (default 0.5)")
     p.add_argument("--kl-coef", type=float, default=None, help="HyPO's λ (default 0.1)")
     p.add_argument("--estimator", choices=KL_ESTIMATORS, default=None,
                    help="HyPO's KL estimator (default rloo)")
@@ -173,10 +214,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for loss, defaults in LOSS_DEFAULTS.items():
-        given = [k for k in defaults if getattr(args, k) is not None]
-        if args.loss != loss and given:
-            parser.error(f"--{given[0].replace('_', '-')} is an option of --loss {loss}, but "
+    for key, losses in LOSS_OPTIONS.items():
+        if getattr(args, key) is not None and args.loss not in losses:
+            takers = " or ".join(losses) if len(losses) < 3 else (
+                ", ".join(losses[:-1]) + " or " + losses[-1])
+            parser.error(f"--{key.replace('_', '-')} is an option of --loss {takers}, but "
                          f"--loss is {args.loss}")
     if args.loss in REFERENCE_FREE and args.ref_model is not None:
         parser.error(f"--loss {args.loss} takes no reference model, but --ref-model is given")

@@ -380,6 +380,45 @@ def test_train_command_runs_hypo_with_online_samples_and_reference_free_losses(
         assert step["dpo_loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
+@pytest.mark.parametrize(("argv", "want"), [
+    (["--loss-type", "sigmoid", "bco_pair", "--loss-weights", "0.8", "0.2", "--rpo-alpha",
+      "0.5", "--ld-alpha", "0.3", "--use-weighting", "--label-smoothing", "0.1"],
+     {"loss_type": ["sigmoid", "bco_pair"], "loss_weights": [0.8, 0.2], "compute_nll_loss": True,
+      "alpha": 0.5, "ld_alpha": 0.3, "use_weighting": True, "label_smoothing": 0.1}),
+    (["--loss-type", "ipo"], {"loss_type": "ipo", "compute_nll_loss": False,
+                              "use_weighting": False, "ld_alpha": None}),
+    (["--loss", "hypo", "--loss-type", "hinge", "--rpo-alpha", "1"],
+     {"loss_type": "hinge", "compute_nll_loss": True, "alpha": 1.0, "kl_coef": 0.1}),
+    (["--loss", "simpo", "--cpo-alpha", "0", "--simpo-gamma", "1.2", "--label-smoothing",
+      "0.05"], {"compute_nll_loss": False, "gamma": 1.2, "label_smoothing": 0.05}),
+    (["--loss", "simpo"], {"compute_nll_loss": True, "alpha": 1.0, "gamma": 0.5}),
+    (["--loss", "cpo", "--cpo-alpha", "0.3"], {"compute_nll_loss": True, "alpha": 0.3}),
+], ids=["dpo-multi-rpo-ld-wpo", "dpo-ipo", "hypo-hinge-rpo", "simpo", "simpo-defaults", "cpo"])
+def test_train_command_passes_trl_loss_options_to_the_loss(argv, want):
+    """TRL's DPOConfig/CPOConfig knobs on the command line reach the loss module."""
+    from hypo_fast.cli import build_parser
+    from hypo_fast.train_job import _check, build_loss
+
+    parser = build_parser()
+    args = parser.parse_args(["train", "--model", "m", "--data", __file__, "--output", "o",
+                              *argv])
+    _check(parser, args)
+    loss = build_loss(args)
+    assert {k: getattr(loss, k) for k in want} == want
+
+
+def test_train_command_trains_a_multi_loss_dpo_with_an_nll_term(model_dir, tmp_path):
+    model, data = model_dir
+    out = tmp_path / "out"
+    main(["train", "--model", str(model), "--data", str(data), "--output", str(out),
+          "--batch-size", "6", "--loss-type", "sigmoid", "bco_pair", "--loss-weights", "0.8",
+          "0.2", "--rpo-alpha", "1"])
+    (step,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert step["nll_loss"] > 0
+    assert step["loss"] == pytest.approx(
+        0.8 * step["loss_sigmoid"] + 0.2 * step["loss_bco_pair"] + step["nll_loss"], rel=1e-5)
+
+
 def test_train_command_reports_to_tensorboard(model_dir, tmp_path):
     """``--report-to tensorboard``: every number of metrics.jsonl, evaluations too, as a scalar
     at its batch, in --output/runs/<run name>."""
@@ -465,6 +504,16 @@ def test_train_command_names_what_is_wrong(model_dir, tmp_path, capsys):
         (["--data", str(data), "--loss", "simpo", "--ref-model", str(model)],
          "--loss simpo takes no reference model"),
         (["--data", str(data), "--max-grad-norm", "-1"], "--max-grad-norm must be >= 0"),
+        (["--data", str(data), "--simpo-gamma", "1"],
+         "--simpo-gamma is an option of --loss simpo, but --loss is dpo"),
+        (["--data", str(data), "--loss", "simpo", "--rpo-alpha", "1"],
+         "--rpo-alpha is an option of --loss dpo, hypo or hpo, but --loss is simpo"),
+        (["--data", str(data), "--loss", "orpo", "--label-smoothing", "0.1"],
+         "--label-smoothing is an option of --loss dpo, hypo, hpo, simpo or cpo, but --loss "
+         "is orpo"),
+        (["--data", str(data), "--loss-type", "sigmoid", "hinge", "--loss-weights", "1"],
+         "loss_weights must have one weight per loss_type"),
+        (["--data", str(data), "--ld-alpha", "2"], "ld_alpha must be in [0.0, 1.0]"),
     ]:
         with pytest.raises(SystemExit):
             main(base + argv)
