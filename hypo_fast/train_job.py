@@ -65,6 +65,7 @@ LOSS_OPTIONS = {
     **{k: (loss,) for loss, defaults in LOSS_DEFAULTS.items() for k in defaults},
     "loss_type": DPO_FAMILY, "loss_weights": DPO_FAMILY, "rpo_alpha": DPO_FAMILY,
     "ld_alpha": DPO_FAMILY, "use_weighting": DPO_FAMILY,
+    "ref_model_sync_steps": DPO_FAMILY, "ref_model_mixup_alpha": DPO_FAMILY,
     "label_smoothing": (*DPO_FAMILY, "simpo", "cpo"),
     "cpo_alpha": ("simpo", "cpo"), "simpo_gamma": ("simpo",),
 }
@@ -134,6 +135,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="simpo, cpo: the chosen completions' NLL weight (default 1; 0: none)")
     p.add_argument("--simpo-gamma", type=float, default=None,
                    help="simpo: the target reward margin γ (default 0.5)")
+    p.add_argument("--ref-model-sync-steps", type=int, default=None, metavar="N",
+                   help="dpo, hypo, hpo: TR-DPO, every N optimizer steps the reference moves "
+                        "towards the policy (full fine-tuning)")
+    p.add_argument("--ref-model-mixup-alpha", type=float, default=None,
+                   help="TR-DPO: ref <- alpha * policy + (1 - alpha) * ref (default 0.6)")
     p.add_argument("--kl-coef", type=float, default=None, help="HyPO's λ (default 0.1)")
     p.add_argument("--estimator", choices=KL_ESTIMATORS, default=None,
                    help="HyPO's KL estimator (default rloo)")
@@ -240,6 +246,18 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("--estimator rloo needs --online-samples >= 2 (a baseline from the others)")
     if args.loss in REFERENCE_FREE and args.precompute_ref_logps:
         parser.error(f"--loss {args.loss} takes no reference model: nothing to precompute")
+    if args.ref_model_mixup_alpha is not None and args.ref_model_sync_steps is None:
+        parser.error("--ref-model-mixup-alpha needs --ref-model-sync-steps")
+    if args.ref_model_sync_steps is not None:
+        if args.ref_model_sync_steps < 1:
+            parser.error("--ref-model-sync-steps must be >= 1")
+        if args.ref_model_mixup_alpha is not None and not 0 <= args.ref_model_mixup_alpha <= 1:
+            parser.error("--ref-model-mixup-alpha must be in [0, 1]")
+        for flag, given in (("--precompute-ref-logps", args.precompute_ref_logps),
+                            ("--lora-r", args.lora_r)):
+            if given:
+                parser.error(f"--ref-model-sync-steps moves the reference model: not with "
+                             f"{flag}")
     if args.eval_every is not None and (args.eval_data is None or args.eval_every < 1):
         parser.error("--eval-every needs --eval-data and must be >= 1")
     if args.lora_r < 0:
@@ -435,9 +453,17 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
         online = OnlineSampling(num_samples=args.online_samples,
                                 max_new_tokens=args.max_new_tokens,
                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
-    trainer = PreferenceTrainer(model, optimizer, accelerator=accelerator,
-                                lr_scheduler=_scheduler(args, optimizer, len(loader), accelerator),
-                                max_grad_norm=args.max_grad_norm or None, online=online)
+    sync = {} if args.ref_model_sync_steps is None else {
+        "ref_model_sync_steps": args.ref_model_sync_steps,
+        "ref_model_mixup_alpha": 0.6 if args.ref_model_mixup_alpha is None else (
+            args.ref_model_mixup_alpha)}
+    try:
+        trainer = PreferenceTrainer(
+            model, optimizer, accelerator=accelerator,
+            lr_scheduler=_scheduler(args, optimizer, len(loader), accelerator),
+            max_grad_norm=args.max_grad_norm or None, online=online, **sync)
+    except ValueError as e:
+        parser.error(str(e))
     args.output.mkdir(parents=True, exist_ok=True)
     if accelerator.log_with:
         accelerator.init_trackers(args.run_name, config=_tracker_config(args))

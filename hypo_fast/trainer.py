@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_in_range
 from .losses import HyPOLoss
 
 if TYPE_CHECKING:
@@ -538,6 +539,22 @@ def _shards_parameters(accelerator: Accelerator) -> bool:
         kind == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3)
 
 
+def _check_reference_sync(model: PreferenceModel, steps: int, alpha: float) -> None:
+    """TR-DPO's arguments, and a reference whose parameters match the policy's."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"ref_model_sync_steps must be an int >= 1 or None, got {steps!r}")
+    check_in_range("ref_model_mixup_alpha", alpha, 0.0, 1.0)
+    if model.reference is None:
+        raise ValueError("ref_model_sync_steps needs a reference model of its own (a PEFT "
+                         "policy's base, or none, cannot move towards the policy)")
+    ref = {n: p.shape for n, p in model.reference.named_parameters()}
+    pol = {n: p.shape for n, p in model.policy.named_parameters()}
+    if ref != pol:
+        diff = sorted(set(ref.items()) ^ set(pol.items()))
+        raise ValueError("ref_model_sync_steps needs the reference's parameters to match the "
+                         f"policy's by name and shape; they differ at {diff[0][0]}")
+
+
 class PreferenceTrainer:
     """Optimises a :class:`PreferenceModel` through 🤗 Accelerate::
 
@@ -549,13 +566,17 @@ class PreferenceTrainer:
     model and the optimizer (and ``lr_scheduler``) go through ``accelerator.prepare``.
     ``max_grad_norm`` clips the gradient norm before each optimizer step. With ``online`` and a
     :class:`HyPOLoss`, each step first samples the online completions of the batch's prompts
-    from the current policy. Each step returns the loss and the metrics' means over the batch
-    and the processes, as floats.
+    from the current policy. With ``ref_model_sync_steps`` τ (TR-DPO, TRL's
+    ``sync_ref_model``), every τ optimizer steps the reference moves towards the policy,
+    ``θ_ref ← α·θ + (1 − α)·θ_ref`` with α = ``ref_model_mixup_alpha`` (its parameters must
+    match the policy's by name and shape). Each step returns the loss and the metrics' means
+    over the batch and the processes, as floats.
     """
 
     def __init__(self, model: PreferenceModel, optimizer: torch.optim.Optimizer, *,
                  accelerator: Accelerator | None = None, lr_scheduler: Any = None,
-                 max_grad_norm: float | None = None, online: OnlineSampling | None = None
+                 max_grad_norm: float | None = None, online: OnlineSampling | None = None,
+                 ref_model_sync_steps: int | None = None, ref_model_mixup_alpha: float = 0.6
                  ) -> None:
         try:
             from accelerate import Accelerator
@@ -567,6 +588,8 @@ class PreferenceTrainer:
                              f"{type(model.loss_fn).__name__}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+        if ref_model_sync_steps is not None:
+            _check_reference_sync(model, ref_model_sync_steps, ref_model_mixup_alpha)
         self.accelerator = accelerator if accelerator is not None else Accelerator()
         if online is not None and _shards_parameters(self.accelerator):
             raise ValueError("online sampling calls the policy's generate outside the wrapped "
@@ -577,6 +600,8 @@ class PreferenceTrainer:
         self.lr_scheduler = prepared[2] if lr_scheduler is not None else None
         self.max_grad_norm = max_grad_norm
         self.online = online
+        self.ref_model_sync_steps = ref_model_sync_steps
+        self.ref_model_mixup_alpha = ref_model_mixup_alpha
         self.batches = 0  # batches trained on
         self.optimizer_steps = 0  # optimizer steps taken (batches / accumulation)
         self._resume_at = 0  # batches the next fit skips (load_checkpoint)
@@ -625,6 +650,9 @@ class PreferenceTrainer:
             self.optimizer.step()
             if self.accelerator.sync_gradients and not self.optimizer.step_was_skipped:
                 self.optimizer_steps += 1
+                if self.ref_model_sync_steps and (
+                        self.optimizer_steps % self.ref_model_sync_steps == 0):
+                    self._sync_reference()
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step()
             self.optimizer.zero_grad()
@@ -633,6 +661,14 @@ class PreferenceTrainer:
         means = torch.stack([v.detach().float().mean() for v in values.values()])
         means = self.accelerator.reduce(means, reduction="mean")
         return dict(zip(values, means.tolist(), strict=True))
+
+    @torch.no_grad()
+    def _sync_reference(self) -> None:
+        """TR-DPO's update of the reference: ``θ_ref ← α·θ + (1 − α)·θ_ref``."""
+        model = self.accelerator.unwrap_model(self.model)
+        policy = dict(model.policy.named_parameters())
+        for name, ref in model.reference.named_parameters():
+            ref.lerp_(policy[name].detach(), self.ref_model_mixup_alpha)
 
     def _prepared(self, loader: Iterable[Mapping[str, Tensor]]
                   ) -> Iterable[Mapping[str, Tensor]]:

@@ -419,6 +419,21 @@ def test_train_command_trains_a_multi_loss_dpo_with_an_nll_term(model_dir, tmp_p
         0.8 * step["loss_sigmoid"] + 0.2 * step["loss_bco_pair"] + step["nll_loss"], rel=1e-5)
 
 
+def test_train_command_syncs_the_reference_as_tr_dpo(model_dir, tmp_path):
+    """--ref-model-sync-steps 1: the reference moves after each step, so the second batch's
+    rewards (β·log-ratios against it) are no longer those of a frozen reference."""
+    model, data = model_dir
+    runs = []
+    for sync in ([], ["--ref-model-sync-steps", "1", "--ref-model-mixup-alpha", "0.5"]):
+        out = tmp_path / f"sync{len(sync)}"
+        main(["train", "--model", str(model), "--data", str(data), "--output", str(out),
+              "--batch-size", "3", "--lr", "1e-2", *sync])
+        runs.append([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()])
+    frozen, synced = runs
+    assert synced[0] == frozen[0]
+    assert synced[1]["chosen_rewards"] != pytest.approx(frozen[1]["chosen_rewards"], rel=1e-3)
+
+
 def test_train_command_reports_to_tensorboard(model_dir, tmp_path):
     """``--report-to tensorboard``: every number of metrics.jsonl, evaluations too, as a scalar
     at its batch, in --output/runs/<run name>."""
@@ -514,6 +529,16 @@ def test_train_command_names_what_is_wrong(model_dir, tmp_path, capsys):
         (["--data", str(data), "--loss-type", "sigmoid", "hinge", "--loss-weights", "1"],
          "loss_weights must have one weight per loss_type"),
         (["--data", str(data), "--ld-alpha", "2"], "ld_alpha must be in [0.0, 1.0]"),
+        (["--data", str(data), "--ref-model-mixup-alpha", "0.5"],
+         "--ref-model-mixup-alpha needs --ref-model-sync-steps"),
+        (["--data", str(data), "--ref-model-sync-steps", "0"],
+         "--ref-model-sync-steps must be >= 1"),
+        (["--data", str(data), "--ref-model-sync-steps", "2", "--precompute-ref-logps"],
+         "--ref-model-sync-steps moves the reference model: not with --precompute-ref-logps"),
+        (["--data", str(data), "--ref-model-sync-steps", "2", "--ref-model-mixup-alpha", "2"],
+         "--ref-model-mixup-alpha must be in [0, 1]"),
+        (["--data", str(data), "--loss", "simpo", "--ref-model-sync-steps", "2"],
+         "--ref-model-sync-steps is an option of --loss dpo, hypo or hpo, but --loss is simpo"),
     ]:
         with pytest.raises(SystemExit):
             main(base + argv)

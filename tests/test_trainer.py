@@ -545,11 +545,11 @@ def test_trainer_fit_lowers_the_loss_and_validates_its_arguments():
         trainer.load_checkpoint(os.devnull)
 
 
-def _resumable_run(checkpoint=None, save_dir=None):
+def _resumable_run(checkpoint=None, save_dir=None, sync=None):
     """Three epochs of DPO on 7 pairs (4 batches an epoch, the last of one pair; windows of 2
-    batches), shuffled by the epoch, AdamW and a linear schedule; from ``checkpoint`` if given,
-    saving at every optimizer step into ``save_dir`` if given. Returns (the trainer, its
-    numbers)."""
+    batches), shuffled by the epoch, AdamW and a linear schedule, the reference synced every
+    ``sync`` steps if given; from ``checkpoint`` if given, saving at every optimizer step into
+    ``save_dir`` if given. Returns (the trainer, its numbers)."""
     reset_accelerate()
     policy, reference = models(tied=True)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
@@ -558,7 +558,8 @@ def _resumable_run(checkpoint=None, save_dir=None):
         PreferenceModel(policy, FusedLinearDPOLoss(beta=BETA), reference), optimizer,
         lr_scheduler=torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.1, total_iters=6),
         accelerator=accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2,
-                                           dataloader_config=config))
+                                           dataloader_config=config),
+        ref_model_sync_steps=sync)
     if checkpoint is not None:
         trainer.load_checkpoint(checkpoint)
     loader = torch.utils.data.DataLoader(examples(7), batch_size=2, shuffle=True,
@@ -567,11 +568,13 @@ def _resumable_run(checkpoint=None, save_dir=None):
     return trainer, trainer.fit(loader, epochs=3, **saving)
 
 
-@pytest.mark.parametrize(("step", "batches"), [(3, 6), (4, 8)])  # mid-epoch, an epoch's end
-def test_a_run_resumed_from_a_checkpoint_ends_as_the_uninterrupted_run(tmp_path, step, batches):
-    whole, numbers = _resumable_run(save_dir=tmp_path)
+# mid-epoch, an epoch's end; TR-DPO's synced reference (steps 2, 4, 6) restored too
+@pytest.mark.parametrize(("step", "batches", "sync"), [(3, 6, None), (4, 8, None), (3, 6, 2)])
+def test_a_run_resumed_from_a_checkpoint_ends_as_the_uninterrupted_run(tmp_path, step, batches,
+                                                                       sync):
+    whole, numbers = _resumable_run(save_dir=tmp_path, sync=sync)
     assert sorted(p.name for p in tmp_path.iterdir()) == [str(n) for n in range(1, 7)]
-    resumed, rest = _resumable_run(checkpoint=tmp_path / str(step))
+    resumed, rest = _resumable_run(checkpoint=tmp_path / str(step), sync=sync)
     assert resumed.batches == whole.batches == 12 and resumed.optimizer_steps == 6
     assert len(rest) == 12 - batches
     for a, b in zip(numbers[batches:], rest, strict=True):
@@ -581,6 +584,52 @@ def test_a_run_resumed_from_a_checkpoint_ends_as_the_uninterrupted_run(tmp_path,
     for (name, p), q in zip(whole.model.named_parameters(), resumed.model.parameters(),
                             strict=True):
         torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
+
+
+def test_reference_sync_moves_the_reference_towards_the_policy_every_tau_steps():
+    """TR-DPO: after every 2nd optimizer step θ_ref ← α·θ + (1 − α)·θ_ref, and only then."""
+    policy, reference = models()
+    start = copy.deepcopy(reference)
+    trainer = PreferenceTrainer(
+        PreferenceModel(policy, FusedLinearDPOLoss(beta=BETA), reference),
+        torch.optim.SGD(policy.parameters(), lr=0.5), accelerator=accelerate.Accelerator(cpu=True),
+        ref_model_sync_steps=2, ref_model_mixup_alpha=0.25)
+    batch = collate_pairs(examples(2), pad_token_id=PAD)
+
+    def same(a, b):
+        return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+    trainer.step(batch)
+    assert same(reference, start)
+    trainer.step(batch)
+    moved = dict(policy.named_parameters())
+    for (name, r), r0 in zip(reference.named_parameters(), start.parameters(), strict=True):
+        torch.testing.assert_close(r, r0 + 0.25 * (moved[name] - r0), rtol=1e-12, atol=1e-14,
+                                   msg=name)
+        assert not r.requires_grad, name
+    synced = copy.deepcopy(reference)
+    trainer.step(batch)
+    assert same(reference, synced) and not same(reference, start)
+
+
+def test_reference_sync_checks_its_arguments_and_the_reference():
+    policy, reference = models()
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)
+    dpo = PreferenceModel(policy, FusedLinearDPOLoss(beta=BETA), reference)
+    other = PreferenceModel(policy, FusedLinearDPOLoss(beta=BETA),  # tied: no lm_head.weight
+                            tiny_llama(True, torch.float64, vocab=VOCAB))
+    for model, kwargs, message in [
+        (dpo, {"ref_model_sync_steps": 0}, "ref_model_sync_steps must be an int >= 1"),
+        (dpo, {"ref_model_sync_steps": 2, "ref_model_mixup_alpha": 1.5},
+         r"ref_model_mixup_alpha must be in \[0.0, 1.0\]"),
+        (PreferenceModel(policy, FusedLinearSimPOLoss()), {"ref_model_sync_steps": 2},
+         "needs a reference model of its own"),
+        (other, {"ref_model_sync_steps": 2}, "match the policy's by name and shape; they differ "
+                                            "at lm_head.weight"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            PreferenceTrainer(model, optimizer, accelerator=accelerate.Accelerator(cpu=True),
+                              **kwargs)
 
 
 def test_trainer_hypo_step_samples_online_completions():
