@@ -27,6 +27,7 @@ import torch
 
 from .losses import (
     DPO_LOSS_TYPES,
+    F_DIVERGENCE_TYPES,
     KL_ESTIMATORS,
     FusedLinearCPOLoss,
     FusedLinearDPOLoss,
@@ -66,6 +67,8 @@ LOSS_OPTIONS = {
     "loss_type": DPO_FAMILY, "loss_weights": DPO_FAMILY, "rpo_alpha": DPO_FAMILY,
     "ld_alpha": DPO_FAMILY, "use_weighting": DPO_FAMILY,
     "ref_model_sync_steps": DPO_FAMILY, "ref_model_mixup_alpha": DPO_FAMILY,
+    "f_divergence_type": DPO_FAMILY, "f_alpha_divergence_coef": DPO_FAMILY,
+    "discopop_tau": DPO_FAMILY,
     "label_smoothing": (*DPO_FAMILY, "simpo", "cpo"),
     "cpo_alpha": ("simpo", "cpo"), "simpo_gamma": ("simpo",),
 }
@@ -83,12 +86,15 @@ def build_loss(args: argparse.Namespace) -> torch.nn.Module:
     if args.label_smoothing is not None:
         common["label_smoothing"] = args.label_smoothing
     if args.loss in DPO_FAMILY:
-        types = args.loss_type or ["sigmoid"]
+        types, weights, nll_weight = _loss_types(args)
         common["loss_type"] = types[0] if len(types) == 1 else types
-        if args.loss_weights is not None:
-            common["loss_weights"] = args.loss_weights
-        if args.rpo_alpha is not None:  # TRL's RPO: + α·NLL of the chosen completions
-            common.update(compute_nll_loss=True, alpha=args.rpo_alpha)
+        if weights is not None:
+            common["loss_weights"] = weights
+        for key in ("f_divergence_type", "f_alpha_divergence_coef", "discopop_tau"):
+            if getattr(args, key) is not None:
+                common[key] = getattr(args, key)
+        if nll_weight is not None:  # + nll_weight·NLL of the chosen completions
+            common.update(compute_nll_loss=True, alpha=nll_weight)
         if args.ld_alpha is not None:
             common["ld_alpha"] = args.ld_alpha
         if args.use_weighting:
@@ -108,6 +114,28 @@ def build_loss(args: argparse.Namespace) -> torch.nn.Module:
             "orpo": FusedLinearORPOLoss}[args.loss](**common)
 
 
+def _loss_types(args: argparse.Namespace
+                ) -> tuple[list[str], list[float] | None, float | None]:
+    """``(types, weights, nll_weight)`` of ``--loss-type`` and ``--loss-weights``, with TRL's
+    ``sft`` (the chosen completions' NLL, at its weight) or ``--rpo-alpha`` (the same, TRL's
+    older name) as the loss's NLL term (None without one)."""
+    types = list(args.loss_type or ["sigmoid"])
+    weights = None if args.loss_weights is None else list(args.loss_weights)
+    if weights is not None and len(weights) != len(types):
+        raise ValueError(f"--loss-weights: one per --loss-type, got {len(weights)} for "
+                         f"{len(types)}")
+    nll_weight = args.rpo_alpha
+    if "sft" in types:
+        if args.rpo_alpha is not None:
+            raise ValueError("--loss-type sft and --rpo-alpha both add the NLL: give one")
+        i = types.index("sft")
+        nll_weight = 1.0 if weights is None else weights.pop(i)
+        types.pop(i)
+        if not types:
+            raise ValueError("--loss-type sft needs a preference loss type beside it")
+    return types, weights, nll_weight
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``train`` subcommand's arguments."""
     p.add_argument("--model", required=True, help="Hugging Face model directory (or hub id)")
@@ -116,9 +144,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, type=Path, help="where the policy is saved")
     p.add_argument("--ref-model", default=None, help="reference model (default: --model)")
     p.add_argument("--loss", choices=LOSSES, default="dpo")
-    p.add_argument("--loss-type", choices=DPO_LOSS_TYPES, nargs="+", default=None,
+    p.add_argument("--loss-type", choices=(*DPO_LOSS_TYPES, "sft"), nargs="+", default=None,
                    help="dpo, hypo, hpo: the loss type (default sigmoid), or several summed "
-                        "with --loss-weights (TRL's multi-loss form)")
+                        "with --loss-weights (TRL's multi-loss form; sft: the chosen "
+                        "completions' NLL)")
     p.add_argument("--loss-weights", type=float, nargs="+", default=None,
                    help="dpo, hypo, hpo: one weight per --loss-type (default all 1)")
     p.add_argument("--beta", type=float, default=None, help="default: the loss's own")
@@ -131,6 +160,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "completion's length, in [0, 1]")
     p.add_argument("--use-weighting", action="store_true", default=None,
                    help="dpo, hypo, hpo: WPO's per-pair weights")
+    p.add_argument("--f-divergence-type", default=None,
+                   choices=F_DIVERGENCE_TYPES,
+                   help="dpo, hypo, hpo: f-DPO's divergence (default reverse_kl)")
+    p.add_argument("--f-alpha-divergence-coef", type=float, default=None,
+                   help="dpo, hypo, hpo: f-DPO's alpha-divergence coefficient (default 0.5)")
+    p.add_argument("--discopop-tau", type=float, default=None,
+                   help="dpo, hypo, hpo: DiscoPOP's temperature (default 0.05)")
     p.add_argument("--cpo-alpha", type=float, default=None,
                    help="simpo, cpo: the chosen completions' NLL weight (default 1; 0: none)")
     p.add_argument("--simpo-gamma", type=float, default=None,

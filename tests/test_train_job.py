@@ -387,13 +387,22 @@ def test_train_command_runs_hypo_with_online_samples_and_reference_free_losses(
       "alpha": 0.5, "ld_alpha": 0.3, "use_weighting": True, "label_smoothing": 0.1}),
     (["--loss-type", "ipo"], {"loss_type": "ipo", "compute_nll_loss": False,
                               "use_weighting": False, "ld_alpha": None}),
+    (["--loss-type", "sigmoid", "bco_pair", "sft", "--loss-weights", "0.8", "0.2", "0.7"],
+     {"loss_type": ["sigmoid", "bco_pair"], "loss_weights": [0.8, 0.2], "compute_nll_loss": True,
+      "alpha": 0.7}),
+    (["--loss-type", "sft", "ipo", "--f-divergence-type", "js_divergence", "--discopop-tau",
+      "0.2", "--f-alpha-divergence-coef", "0.3"],
+     {"loss_type": "ipo", "loss_weights": None, "compute_nll_loss": True, "alpha": 1.0,
+      "f_divergence_type": "js_divergence", "discopop_tau": 0.2,
+      "f_alpha_divergence_coef": 0.3}),
     (["--loss", "hypo", "--loss-type", "hinge", "--rpo-alpha", "1"],
      {"loss_type": "hinge", "compute_nll_loss": True, "alpha": 1.0, "kl_coef": 0.1}),
     (["--loss", "simpo", "--cpo-alpha", "0", "--simpo-gamma", "1.2", "--label-smoothing",
       "0.05"], {"compute_nll_loss": False, "gamma": 1.2, "label_smoothing": 0.05}),
     (["--loss", "simpo"], {"compute_nll_loss": True, "alpha": 1.0, "gamma": 0.5}),
     (["--loss", "cpo", "--cpo-alpha", "0.3"], {"compute_nll_loss": True, "alpha": 0.3}),
-], ids=["dpo-multi-rpo-ld-wpo", "dpo-ipo", "hypo-hinge-rpo", "simpo", "simpo-defaults", "cpo"])
+], ids=["dpo-multi-rpo-ld-wpo", "dpo-ipo", "mpo-sft", "sft-f-divergence", "hypo-hinge-rpo",
+        "simpo", "simpo-defaults", "cpo"])
 def test_train_command_passes_trl_loss_options_to_the_loss(argv, want):
     """TRL's DPOConfig/CPOConfig knobs on the command line reach the loss module."""
     from hypo_fast.cli import build_parser
@@ -527,7 +536,13 @@ def test_train_command_names_what_is_wrong(model_dir, tmp_path, capsys):
          "--label-smoothing is an option of --loss dpo, hypo, hpo, simpo or cpo, but --loss "
          "is orpo"),
         (["--data", str(data), "--loss-type", "sigmoid", "hinge", "--loss-weights", "1"],
-         "loss_weights must have one weight per loss_type"),
+         "--loss-weights: one per --loss-type, got 1 for 2"),
+        (["--data", str(data), "--loss-type", "sft"],
+         "--loss-type sft needs a preference loss type beside it"),
+        (["--data", str(data), "--loss-type", "sigmoid", "sft", "--rpo-alpha", "1"],
+         "--loss-type sft and --rpo-alpha both add the NLL: give one"),
+        (["--data", str(data), "--loss", "orpo", "--discopop-tau", "1"],
+         "--discopop-tau is an option of --loss dpo, hypo or hpo, but --loss is orpo"),
         (["--data", str(data), "--ld-alpha", "2"], "ld_alpha must be in [0.0, 1.0]"),
         (["--data", str(data), "--ref-model-mixup-alpha", "0.5"],
          "--ref-model-mixup-alpha needs --ref-model-sync-steps"),
