@@ -83,12 +83,18 @@ def check_tensor(name: str, t: object, *, ndim: int | None = None) -> torch.Tens
     return t
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
+@functools.cache
+def _dtensor_type() -> type | None:
     if not torch.distributed.is_available():
-        return False
+        return None
     from torch.distributed.tensor import DTensor
 
-    return isinstance(t, DTensor)
+    return DTensor
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(t, dtensor)
 
 
 def check_float(name: str, t: object, *, ndim: int | None = None) -> torch.Tensor:
