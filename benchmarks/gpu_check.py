@@ -712,6 +712,11 @@ def kl_sweep(n, d, v):
         for kind in ("forward", "backward"):
             record(f"KL {kind}{' fused' if fuse else ''}", cfg,
                    lambda kind=kind, cfg=cfg: run_kl(kind, cfg))
+    # Gemma-2's softcap: the dX kernel that spills most since the temperature's rounded product
+    capped = kkl.kl_forward(policy, ref, kl_rows, softcap=30.0)
+    record("KL backward softcap", kkl.two_head_config("backward", torch.bfloat16),
+           lambda: kkl.kl_backward(policy, ref, kl_rows, None, capped.norm, None, g_kl, None,
+                                   None, softcap=30.0))
     kl_public_forward_by_group("KL public forward", policy.hidden, w, ref.hidden, ref.weight)
 
 
