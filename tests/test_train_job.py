@@ -241,14 +241,20 @@ def test_gradient_checkpointing_changes_no_number(model_dir, tmp_path, lora):
         assert recomputed == pytest.approx(plain, rel=1e-5, abs=1e-6)
 
 
+def _has_tensorboard() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
 def test_train_command_on_two_processes_trains_as_one_on_their_batches(model_dir, tmp_path):
     """torchrun with 2 CPU processes (Accelerate's multi-CPU, gloo) of 3 pairs a batch against
     one process of 6: the same steps, evaluations and policy, with the reference's log-probs
-    precomputed and checkpoints saved by both."""
+    precomputed, checkpoints saved by both and one TensorBoard log, the main process's."""
     model, data = model_dir
     common = ["train", "--model", str(model), "--data", str(data), "--epochs", "2",
               "--lr", "1e-2", "--eval-data", str(data), "--precompute-ref-logps",
-              "--save-every", "1"]
+              "--save-every", "1", *(["--report-to", "tensorboard"] * _has_tensorboard())]
     with socket.socket() as s:  # a free port for the process group
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -268,6 +274,8 @@ def test_train_command_on_two_processes_trains_as_one_on_their_batches(model_dir
     for n in ("one", "two"):
         assert sorted(p.name for p in (tmp_path / n).glob("checkpoint-*")) == [
             "checkpoint-1", "checkpoint-2"]
+        if _has_tensorboard():
+            assert len(list((tmp_path / n / "runs" / "hypo_fast").glob("events.*"))) == 1
     one, two = (transformers.AutoModelForCausalLM.from_pretrained(tmp_path / n).state_dict()
                 for n in ("one", "two"))
     # AdamW's steps (1e-2 each) divide by the gradients' size: a weight whose gradient is near
