@@ -145,9 +145,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ref-model", default=None, help="reference model (default: --model)")
     p.add_argument("--loss", choices=LOSSES, default="dpo")
     p.add_argument("--loss-type", choices=(*DPO_LOSS_TYPES, "sft"), nargs="+", default=None,
+                   metavar="TYPE",
                    help="dpo, hypo, hpo: the loss type (default sigmoid), or several summed "
                         "with --loss-weights (TRL's multi-loss form; sft: the chosen "
-                        "completions' NLL)")
+                        f"completions' NLL); one of {', '.join((*DPO_LOSS_TYPES, 'sft'))}")
     p.add_argument("--loss-weights", type=float, nargs="+", default=None,
                    help="dpo, hypo, hpo: one weight per --loss-type (default all 1)")
     p.add_argument("--beta", type=float, default=None, help="default: the loss's own")
