@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hf_helpers import IGN, tiny_llama, trl_sequence_logps
+from kernel_helpers import DEVICE
 
 from hypo_fast.losses import FusedLinearDPOLoss
 
@@ -64,12 +65,14 @@ def fused_dpo_loss(policy, reference, ids, mask, labels, backend) -> torch.Tenso
 ])
 def test_dpo_step_on_a_causal_lm_equals_trl(tied, backend):
     dtype = torch.float64 if backend == "reference" else torch.float32
+    device = DEVICE if backend == "triton" else torch.device("cpu")
     policy = tiny_llama(tied, dtype)
     reference = copy.deepcopy(policy).requires_grad_(False)
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    ids, mask, labels = dpo_batch()
+    policy, reference = policy.to(device), reference.to(device)
+    ids, mask, labels = (t.to(device) for t in dpo_batch())
     params = [p for p in policy.parameters() if p.requires_grad]
     assert len(params) == len(list(policy.named_parameters()))
 
