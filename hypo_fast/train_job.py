@@ -336,7 +336,7 @@ def _tracker_config(args: argparse.Namespace) -> dict[str, int | float | str | b
     """The command's arguments as the trackers' run configuration: numbers, strings and
     booleans (what TensorBoard's hyperparameters take), anything else as its text."""
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-            for k, v in vars(args).items()}
+            for k, v in vars(args).items() if k != "parser"}
 
 
 def _launched_processes() -> int:

@@ -466,6 +466,13 @@ def test_train_command_reports_to_tensorboard(model_dir, tmp_path):
     events = EventAccumulator(str(out / "runs" / "tiny")).Reload()
     assert {"loss", "accuracy", "margins", "eval_loss", "optimizer_step"} <= set(
         events.Tags()["scalars"])
+    from hypo_fast.cli import build_parser
+    from hypo_fast.train_job import _tracker_config
+
+    config = _tracker_config(build_parser().parse_args(
+        ["train", "--model", "m", "--data", "d", "--output", "o", "--loss-type", "ipo"]))
+    assert config["loss_type"] == "['ipo']" and config["lr"] == 1e-6
+    assert "parser" not in config and config["ref_model"] == "None"
     for key, field in (("loss", "loss"), ("eval_loss", "eval_loss"),
                        ("chosen_rewards", "chosen_rewards"), ("optimizer_step", "step")):
         want = [(line["batch"], line[field]) for line in lines
