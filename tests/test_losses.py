@@ -3,8 +3,9 @@
 Every expected value here is built independently of hypo_fast.losses: full logits ``H W^T + b``,
 ``log_softmax``, gather, mask, per-sequence sums, then the objective of hypo_fast.objectives.
 Values, metrics and gradients (input, weight, bias, masks) are compared in fp64 (the reference
-backend computes in fp64 for fp64 inputs), tightly. The triton backend (interpreted on CPU) is
-exercised on a few tiny cases. Equality with Liger-Kernel is in test_losses_liger.py.
+backend computes in fp64 for fp64 inputs), tightly. The triton backend (on DEVICE: the GPU, or
+interpreted on the CPU) is exercised on a few tiny cases. Equality with Liger-Kernel is in
+test_losses_liger.py.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-import os
 import pickle
 from dataclasses import dataclass, replace
 
@@ -20,6 +20,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_helpers import DEVICE, needs_triton
 from torch import nn
 
 from hypo_fast import losses, objectives
@@ -40,10 +41,13 @@ from hypo_fast.losses.pairs import ld_token_weights
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 IGN = -100
 SMOOTHING = {"sigmoid": 0.1, "robust": 0.2, "exo_pair": 0.05}
-needs_triton = pytest.mark.skipif(
-    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-    reason="the triton backend needs a CUDA GPU or TRITON_INTERPRET=1 (see tests/conftest.py)",
-)
+CPU = torch.device("cpu")
+
+
+def on(backend: str) -> torch.device:
+    """Where a backend's inputs live: the kernels' DEVICE for triton, the CPU for the others
+    (the reference takes any device; the cpu backend is meant for CPU tensors)."""
+    return DEVICE if backend == "triton" else CPU
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,11 +82,13 @@ class Pairs:
         return list(torch.autograd.grad(loss, inputs))
 
 
-def make_pairs(B=2, T=7, d=8, V=16, *, bias=True, dtype=F64, seed=0, prompt=2) -> Pairs:
+def make_pairs(B=2, T=7, d=8, V=16, *, bias=True, dtype=F64, seed=0, prompt=2,
+               device=CPU) -> Pairs:
+    """Drawn on the CPU (the same values on every device), made on ``device``."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+        return (torch.randn(*shape, generator=g) * scale).to(device, dtype)
 
     y = torch.randint(0, V, (2 * B, T), generator=g)
     y[:, :prompt] = IGN
@@ -91,7 +97,7 @@ def make_pairs(B=2, T=7, d=8, V=16, *, bias=True, dtype=F64, seed=0, prompt=2) -
             y[i, T - i % 3:] = IGN
     return Pairs(
         h=rand(2 * B, T, d), w=rand(V, d, scale=2 / d**0.5), b=rand(V, scale=0.5) if bias else None,
-        y=y, rh=rand(2 * B, T, d), rw=rand(V, d, scale=2 / d**0.5),
+        y=y.to(device), rh=rand(2 * B, T, d), rw=rand(V, d, scale=2 / d**0.5),
         rb=rand(V, scale=0.5) if bias else None,
     )
 
@@ -678,14 +684,14 @@ def test_sparsepo_without_masks_and_with_nll():
 # HyPO and HPO
 
 
-def online_batch(M=4, T=6, d=8, V=16, seed=0):
+def online_batch(M=4, T=6, d=8, V=16, seed=0, device=CPU):
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, V, (M, T), generator=g)
     y[:, :2] = IGN
     y[1, -1] = IGN
-    h = torch.randn(M, T, d, generator=g, dtype=F64).requires_grad_(True)
-    rh = torch.randn(M, T, d, generator=g, dtype=F64)
-    return h, y, rh, torch.tensor([0, 0, 1, 1])
+    h = torch.randn(M, T, d, generator=g, dtype=F64).to(device).requires_grad_(True)
+    rh = torch.randn(M, T, d, generator=g, dtype=F64).to(device)
+    return h, y.to(device), rh, torch.tensor([0, 0, 1, 1], device=device)
 
 
 @pytest.mark.parametrize("estimator", ["reinforce", "rloo", "exact"])
@@ -872,12 +878,14 @@ def test_tied_embeddings_accumulate_both_paths():
 @pytest.mark.parametrize("kind", ["dpo", "dpo_ld", "dpo_wpo", "orpo_nll_target", "sparsepo",
                                   "hypo_exact", "hypo_rloo", "hypo_rloo_ld", "hypo_rloo_wpo"])
 def test_triton_backend_matches_reference(kind):
-    p = make_pairs(B=2, T=5, d=16, V=40, dtype=F32, seed=81).leaves()
-    oh, oy, orh, _ = online_batch(M=2, T=5, d=16, V=40, seed=82)
+    p = make_pairs(B=2, T=5, d=16, V=40, dtype=F32, seed=81, device=DEVICE).leaves()
+    oh, oy, orh, _ = online_batch(M=2, T=5, d=16, V=40, seed=82, device=DEVICE)
     oh = oh.detach().float().requires_grad_(True)
-    mask = torch.rand(p.y.shape, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    mask = torch.rand(p.y.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    mask.requires_grad_(True)
     nll_target = torch.randint(0, 40, p.y.shape, generator=torch.Generator().manual_seed(3))
     nll_target[:, :2] = IGN
+    nll_target = nll_target.to(DEVICE)
     ld = 0.4 if kind.endswith("_ld") else None  # the pairs differ in length: the weights show
     wpo = kind.endswith("_wpo")
     results = []
@@ -897,7 +905,8 @@ def test_triton_backend_matches_reference(kind):
             loss, aux = call(HyPOLoss(estimator=estimator, ld_alpha=ld, use_weighting=wpo,
                                       backend=backend), p,
                              online_input=oh, online_target=oy, online_ref_input=orh.float(),
-                             group_ids=torch.tensor([0, 0]) if estimator == "rloo" else None)
+                             group_ids=torch.tensor([0, 0], device=DEVICE) if estimator == "rloo"
+                             else None)
             extra = [oh]
         results.append((loss, list(aux), p.grads_of(loss, *extra)))
     (ref_loss, ref_aux, ref_g), (tri_loss, tri_aux, tri_g) = results
@@ -1129,10 +1138,11 @@ def test_a_batch_without_completion_tokens_still_gives_a_loss(backend):
     """Every completion truncated away: no error (one rank raising stops a data-parallel job).
     Every sequence log-prob is 0, so DPO's loss is log 2 (as Liger's), and the gradients are 0
     but present for the weight and the hidden states."""
-    p = make_pairs(seed=97).leaves()
+    device = on(backend)
+    p = make_pairs(seed=97, device=device).leaves()
     none = torch.full_like(p.y, IGN)
-    oh, _, orh, groups = online_batch(seed=98)
-    online = {"online_input": oh, "online_target": torch.full((4, 6), IGN),
+    oh, _, orh, groups = online_batch(seed=98, device=device)
+    online = {"online_input": oh, "online_target": torch.full((4, 6), IGN, device=device),
               "online_ref_input": orh}
     cases = {
         "dpo": lambda: FusedLinearDPOLoss(backend=backend)(p.w, p.h, none, p.b, p.rh, p.rw, p.rb),
@@ -1143,12 +1153,13 @@ def test_a_batch_without_completion_tokens_still_gives_a_loss(backend):
         # have (the first token, a rejected one's, stands in for the NLL's in the joint call)
         "orpo packed nll_target": lambda: FusedLinearORPOLoss(backend=backend)(
             p.w, p.h.reshape(-1, p.h.shape[-1]), p.y.flip(0).reshape(-1), p.b,
-            none.reshape(-1), seq_ids=(3 - torch.arange(4))[:, None].expand(p.y.shape).reshape(
-                -1)),
+            none.reshape(-1), seq_ids=(3 - torch.arange(4, device=device))[:, None].expand(
+                p.y.shape).reshape(-1)),
         "sparsepo": lambda: FusedLinearSparsePOLoss(backend=backend)(p.w, p.h, none, p.b, p.rh,
                                                                      p.rw, p.rb),
         "hpo": lambda: HPOLoss(backend=backend)(p.w, p.h, none, p.b, p.rh, p.rw, p.rb,
-                                                aux_rewards=torch.ones(4, dtype=F64)),
+                                                aux_rewards=torch.ones(4, dtype=F64,
+                                                                       device=device)),
         **{f"hypo {e}": lambda e=e: HyPOLoss(estimator=e, backend=backend)(
             p.w, p.h, none, p.b, p.rh, p.rw, p.rb, **online,
             group_ids=groups if e == "rloo" else None) for e in ("reinforce", "rloo", "exact")},
@@ -1163,4 +1174,5 @@ def test_a_batch_without_completion_tokens_still_gives_a_loss(backend):
         for g in p.grads_of(loss, oh) if name.startswith("hypo") else p.grads_of(loss):
             assert not g.any(), name
         if name == "dpo":
-            torch.testing.assert_close(loss, torch.tensor(math.log(2.0), dtype=loss.dtype))
+            torch.testing.assert_close(loss, torch.tensor(math.log(2.0), dtype=loss.dtype,
+                                                          device=device))
