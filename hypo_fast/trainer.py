@@ -319,6 +319,23 @@ def _head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     return head.weight, getattr(head, "bias", None)
 
 
+def _drop_frozen_reference(module: PreferenceModel, state_dict: dict[str, Any], prefix: str,
+                           local_metadata: Any) -> None:
+    """``state_dict`` post-hook: no ``reference.*`` entries unless ``checkpoint_reference``."""
+    if not module.checkpoint_reference:
+        for key in [k for k in state_dict if k.startswith(prefix + "reference.")]:
+            del state_dict[key]
+
+
+def _keep_frozen_reference(module: PreferenceModel, state_dict: dict[str, Any], prefix: str,
+                           *_: Any) -> None:
+    """``load_state_dict`` pre-hook: a state without the reference keeps the live one."""
+    if module.reference is not None and not any(
+            k.startswith(prefix + "reference.") for k in state_dict):
+        state_dict.update({prefix + "reference." + k: v
+                           for k, v in module.reference.state_dict().items()})
+
+
 class PreferenceModel(nn.Module):
     """A causal LM policy, its frozen reference and a :mod:`hypo_fast.losses` module::
 
@@ -346,6 +363,9 @@ class PreferenceModel(nn.Module):
     logits are ``h·Wᵀ + b``: a config with a logit softcap, scale or multiplier (Gemma-2,
     Cohere, Granite, Falcon-H1, ...) is refused, and a forward of four tokens checks the rest
     (the logits against the head on the decoder's output, and causality).
+    Its ``state_dict`` leaves out a frozen reference, which never changes (a checkpoint would
+    hold the model twice), and ``load_state_dict`` of a state without it keeps the live one;
+    ``checkpoint_reference = True`` (set by a TR-DPO :class:`PreferenceTrainer`) includes it.
     A PEFT policy (LoRA, ...) with no ``reference`` has its own base model as the reference:
     the reference passes run the policy with its adapters disabled (TRL's way; no second copy
     of the model). Its lm_head must not be adapted (the losses read its weight).
@@ -369,6 +389,10 @@ class PreferenceModel(nn.Module):
         self.loss_fn = loss_fn
         self.reference = reference
         self.adapter_reference = reference is None and _has_adapters(policy)
+        # the reference never changes unless synced (TR-DPO): checkpoints leave it out
+        self.checkpoint_reference = False
+        self.register_state_dict_post_hook(_drop_frozen_reference)
+        self.register_load_state_dict_pre_hook(_keep_frozen_reference)
         if reference is not None:
             reference.requires_grad_(False).eval()
         if disable_dropout:
@@ -590,6 +614,7 @@ class PreferenceTrainer:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
         if ref_model_sync_steps is not None:
             _check_reference_sync(model, ref_model_sync_steps, ref_model_mixup_alpha)
+            model.checkpoint_reference = True  # a synced reference is part of the state
         self.accelerator = accelerator if accelerator is not None else Accelerator()
         if online is not None and _shards_parameters(self.accelerator):
             raise ValueError("online sampling calls the policy's generate outside the wrapped "
@@ -708,9 +733,10 @@ class PreferenceTrainer:
 
     def save_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """What a resumed run needs, to the directory ``path``, from every process (at the end
-        of an accumulation window, as :meth:`fit` saves): Accelerate's state (the model, the
-        frozen reference included, the optimizer, the lr scheduler, the accumulation step and
-        the RNG states) and the trainer's counters (``trainer_state.json``)."""
+        of an accumulation window, as :meth:`fit` saves): Accelerate's state (the policy, the
+        reference only when synced (TR-DPO: a frozen one is the model it was built with), the
+        optimizer, the lr scheduler, the accumulation step and the RNG states) and the
+        trainer's counters (``trainer_state.json``)."""
         self.accelerator.save_state(str(path))
         if self.accelerator.is_main_process:
             counters = {"batches": self.batches, "optimizer_steps": self.optimizer_steps}

@@ -612,6 +612,45 @@ def test_reference_sync_moves_the_reference_towards_the_policy_every_tau_steps()
     assert same(reference, synced) and not same(reference, start)
 
 
+def test_checkpoints_leave_out_a_frozen_reference_and_keep_a_synced_one(tmp_path):
+    """A frozen reference never changes: the model's state (and so a checkpoint) leaves it out,
+    and loading a state without it keeps the live one. TR-DPO's synced reference is saved."""
+    from safetensors.torch import load_file
+
+    keys = {}
+    for sync in (None, 2):
+        reset_accelerate()
+        policy, reference = models()
+        trainer = PreferenceTrainer(
+            PreferenceModel(policy, FusedLinearDPOLoss(beta=BETA), reference),
+            torch.optim.SGD(policy.parameters(), lr=0.5),
+            accelerator=accelerate.Accelerator(cpu=True), ref_model_sync_steps=sync)
+        trainer.step(collate_pairs(examples(2), pad_token_id=PAD))
+        trainer.save_checkpoint(tmp_path / str(sync))
+        keys[sync] = set(load_file(tmp_path / str(sync) / "model.safetensors"))
+    policy_keys = {"policy." + k for k in policy.state_dict()}
+    assert keys[None] == policy_keys
+    assert keys[2] == policy_keys | {"reference." + k for k in reference.state_dict()}
+
+    def fresh():
+        policy, reference = models()
+        return PreferenceModel(policy, FusedLinearDPOLoss(beta=BETA), reference)
+
+    model = fresh()
+    state = model.state_dict()
+    assert not any(k.startswith("reference.") for k in state)
+    other = fresh()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    live = copy.deepcopy(other.reference)
+    other.load_state_dict(state)  # strict: the reference's keys are filled from the live one
+    assert all(torch.equal(a, b) for a, b in zip(other.policy.parameters(),
+                                                 model.policy.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(other.reference.parameters(),
+                                                 live.parameters(), strict=True))
+
+
 def test_reference_sync_checks_its_arguments_and_the_reference():
     policy, reference = models()
     optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)
