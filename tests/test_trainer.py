@@ -813,6 +813,9 @@ def _fsdp_grads(rank: int, world_size: int, port: int, pairs: int, tied: bool,
                                     pad_token_id=PAD))
     loss.backward()  # FSDP averages the processes' gradients
     grads = {name: p.grad.full_tensor() for name, p in policy.named_parameters()}
+    state = model.state_dict()  # sharded; the frozen reference left out here too
+    model.load_state_dict(state)
+    assert state and not any(k.startswith("reference.") for k in state)
     if rank == 0:
         torch.save(grads, out_path)
     dist.barrier()
