@@ -19,6 +19,7 @@ import gc
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -217,6 +218,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="save the policy with the adapters merged into its weights (a plain "
                         "model directory) instead of the adapters (not under FSDP/ZeRO-3)")
     p.add_argument("--lr", type=float, default=1e-6)
+    p.add_argument("--weight-decay", type=float, default=0.0,
+                   help="AdamW's, on all but biases and norms (TRL's default 0)")
+    p.add_argument("--adam-beta1", type=float, default=0.9)
+    p.add_argument("--adam-beta2", type=float, default=0.999)
+    p.add_argument("--adam-epsilon", type=float, default=1e-8)
     p.add_argument("--lr-scheduler", choices=("linear", "constant"), default="linear",
                    help="after --warmup-steps: linear decay to 0 over the run (TRL's default) "
                         "or constant")
@@ -277,6 +283,13 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("--warmup-steps must be >= 0")
     if not (math.isfinite(args.lr) and args.lr > 0):
         parser.error("--lr must be a positive number")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        parser.error("--weight-decay must be >= 0")
+    for flag, beta in (("--adam-beta1", args.adam_beta1), ("--adam-beta2", args.adam_beta2)):
+        if not 0 <= beta < 1:
+            parser.error(f"{flag} must be in [0, 1)")
+    if not (math.isfinite(args.adam_epsilon) and args.adam_epsilon > 0):
+        parser.error("--adam-epsilon must be > 0")
     if not (math.isfinite(args.max_grad_norm) and args.max_grad_norm >= 0):
         parser.error("--max-grad-norm must be >= 0 (0: no clipping)")
     if args.loss == "hypo" and args.estimator == "rloo" and args.online_samples < 2:
@@ -417,6 +430,26 @@ def _models(args: argparse.Namespace, accelerator: Any, loss_fn: torch.nn.Module
     return policy, reference, pairs
 
 
+# transformers' Trainer (TRL's trainers) decays no bias and no normalisation weight
+NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
+
+
+def _optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW over the trained parameters as TRL's trainers build it: ``--weight-decay`` on all
+    but biases and normalisation weights (by name, and inside ``nn.LayerNorm``), the betas and
+    epsilon of ``--adam-*``."""
+    norms = {f"{name}.{p}" if name else p for name, m in model.named_modules()
+             if isinstance(m, torch.nn.LayerNorm) for p, _ in m.named_parameters(recurse=False)}
+    groups: dict[bool, list[torch.nn.Parameter]] = {True: [], False: []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups[name not in norms and not NO_DECAY.search(name.lower())].append(p)
+    return torch.optim.AdamW(
+        [{"params": groups[True], "weight_decay": args.weight_decay},
+         {"params": groups[False], "weight_decay": 0.0}],
+        lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+
+
 def _scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, batches: int,
                accelerator: Any) -> Any:
     """``--lr-scheduler`` over the run's optimizer steps (``batches`` per epoch, all processes
@@ -483,8 +516,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
                                     shuffle=flag == "--data", collate_fn=collate)
         if flag in pairs else None for flag in ("--data", "--eval-data"))
     model = PreferenceModel(policy, loss_fn, reference)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=args.lr)
+    optimizer = _optimizer(args, model)
     online = None
     if args.loss == "hypo":
         online = OnlineSampling(num_samples=args.online_samples,

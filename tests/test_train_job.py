@@ -16,6 +16,7 @@ import torch
 from hf_helpers import tiny_llama, transformers
 
 from hypo_fast.cli import main
+from hypo_fast.losses import FusedLinearDPOLoss
 from hypo_fast.preference_data import extract_prompt, read_pairs, tokenize_pairs
 
 pytest.importorskip("accelerate")
@@ -424,6 +425,30 @@ def test_train_command_passes_trl_loss_options_to_the_loss(argv, want):
     assert {k: getattr(loss, k) for k in want} == want
 
 
+def test_train_command_builds_adamw_as_trl_does():
+    """--weight-decay (TRL's default 0, not torch's 0.01) on the parameters transformers'
+    Trainer decays (not biases, not norms), --adam-*; the frozen reference is not optimised."""
+    from hypo_fast.cli import build_parser
+    from hypo_fast.train_job import _optimizer
+    from hypo_fast.trainer import PreferenceModel
+
+    policy = tiny_llama(False, torch.float32)
+    model = PreferenceModel(policy, FusedLinearDPOLoss(), tiny_llama(False, torch.float32))
+    base = ["train", "--model", "m", "--data", "d", "--output", "o"]
+    default = _optimizer(build_parser().parse_args(base), model)
+    assert [g["weight_decay"] for g in default.param_groups] == [0.0, 0.0]
+    optimizer = _optimizer(build_parser().parse_args(
+        [*base, "--weight-decay", "0.1", "--adam-beta1", "0.8", "--adam-beta2", "0.95",
+         "--adam-epsilon", "1e-6"]), model)
+    names = {id(p): n.removeprefix("policy.") for n, p in model.named_parameters()}
+    decayed, kept = ({names[id(p)] for p in g["params"]} for g in optimizer.param_groups)
+    want = set(transformers.Trainer.get_decay_parameter_names(None, policy))
+    assert decayed == want and kept == {n for n, _ in policy.named_parameters()} - want
+    assert any("norm" in n for n in kept) and "lm_head.weight" in decayed
+    assert [(g["weight_decay"], g["betas"], g["eps"]) for g in optimizer.param_groups] == [
+        (0.1, (0.8, 0.95), 1e-6), (0.0, (0.8, 0.95), 1e-6)]
+
+
 def test_train_command_trains_a_multi_loss_dpo_with_an_nll_term(model_dir, tmp_path):
     model, data = model_dir
     out = tmp_path / "out"
@@ -559,6 +584,9 @@ def test_train_command_names_what_is_wrong(model_dir, tmp_path, capsys):
         (["--data", str(data), "--loss", "orpo", "--discopop-tau", "1"],
          "--discopop-tau is an option of --loss dpo, hypo or hpo, but --loss is orpo"),
         (["--data", str(data), "--ld-alpha", "2"], "ld_alpha must be in [0.0, 1.0]"),
+        (["--data", str(data), "--weight-decay", "-1"], "--weight-decay must be >= 0"),
+        (["--data", str(data), "--adam-beta2", "1"], "--adam-beta2 must be in [0, 1)"),
+        (["--data", str(data), "--adam-epsilon", "0"], "--adam-epsilon must be > 0"),
         (["--data", str(data), "--ref-model-mixup-alpha", "0.5"],
          "--ref-model-mixup-alpha needs --ref-model-sync-steps"),
         (["--data", str(data), "--ref-model-sync-steps", "0"],
