@@ -223,10 +223,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adam-beta1", type=float, default=0.9)
     p.add_argument("--adam-beta2", type=float, default=0.999)
     p.add_argument("--adam-epsilon", type=float, default=1e-8)
-    p.add_argument("--lr-scheduler", choices=("linear", "constant"), default="linear",
-                   help="after --warmup-steps: linear decay to 0 over the run (TRL's default) "
-                        "or constant")
+    p.add_argument("--lr-scheduler", choices=("linear", "cosine", "constant"),
+                   default="linear",
+                   help="after the warmup: linear decay to 0 over the run (TRL's default), "
+                        "cosine decay to 0, or constant")
     p.add_argument("--warmup-steps", type=int, default=0, help="optimizer steps of warmup")
+    p.add_argument("--warmup-ratio", type=float, default=None,
+                   help="warmup over this fraction of the run's optimizer steps (rounded up)")
     p.add_argument("--batch-size", type=int, default=4, help="pairs per process and batch")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--grad-accum", type=int, default=1,
@@ -281,6 +284,11 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup_steps < 0:
         parser.error("--warmup-steps must be >= 0")
+    if args.warmup_ratio is not None:
+        if not 0 <= args.warmup_ratio <= 1:
+            parser.error("--warmup-ratio must be in [0, 1]")
+        if args.warmup_steps:
+            parser.error("give --warmup-steps or --warmup-ratio, not both")
     if not (math.isfinite(args.lr) and args.lr > 0):
         parser.error("--lr must be a positive number")
     if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
@@ -459,9 +467,10 @@ def _scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, batch
 
     per_process = math.ceil(batches / accelerator.num_processes)
     steps = math.ceil(per_process / args.grad_accum) * args.epochs
+    warmup = args.warmup_steps if args.warmup_ratio is None else (
+        math.ceil(args.warmup_ratio * steps))
     name = {"constant": "constant_with_warmup"}.get(args.lr_scheduler, args.lr_scheduler)
-    return get_scheduler(name, optimizer,
-                         num_warmup_steps=args.warmup_steps * accelerator.num_processes,
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup * accelerator.num_processes,
                          num_training_steps=steps * accelerator.num_processes)
 
 

@@ -449,6 +449,23 @@ def test_train_command_builds_adamw_as_trl_does():
         (0.1, (0.8, 0.95), 1e-6), (0.0, (0.8, 0.95), 1e-6)]
 
 
+@pytest.mark.parametrize(("scheduler", "after_warmup"), [
+    ("linear", [1, 2 / 3, 1 / 3]), ("cosine", [1, 0.75, 0.25]), ("constant", [1, 1, 1])])
+@pytest.mark.parametrize("warmup", [["--warmup-steps", "3"], ["--warmup-ratio", "0.4"]],
+                         ids=["steps", "ratio"])
+def test_train_command_schedules_the_learning_rate(model_dir, tmp_path, scheduler,
+                                                   after_warmup, warmup):
+    """6 optimizer steps, 3 of linear warmup (0.4 of 6, rounded up), then the schedule; each
+    line's lr is the one its step used."""
+    model, data = model_dir
+    out = tmp_path / "out"
+    main(["train", "--model", str(model), "--data", str(data), "--output", str(out),
+          "--batch-size", "1", "--lr", "1e-2", "--lr-scheduler", scheduler, *warmup])
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    want = [1e-2 * f for f in [0, 1 / 3, 2 / 3, *after_warmup]]
+    assert lrs == pytest.approx(want, rel=1e-6, abs=1e-12)
+
+
 def test_train_command_trains_a_multi_loss_dpo_with_an_nll_term(model_dir, tmp_path):
     model, data = model_dir
     out = tmp_path / "out"
@@ -585,6 +602,9 @@ def test_train_command_names_what_is_wrong(model_dir, tmp_path, capsys):
          "--discopop-tau is an option of --loss dpo, hypo or hpo, but --loss is orpo"),
         (["--data", str(data), "--ld-alpha", "2"], "ld_alpha must be in [0.0, 1.0]"),
         (["--data", str(data), "--weight-decay", "-1"], "--weight-decay must be >= 0"),
+        (["--data", str(data), "--warmup-ratio", "1.5"], "--warmup-ratio must be in [0, 1]"),
+        (["--data", str(data), "--warmup-ratio", "0.1", "--warmup-steps", "2"],
+         "give --warmup-steps or --warmup-ratio, not both"),
         (["--data", str(data), "--adam-beta2", "1"], "--adam-beta2 must be in [0, 1)"),
         (["--data", str(data), "--adam-epsilon", "0"], "--adam-epsilon must be > 0"),
         (["--data", str(data), "--ref-model-mixup-alpha", "0.5"],
