@@ -232,6 +232,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="warmup over this fraction of the run's optimizer steps (rounded up)")
     p.add_argument("--batch-size", type=int, default=4, help="pairs per process and batch")
     p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many optimizer steps, in place of --epochs (the "
+                        "schedule spans them)")
     p.add_argument("--grad-accum", type=int, default=1,
                    help="batches per optimizer step (gradient accumulation)")
     p.add_argument("--max-length", type=int, default=1024,
@@ -279,7 +282,7 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             if getattr(args, key) is None:
                 setattr(args, key, value)
     for name in ("online_samples", "max_new_tokens", "batch_size", "epochs", "grad_accum",
-                 "max_length", "pad_to_multiple_of", "save_every"):
+                 "max_length", "pad_to_multiple_of", "save_every", "max_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup_steps < 0:
@@ -458,6 +461,11 @@ def _optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.optim.
         lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
 
 
+def _steps_per_epoch(args: argparse.Namespace, batches: int, accelerator: Any) -> int:
+    """Optimizer steps of an epoch of ``batches`` batches (all processes together)."""
+    return math.ceil(math.ceil(batches / accelerator.num_processes) / args.grad_accum)
+
+
 def _scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, batches: int,
                accelerator: Any) -> Any:
     """``--lr-scheduler`` over the run's optimizer steps (``batches`` per epoch, all processes
@@ -465,8 +473,7 @@ def _scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, batch
     hence the counts times the processes."""
     from transformers import get_scheduler
 
-    per_process = math.ceil(batches / accelerator.num_processes)
-    steps = math.ceil(per_process / args.grad_accum) * args.epochs
+    steps = args.max_steps or _steps_per_epoch(args, batches, accelerator) * args.epochs
     warmup = args.warmup_steps if args.warmup_ratio is None else (
         math.ceil(args.warmup_ratio * steps))
     name = {"constant": "constant_with_warmup"}.get(args.lr_scheduler, args.lr_scheduler)
@@ -569,7 +576,9 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
         evaluation = {} if eval_loader is None else {
             "eval_loader": eval_loader, "eval_every": args.eval_every,
             "on_eval": lambda *a: write(*a, prefix="eval_")}
-        history = trainer.fit(loader, epochs=args.epochs, on_step=write,
+        epochs = args.epochs if args.max_steps is None else math.ceil(
+            args.max_steps / _steps_per_epoch(args, len(loader), accelerator))
+        history = trainer.fit(loader, epochs=epochs, on_step=write, max_steps=args.max_steps,
                               save_every=args.save_every,
                               on_save=lambda step: args.output / f"checkpoint-{step}",
                               **evaluation)

@@ -762,6 +762,7 @@ class PreferenceTrainer:
             on_eval: Callable[[int, int, dict[str, float]], None] | None = None,
             save_every: int | None = None,
             on_save: Callable[[int], str | os.PathLike[str]] | None = None,
+            max_steps: int | None = None,
             ) -> list[dict[str, float]]:
         """:meth:`step` over ``loader`` (prepared by the accelerator when it is a
         ``DataLoader``) ``epochs`` times; ``on_step(batch, epoch, numbers)`` after each batch
@@ -771,13 +772,16 @@ class PreferenceTrainer:
         With ``eval_loader``, :meth:`evaluate` runs at the end of each epoch and every
         ``eval_every`` batches, and its numbers go to ``on_eval(batch, epoch, numbers)``. With
         ``save_every``, every ``save_every`` optimizer steps a checkpoint is saved
-        (:meth:`save_checkpoint`) to the directory ``on_save(optimizer_steps)`` names.
+        (:meth:`save_checkpoint`) to the directory ``on_save(optimizer_steps)`` names. With
+        ``max_steps``, the run stops at that many optimizer steps (evaluated then, as at an
+        epoch's end), whatever ``epochs``.
 
         After :meth:`load_checkpoint`, the run resumes: ``epochs`` counts the run's epochs in
         all, and the interrupted epoch goes on past the batches already trained on (the
         same batches only if the loader's order is a function of the epoch, as with
         Accelerate's ``use_seedable_sampler``, or unshuffled). Returns this call's numbers."""
-        for name, every in (("eval_every", eval_every), ("save_every", save_every)):
+        for name, every in (("eval_every", eval_every), ("save_every", save_every),
+                            ("max_steps", max_steps)):
             if every is not None and every < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {every}")
         if save_every is not None and on_save is None:
@@ -812,12 +816,17 @@ class PreferenceTrainer:
                 if on_step is not None:
                     on_step(self.batches, epoch, history[-1])
                 last = length is not None and i == length - 1
-                if eval_loader is not None and eval_every and not last and (
+                stop = max_steps is not None and self.optimizer_steps >= max_steps
+                if eval_loader is not None and eval_every and not last and not stop and (
                         self.batches % eval_every == 0):
                     evaluate(epoch)
                 if save_every and self.optimizer_steps > steps and (
                         self.optimizer_steps % save_every == 0):
                     self.save_checkpoint(on_save(self.optimizer_steps))
+                if stop:
+                    if eval_loader is not None:
+                        evaluate(epoch)
+                    return history
             skip = 0
             if eval_loader is not None:
                 evaluate(epoch)

@@ -466,6 +466,20 @@ def test_train_command_schedules_the_learning_rate(model_dir, tmp_path, schedule
     assert lrs == pytest.approx(want, rel=1e-6, abs=1e-12)
 
 
+def test_train_command_stops_at_max_steps_with_the_schedule_over_them(model_dir, tmp_path):
+    """--max-steps 4 of 3-step epochs: into the second epoch, evaluated once at the stop, the
+    linear decay spread over the 4 steps."""
+    model, data = model_dir
+    out = tmp_path / "out"
+    main(["train", "--model", str(model), "--data", str(data), "--output", str(out),
+          "--batch-size", "2", "--lr", "1e-2", "--max-steps", "4", "--eval-data", str(data)])
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [line for line in lines if "loss" in line]
+    assert [(line["step"], line["epoch"]) for line in steps] == [(1, 0), (2, 0), (3, 0), (4, 1)]
+    assert [line["lr"] for line in steps] == pytest.approx([1e-2, 7.5e-3, 5e-3, 2.5e-3])
+    assert [line["batch"] for line in lines if "eval_loss" in line] == [3, 4]
+
+
 def test_train_command_trains_a_multi_loss_dpo_with_an_nll_term(model_dir, tmp_path):
     model, data = model_dir
     out = tmp_path / "out"
@@ -603,6 +617,7 @@ def test_train_command_names_what_is_wrong(model_dir, tmp_path, capsys):
         (["--data", str(data), "--ld-alpha", "2"], "ld_alpha must be in [0.0, 1.0]"),
         (["--data", str(data), "--weight-decay", "-1"], "--weight-decay must be >= 0"),
         (["--data", str(data), "--warmup-ratio", "1.5"], "--warmup-ratio must be in [0, 1]"),
+        (["--data", str(data), "--max-steps", "0"], "--max-steps must be >= 1"),
         (["--data", str(data), "--warmup-ratio", "0.1", "--warmup-steps", "2"],
          "give --warmup-steps or --warmup-ratio, not both"),
         (["--data", str(data), "--adam-beta2", "1"], "--adam-beta2 must be in [0, 1)"),

@@ -539,6 +539,8 @@ def test_trainer_fit_lowers_the_loss_and_validates_its_arguments():
         PreferenceTrainer(model, torch.optim.SGD(policy.parameters(), lr=1.0), max_grad_norm=0)
     with pytest.raises(ValueError, match="save_every must be >= 1"):
         trainer.fit(loader, save_every=0, on_save=str)
+    with pytest.raises(ValueError, match="max_steps must be >= 1"):
+        trainer.fit(loader, max_steps=0)
     with pytest.raises(ValueError, match="save_every needs on_save"):
         trainer.fit(loader, save_every=2)
     with pytest.raises(FileNotFoundError, match=r"not a checkpoint .* \(no trainer_state.json\)"):
@@ -751,6 +753,11 @@ def test_evaluate_averages_over_every_pair_and_fit_evaluates_as_asked():
     trainer.fit(loader, epochs=2, eval_loader=loader, eval_every=2,
                 on_eval=lambda batch, epoch, n: evals.append((batch, epoch)))
     assert evals == [(2, 0), (3, 0), (4, 1), (6, 1)]  # every 2nd batch, and each epoch's end
+    evals.clear()  # max_steps 8: two more batches, then the stop, evaluated once (eval_every 2)
+    history = trainer.fit(loader, epochs=9, eval_loader=loader, eval_every=2, max_steps=8,
+                          on_eval=lambda batch, epoch, n: evals.append((batch, epoch)))
+    assert len(history) == 2 and trainer.optimizer_steps == 8
+    assert evals == [(8, 0)]
     with pytest.raises(ValueError, match="eval_every must be >= 1"):
         trainer.fit(loader, eval_loader=loader, eval_every=0)
     with pytest.raises(ValueError, match="eval_every and on_eval need eval_loader"):
