@@ -788,6 +788,8 @@ class PreferenceTrainer:
             raise ValueError("save_every needs on_save (the directory of each checkpoint)")
         if eval_loader is None and (eval_every is not None or on_eval is not None):
             raise ValueError("eval_every and on_eval need eval_loader")
+        if max_steps is not None and self.optimizer_steps >= max_steps:
+            return []  # a run resumed at its last step
         loader = self._prepared(loader)
         if eval_loader is not None:
             eval_loader = self._prepared(eval_loader)

@@ -758,6 +758,7 @@ def test_evaluate_averages_over_every_pair_and_fit_evaluates_as_asked():
                           on_eval=lambda batch, epoch, n: evals.append((batch, epoch)))
     assert len(history) == 2 and trainer.optimizer_steps == 8
     assert evals == [(8, 0)]
+    assert trainer.fit(loader, max_steps=8) == [] and trainer.optimizer_steps == 8
     with pytest.raises(ValueError, match="eval_every must be >= 1"):
         trainer.fit(loader, eval_loader=loader, eval_every=0)
     with pytest.raises(ValueError, match="eval_every and on_eval need eval_loader"):
