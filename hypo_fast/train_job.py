@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -201,7 +202,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also evaluate every this many batches")
     p.add_argument("--save-every", type=int, default=None,
                    help="save a checkpoint to OUTPUT/checkpoint-STEP every this many optimizer "
-                        "steps (model, reference, optimizer, scheduler, RNG states, counters)")
+                        "steps (the policy, a synced reference, the optimizer, scheduler, RNG "
+                        "states and counters)")
+    p.add_argument("--save-total-limit", type=int, default=None, metavar="K",
+                   help="keep only the newest K checkpoints (each older one is deleted once a "
+                        "newer one is complete)")
     p.add_argument("--resume-from", type=Path, default=None,
                    help="a checkpoint directory to resume from (same arguments otherwise): the "
                         "interrupted epoch goes on with the batches not yet trained on")
@@ -282,7 +287,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             if getattr(args, key) is None:
                 setattr(args, key, value)
     for name in ("online_samples", "max_new_tokens", "batch_size", "epochs", "grad_accum",
-                 "max_length", "pad_to_multiple_of", "save_every", "max_steps"):
+                 "max_length", "pad_to_multiple_of", "save_every", "max_steps",
+                 "save_total_limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup_steps < 0:
@@ -319,6 +325,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             if given:
                 parser.error(f"--ref-model-sync-steps moves the reference model: not with "
                              f"{flag}")
+    if args.save_total_limit is not None and args.save_every is None:
+        parser.error("--save-total-limit needs --save-every")
     if args.eval_every is not None and (args.eval_data is None or args.eval_every < 1):
         parser.error("--eval-every needs --eval-data and must be >= 1")
     if args.lora_r < 0:
@@ -561,7 +569,16 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
                     if json.loads(line)["batch"] <= trainer.batches]
     with metrics.open("w") if accelerator.is_main_process else (
             contextlib.nullcontext()) as log:
+        def prune() -> None:  # every checkpoint but the newest --save-total-limit
+            if args.save_total_limit and accelerator.is_main_process:
+                saved = sorted((p for p in args.output.glob("checkpoint-*")
+                                if p.name.removeprefix("checkpoint-").isdigit()),
+                               key=lambda p: int(p.name.removeprefix("checkpoint-")))
+                for old in saved[:-args.save_total_limit]:
+                    shutil.rmtree(old)
+
         def write(batch: int, epoch: int, numbers: dict[str, float], prefix: str = "") -> None:
+            prune()  # fit saves after this: the newest checkpoint is complete
             named = {prefix + k: v for k, v in numbers.items()}
             accelerator.log({**named, "optimizer_step": trainer.optimizer_steps,
                              "epoch": epoch}, step=batch)
@@ -582,6 +599,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[
                               save_every=args.save_every,
                               on_save=lambda step: args.output / f"checkpoint-{step}",
                               **evaluation)
+        prune()
     accelerator.wait_for_everyone()
     policy = accelerator.unwrap_model(trainer.model).policy
     if args.merge_lora:  # W + (alpha/r)·BA, as a plain model of the base's class

@@ -480,6 +480,22 @@ def test_train_command_stops_at_max_steps_with_the_schedule_over_them(model_dir,
     assert [line["batch"] for line in lines if "eval_loss" in line] == [3, 4]
 
 
+def test_train_command_keeps_the_newest_checkpoints(model_dir, tmp_path):
+    """--save-total-limit 2 over 4 saved steps: the last two checkpoints stay, and one of
+    them resumes; a directory not named by a step is left alone."""
+    model, data = model_dir
+    out = tmp_path / "out"
+    (out / "checkpoint-best").mkdir(parents=True)
+    argv = ["train", "--model", str(model), "--data", str(data), "--output", str(out),
+            "--batch-size", "3", "--epochs", "2", "--save-every", "1", "--save-total-limit", "2"]
+    main(argv)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [
+        "checkpoint-3", "checkpoint-4", "checkpoint-best"]
+    main([*argv, "--resume-from", str(out / "checkpoint-3")])
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [
+        "checkpoint-3", "checkpoint-4", "checkpoint-best"]
+
+
 def test_train_command_trains_a_multi_loss_dpo_with_an_nll_term(model_dir, tmp_path):
     model, data = model_dir
     out = tmp_path / "out"
@@ -618,6 +634,10 @@ def test_train_command_names_what_is_wrong(model_dir, tmp_path, capsys):
         (["--data", str(data), "--weight-decay", "-1"], "--weight-decay must be >= 0"),
         (["--data", str(data), "--warmup-ratio", "1.5"], "--warmup-ratio must be in [0, 1]"),
         (["--data", str(data), "--max-steps", "0"], "--max-steps must be >= 1"),
+        (["--data", str(data), "--save-total-limit", "2"],
+         "--save-total-limit needs --save-every"),
+        (["--data", str(data), "--save-every", "1", "--save-total-limit", "0"],
+         "--save-total-limit must be >= 1"),
         (["--data", str(data), "--warmup-ratio", "0.1", "--warmup-steps", "2"],
          "give --warmup-steps or --warmup-ratio, not both"),
         (["--data", str(data), "--adam-beta2", "1"], "--adam-beta2 must be in [0, 1)"),
