@@ -81,6 +81,17 @@ DESCRIPTION = ("Preference-train a Hugging Face causal LM on the pairs of a JSON
                "-m hypo_fast.cli train ...")
 
 
+def _takers(key: str, last: str = " or ") -> str:
+    """The losses that take option ``key``, listed: "dpo, hypo or hpo"."""
+    *others, final = LOSS_OPTIONS[key]
+    return ", ".join(others) + last + final if others else final
+
+
+def _loss_help(key: str, text: str) -> str:
+    """``text``, the help of option ``key``, after the losses that take it."""
+    return f"{_takers(key, ', ')}: {text}"
+
+
 def build_loss(args: argparse.Namespace) -> torch.nn.Module:
     """The loss module ``--loss`` names, with the command's hyperparameters (HyPO's and HPO's
     defaults filled in by the argument check)."""
@@ -147,36 +158,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ref-model", default=None, help="reference model (default: --model)")
     p.add_argument("--loss", choices=LOSSES, default="dpo")
     p.add_argument("--loss-type", choices=(*DPO_LOSS_TYPES, "sft"), nargs="+", default=None,
-                   metavar="TYPE",
-                   help="dpo, hypo, hpo: the loss type (default sigmoid), or several summed "
-                        "with --loss-weights (TRL's multi-loss form; sft: the chosen "
-                        f"completions' NLL); one of {', '.join((*DPO_LOSS_TYPES, 'sft'))}")
-    p.add_argument("--loss-weights", type=float, nargs="+", default=None,
-                   help="dpo, hypo, hpo: one weight per --loss-type (default all 1)")
+                   metavar="TYPE", help=_loss_help(
+                       "loss_type", "the loss type (default sigmoid), or several summed with "
+                       "--loss-weights (TRL's multi-loss form; sft: the chosen completions' "
+                       f"NLL); one of {', '.join((*DPO_LOSS_TYPES, 'sft'))}"))
+    p.add_argument("--loss-weights", type=float, nargs="+", default=None, help=_loss_help(
+        "loss_weights", "one weight per --loss-type (default all 1)"))
     p.add_argument("--beta", type=float, default=None, help="default: the loss's own")
-    p.add_argument("--label-smoothing", type=float, default=None,
-                   help="dpo, hypo, hpo, simpo, cpo: the preference labels' noise (default 0)")
-    p.add_argument("--rpo-alpha", type=float, default=None,
-                   help="dpo, hypo, hpo: add this times the chosen completions' NLL (RPO)")
-    p.add_argument("--ld-alpha", type=float, default=None,
-                   help="dpo, hypo, hpo: LD-DPO's weight of the tokens past the shorter "
-                        "completion's length, in [0, 1]")
-    p.add_argument("--use-weighting", action="store_true", default=None,
-                   help="dpo, hypo, hpo: WPO's per-pair weights")
-    p.add_argument("--f-divergence-type", default=None,
-                   choices=F_DIVERGENCE_TYPES,
-                   help="dpo, hypo, hpo: f-DPO's divergence (default reverse_kl)")
-    p.add_argument("--f-alpha-divergence-coef", type=float, default=None,
-                   help="dpo, hypo, hpo: f-DPO's alpha-divergence coefficient (default 0.5)")
-    p.add_argument("--discopop-tau", type=float, default=None,
-                   help="dpo, hypo, hpo: DiscoPOP's temperature (default 0.05)")
-    p.add_argument("--cpo-alpha", type=float, default=None,
-                   help="simpo, cpo: the chosen completions' NLL weight (default 1; 0: none)")
-    p.add_argument("--simpo-gamma", type=float, default=None,
-                   help="simpo: the target reward margin γ (default 0.5)")
+    p.add_argument("--label-smoothing", type=float, default=None, help=_loss_help(
+        "label_smoothing", "the preference labels' noise (default 0)"))
+    p.add_argument("--rpo-alpha", type=float, default=None, help=_loss_help(
+        "rpo_alpha", "add this times the chosen completions' NLL (RPO)"))
+    p.add_argument("--ld-alpha", type=float, default=None, help=_loss_help(
+        "ld_alpha", "LD-DPO's weight of the tokens past the shorter completion's length, in "
+        "[0, 1]"))
+    p.add_argument("--use-weighting", action="store_true", default=None, help=_loss_help(
+        "use_weighting", "WPO's per-pair weights"))
+    p.add_argument("--f-divergence-type", default=None, choices=F_DIVERGENCE_TYPES,
+                   help=_loss_help("f_divergence_type",
+                                   "f-DPO's divergence (default reverse_kl)"))
+    p.add_argument("--f-alpha-divergence-coef", type=float, default=None, help=_loss_help(
+        "f_alpha_divergence_coef", "f-DPO's alpha-divergence coefficient (default 0.5)"))
+    p.add_argument("--discopop-tau", type=float, default=None, help=_loss_help(
+        "discopop_tau", "DiscoPOP's temperature (default 0.05)"))
+    p.add_argument("--cpo-alpha", type=float, default=None, help=_loss_help(
+        "cpo_alpha", "the chosen completions' NLL weight (default 1; 0: none)"))
+    p.add_argument("--simpo-gamma", type=float, default=None, help=_loss_help(
+        "simpo_gamma", "the target reward margin γ (default 0.5)"))
     p.add_argument("--ref-model-sync-steps", type=int, default=None, metavar="N",
-                   help="dpo, hypo, hpo: TR-DPO, every N optimizer steps the reference moves "
-                        "towards the policy (full fine-tuning)")
+                   help=_loss_help("ref_model_sync_steps", "TR-DPO, every N optimizer steps "
+                                   "the reference moves towards the policy (full "
+                                   "fine-tuning)"))
     p.add_argument("--ref-model-mixup-alpha", type=float, default=None,
                    help="TR-DPO: ref <- alpha * policy + (1 - alpha) * ref (default 0.6)")
     p.add_argument("--kl-coef", type=float, default=None, help="HyPO's λ (default 0.1)")
@@ -276,10 +288,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for key, losses in LOSS_OPTIONS.items():
         if getattr(args, key) is not None and args.loss not in losses:
-            takers = " or ".join(losses) if len(losses) < 3 else (
-                ", ".join(losses[:-1]) + " or " + losses[-1])
-            parser.error(f"--{key.replace('_', '-')} is an option of --loss {takers}, but "
-                         f"--loss is {args.loss}")
+            parser.error(f"--{key.replace('_', '-')} is an option of --loss {_takers(key)}, "
+                         f"but --loss is {args.loss}")
     if args.loss in REFERENCE_FREE and args.ref_model is not None:
         parser.error(f"--loss {args.loss} takes no reference model, but --ref-model is given")
     for defaults in LOSS_DEFAULTS.values():

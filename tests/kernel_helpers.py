@@ -18,6 +18,15 @@ from hypothesis import HealthCheck, assume, settings
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRET else "cpu")
+CPU = torch.device("cpu")
+
+
+def on(backend: str) -> torch.device:
+    """Where a backend's inputs live: the kernels' DEVICE for triton, the CPU for the others
+    (the reference takes any device; the cpu backend is meant for CPU tensors)."""
+    return DEVICE if backend == "triton" else CPU
+
+
 needs_triton = pytest.mark.skipif(
     DEVICE.type == "cpu" and not INTERPRET,
     reason="the triton backend needs a CUDA GPU or TRITON_INTERPRET=1 (see tests/conftest.py)",

@@ -20,7 +20,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_helpers import DEVICE, needs_triton
+from kernel_helpers import CPU, DEVICE, needs_triton, on
 from torch import nn
 
 from hypo_fast import losses, objectives
@@ -41,13 +41,6 @@ from hypo_fast.losses.pairs import ld_token_weights
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 IGN = -100
 SMOOTHING = {"sigmoid": 0.1, "robust": 0.2, "exo_pair": 0.05}
-CPU = torch.device("cpu")
-
-
-def on(backend: str) -> torch.device:
-    """Where a backend's inputs live: the kernels' DEVICE for triton, the CPU for the others
-    (the reference takes any device; the cpu backend is meant for CPU tensors)."""
-    return DEVICE if backend == "triton" else CPU
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,18 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 from hypo_fast.kernels import linear_logprob as K
-from kernel_helpers import DEVICE, tma_loads
+from kernel_helpers import CPU, DEVICE, on, tma_loads
 
 from hypo_fast import _layout, ops
 from hypo_fast import reference as R
-
-CPU = torch.device("cpu")
-
-
-def on(backend: str) -> torch.device:
-    """Where a backend's inputs live: the kernels' DEVICE for triton, the CPU for the others
-    (the reference takes any device; the cpu backend is meant for CPU tensors)."""
-    return DEVICE if backend == "triton" else CPU
 
 
 def small(dtype=torch.float64, seed=0, device=DEVICE):
